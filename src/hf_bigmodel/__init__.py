@@ -1,0 +1,28 @@
+"""hf_bigmodel: big model inference for PyTorch and the Hugging Face ecosystem.
+
+The public names mirror accelerate's big-model API (same arguments, same meaning), so switching is a
+one-line import change::
+
+    from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .empty import init_empty_weights, init_on_device
+from .errors import (
+    BigModelError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DeviceMapError,
+    InvalidIndexError,
+    InvalidMaxMemoryError,
+    ModelClassNotFoundError,
+    OffloadError,
+    UnsafeCheckpointError,
+)
+from .devices import get_max_memory
+from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size

@@ -1,0 +1,62 @@
+"""Resolving user-spelled dtypes and deciding which tensors are cast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["resolve_dtype", "target_dtype", "matches_module"]
+
+_ALIASES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "int8": torch.int8, "uint8": torch.uint8,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float16"``, ``"fp16"``, ``"torch.float16"`` or ``torch.float16`` -> ``torch.float16``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _ALIASES:
+            return _ALIASES[key]
+    raise ValueError(
+        f"Unknown dtype {dtype!r}: use a torch.dtype or one of {', '.join(sorted(_ALIASES))}."
+    )
+
+
+def matches_module(name: str, patterns: Sequence[str]) -> bool:
+    """True when tensor ``name`` lies in a module named by one of ``patterns``.
+
+    A pattern matches whole dotted components anywhere in the name, so ``"wo"`` matches
+    ``"encoder.block.0.layer.1.DenseReluDense.wo.weight"`` and ``"lm_head"`` matches ``"lm_head.weight"``,
+    but ``"wo"`` does not match ``"two.weight"``.
+    """
+    if not patterns:
+        return False
+    padded = f".{name}."
+    return any(f".{p.strip('.')}." in padded for p in patterns)
+
+
+def target_dtype(
+    name: str,
+    tensor_dtype: torch.dtype,
+    dtype: torch.dtype | None,
+    keep_in_fp32_modules: Sequence[str] = (),
+) -> torch.dtype:
+    """The dtype a checkpoint tensor ends up in.
+
+    Only floating-point tensors are cast, and only when ``dtype`` is given; tensors of modules named in
+    ``keep_in_fp32_modules`` then go to float32 instead.
+    """
+    if not tensor_dtype.is_floating_point or dtype is None:
+        return tensor_dtype
+    if keep_in_fp32_modules and matches_module(name, keep_in_fp32_modules):
+        return torch.float32
+    return dtype

@@ -1,0 +1,75 @@
+"""Empty skeletons: build a model of any size on the meta device (or straight on a given device)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["init_empty_weights", "init_on_device"]
+
+
+@contextmanager
+def init_empty_weights(include_buffers: bool | None = None) -> Iterator[None]:
+    """Build models whose parameters live on the meta device: no memory, whatever their size.
+
+    Buffers stay real (on CPU) unless ``include_buffers=True``, because many models compute them in
+    ``__init__`` (position ids, rotary frequencies) and a checkpoint may not carry them.
+
+    Example::
+
+        with init_empty_weights():
+            model = MyModel(...)          # instant, 0 bytes
+        model = load_checkpoint_and_dispatch(model, "ckpt/", device_map="auto")
+    """
+    with init_on_device(torch.device("meta"), include_buffers=bool(include_buffers)):
+        yield
+
+
+@contextmanager
+def init_on_device(device: torch.device | str | int, include_buffers: bool | None = None) -> Iterator[None]:
+    """Create every parameter (and, with ``include_buffers``, every buffer) registered inside on ``device``.
+
+    With ``include_buffers=True`` the device also becomes torch's default device, so intermediate
+    tensors built in ``__init__`` are created there directly.
+
+    Example::
+
+        with init_on_device("cuda:0"):
+            layer = nn.Linear(4096, 4096)   # allocated on the GPU, never on CPU
+    """
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    device = torch.device(device)
+    original_register_parameter = nn.Module.register_parameter
+    original_register_buffer = nn.Module.register_buffer
+
+    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original_register_parameter(module, name, param)
+        if param is not None and param.device != device:
+            # Keep the Parameter subclass and its extra attributes (quantised or sharded params carry some).
+            param_cls = type(param)
+            extra = dict(param.__dict__)
+            moved = param_cls(param.to(device), requires_grad=param.requires_grad)
+            moved.__dict__.update(extra)
+            module._parameters[name] = moved
+
+    def register_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        original_register_buffer(module, name, tensor, persistent=persistent)
+        if tensor is not None and tensor.device != device:
+            module._buffers[name] = tensor.to(device)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    if include_buffers:
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+    try:
+        if include_buffers:
+            with device:
+                yield
+        else:
+            yield
+    finally:
+        nn.Module.register_parameter = original_register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = original_register_buffer  # type: ignore[method-assign]

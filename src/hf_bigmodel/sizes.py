@@ -1,0 +1,160 @@
+"""Byte sizes: parsing and formatting budgets, and measuring modules without touching their data.
+
+Everything here works on meta tensors, so a model of any size can be measured for free.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "parse_size",
+    "format_size",
+    "dtype_byte_size",
+    "named_module_tensors",
+    "compute_module_sizes",
+    "find_tied_parameters",
+]
+
+_DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_BINARY = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "PI": 2**50}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: int | float | str, *, what: str = "size") -> int:
+    """Turn ``1024``, ``"500MB"``, ``"10GiB"`` or ``"1.5 GiB"`` into a number of bytes.
+
+    Decimal units are powers of ten (``"10GB"`` is 10**9 bytes), binary units powers of two
+    (``"10GiB"`` is 10 * 2**30). Like accelerate, ``"Gb"``/``"Mb"``/``"Kb"`` (lower-case b) are bits.
+
+    >>> parse_size("1.5GiB")
+    1610612736
+    >>> parse_size("500MB")
+    500000000
+
+    Raises ``ValueError`` naming ``what`` and the value for anything else (negative, NaN, ``"lots"``).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {what}: {value!r} is a bool, not a byte count.")
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Invalid {what}: {value!r} is not a finite number of bytes.")
+        if value < 0:
+            raise ValueError(f"Invalid {what}: {value!r} is negative; give a byte count >= 0 such as 2**30 or '1GiB'.")
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"Invalid {what}: expected bytes (int) or a string like '10GiB', got {type(value).__name__}.")
+    match = _SIZE_RE.match(value)
+    if match is None:
+        if value.strip().startswith("-"):
+            raise ValueError(f"Invalid {what}: {value!r} is negative; give a size >= 0 such as '1GiB'.")
+        raise ValueError(
+            f"Invalid {what}: cannot read {value!r} as a size. Use bytes (1073741824) or a number with a unit: "
+            "B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2)."
+        )
+    number, unit = float(match.group(1)), match.group(2)
+    bits = len(unit) == 2 and unit[1] == "b" and unit[0].upper() in "KMGT"
+    key = unit.upper()
+    if key.endswith("B"):
+        key = key[:-1]
+    if key in _BINARY:
+        factor = _BINARY[key]
+    elif key in _DECIMAL:
+        factor = _DECIMAL[key]
+    else:
+        raise ValueError(
+            f"Invalid {what}: unknown unit {unit!r} in {value!r}. "
+            "Use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2)."
+        )
+    size = number * factor / (8 if bits else 1)
+    return int(size)
+
+
+def format_size(num_bytes: int | float) -> str:
+    """``1610612736`` -> ``"1.50 GiB"``: binary units, as memory is measured."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def dtype_byte_size(dtype: torch.dtype) -> float:
+    """Bytes per element of ``dtype`` (fractional for sub-byte types such as ``torch.bool`` bit-packing)."""
+    if dtype == torch.bool:
+        return 1.0
+    return float(dtype.itemsize)
+
+
+def named_module_tensors(
+    module: nn.Module,
+    include_buffers: bool = True,
+    recurse: bool = False,
+    remove_non_persistent: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters then buffers of ``module`` (optionally only persistent buffers), as ``(name, tensor)``."""
+    yield from module.named_parameters(recurse=recurse)
+    if not include_buffers:
+        return
+    non_persistent: set[str] = set()
+    if remove_non_persistent:
+        for prefix, sub in module.named_modules() if recurse else [("", module)]:
+            for name in getattr(sub, "_non_persistent_buffers_set", ()):
+                non_persistent.add(f"{prefix}.{name}" if prefix else name)
+    for name, buf in module.named_buffers(recurse=recurse):
+        if name not in non_persistent:
+            yield name, buf
+
+
+def _tensor_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
+    if dtype is not None and tensor.is_floating_point():
+        return int(tensor.numel() * dtype_byte_size(dtype))
+    return int(tensor.numel() * dtype_byte_size(tensor.dtype))
+
+
+def compute_module_sizes(
+    model: nn.Module,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    buffers_only: bool = False,
+) -> dict[str, int]:
+    """Bytes held by every submodule (and by the model, under ``""``), parameters and buffers counted.
+
+    ``dtype`` is the dtype floating-point tensors will be cast to; ``special_dtypes`` overrides it per
+    tensor name (e.g. modules kept in float32). A tied tensor is counted once, under its first name.
+    """
+    from .dtypes import resolve_dtype
+
+    target = resolve_dtype(dtype) if dtype is not None else None
+    special = {k: resolve_dtype(v) for k, v in (special_dtypes or {}).items()}
+    sizes: dict[str, int] = defaultdict(int)
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    if buffers_only:
+        tensors = model.named_buffers()
+    else:
+        tensors = named_module_tensors(model, include_buffers=True, recurse=True)
+    for name, tensor in tensors:
+        size = _tensor_size(tensor, special.get(name, target))
+        parts = name.split(".")
+        sizes[""] += size
+        for i in range(1, len(parts) + 1):
+            sizes[".".join(parts[:i])] += size
+    return dict(sizes)
+
+
+def find_tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor, e.g. ``[["lm_head.weight", "wte.weight"]]``.
+
+    Works on meta models: ties are found by identity of the ``Parameter`` objects.
+    """
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups[id(param)].append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
