@@ -26,3 +26,16 @@ from .errors import (
 )
 from .devices import get_max_memory
 from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
+from .hooks import (
+    AlignDevicesHook,
+    CpuOffload,
+    ModelHook,
+    SequentialHook,
+    UserCpuOffloadHook,
+    add_hook_to_module,
+    remove_hook_from_module,
+    remove_hook_from_submodules,
+)
+from .loading import load_checkpoint_in_model
+from .dispatch import cpu_offload, cpu_offload_with_hook, disk_offload, dispatch_model, load_checkpoint_and_dispatch
+from .planning import get_balanced_memory, infer_auto_device_map

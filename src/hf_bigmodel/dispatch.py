@@ -1,0 +1,471 @@
+"""Dispatch: place a loaded model on its devices and attach the hooks that stream offloaded weights.
+
+A device-map value says where a module's weights are *stored*. Accelerator-mapped modules store and
+run there. ``"disk"`` modules (and ``"cpu"`` ones when an accelerator is the main device) are
+*offloaded*: their weights live in a :class:`~hf_bigmodel.offload.WeightsMap` and reach the main device
+just before the module runs. When the whole model sits on one device, no hook is attached at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .devices import Device, device_rank, is_offload_target, normalize_device, torch_device
+from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
+from .hooks import (
+    AlignDevicesHook,
+    CpuOffload,
+    UserCpuOffloadHook,
+    add_hook_to_module,
+    remove_hook_from_module,
+)
+from .loading import OFFLOAD_ATTR, ModelTensor, load_checkpoint, model_tensors
+from .naming import lookup, parent
+from .offload import INDEX_NAME, DiskTensor, OffloadFolder, WeightsMap, load_offload_index
+from .sizes import find_tied_parameters
+
+__all__ = [
+    "dispatch_model",
+    "cpu_offload",
+    "cpu_offload_with_hook",
+    "disk_offload",
+    "load_checkpoint_and_dispatch",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_present(devices: set[Device]) -> None:
+    from .devices import _present
+
+    absent = sorted((d for d in devices if not _present(d)), key=device_rank)
+    if absent:
+        raise DeviceMapError(
+            f"The device map uses {summarize(map(repr, absent))}, which this machine does not have "
+            f"(CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}). "
+            "Plan again with max_memory for the devices you have, e.g. device_map='auto'."
+        )
+
+
+def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) -> None:
+    model.hf_device_map = dict(device_map)
+    if not hasattr(model, "device"):
+        model.device = torch_device(main)  # lets plain modules do input.to(model.device)
+
+
+def _fill_from_weights(name: str, slot: ModelTensor, weights: WeightsMap, device: torch.device) -> None:
+    value = weights[name].to(device)
+    if slot.is_buffer:
+        slot.module._buffers[slot.leaf] = value
+    else:
+        old = slot.module._parameters[slot.leaf]
+        requires_grad = bool(old is not None and old.requires_grad and value.is_floating_point())
+        slot.module._parameters[slot.leaf] = nn.Parameter(value, requires_grad=requires_grad)
+
+
+def _move(slot: ModelTensor, device: torch.device) -> None:
+    tensor = slot.tensor
+    if tensor.device == device:
+        return
+    if slot.is_buffer:
+        slot.module._buffers[slot.leaf] = tensor.to(device)
+    else:
+        tensor.data = tensor.data.to(device)  # keeps the Parameter object, hence ties
+
+
+def _no_data_error(names: list[str]) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        missing=names,
+        hint="  These tensors are still on the meta device (no data): load a checkpoint into the model first "
+        "(load_checkpoint_in_model / load_checkpoint_and_dispatch), or pass state_dict= / offload_dir=.",
+    )
+
+
+def dispatch_model(
+    model: nn.Module,
+    device_map: Mapping[str, int | str | torch.device],
+    main_device: int | str | torch.device | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
+    offload_index: Mapping[str, DiskTensor] | None = None,
+    offload_buffers: bool = False,
+    skip_keys: str | Sequence[str] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    force_hooks: bool = False,
+) -> nn.Module:
+    """Place ``model`` per ``device_map`` and hook offloaded modules so they run on the main device.
+
+    ``main_device`` runs everything stored on ``"cpu"``/``"disk"`` (default: the first accelerator in the
+    map, else CPU). Offloaded weights come from what :func:`load_checkpoint_in_model` recorded, from
+    ``state_dict``, or from the offload folder ``offload_dir``. ``skip_keys`` names inputs/outputs left
+    where they are (e.g. ``"past_key_values"``); modules of ``preload_module_classes`` get all their
+    subtree's weights at once. With everything on one device no hook is attached unless ``force_hooks``.
+
+    Example::
+
+        model = dispatch_model(model, {"embed": 0, "layers": "cpu", "head": "disk"}, offload_dir="offload")
+    """
+    return _dispatch(
+        model, device_map, main_device=main_device, state_dict=state_dict, offload_dir=offload_dir,
+        offload_index=offload_index, offload_buffers=offload_buffers, skip_keys=skip_keys,
+        preload_module_classes=preload_module_classes, force_hooks=force_hooks,
+    )
+
+
+def _dispatch(
+    model: nn.Module,
+    device_map: Mapping[str, int | str | torch.device],
+    *,
+    main_device: int | str | torch.device | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
+    offload_index: Mapping[str, DiskTensor] | None = None,
+    offload_buffers: bool = False,
+    skip_keys: str | Sequence[str] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    force_hooks: bool = False,
+    offload_cpu: bool | None = None,
+) -> nn.Module:
+    from .planning import check_device_map
+
+    dm = check_device_map(model, device_map)
+    _check_present(set(dm.values()))
+    recorded = getattr(model, OFFLOAD_ATTR, None)
+    weights: WeightsMap = recorded if recorded is not None else WeightsMap()
+    if offload_index is not None:
+        weights.disk.update(offload_index)
+    elif recorded is None and offload_dir is not None and (Path(offload_dir) / INDEX_NAME).is_file():
+        for name, ref in load_offload_index(offload_dir).items():
+            weights.disk.setdefault(name, ref)
+    if state_dict:
+        weights.memory.update(state_dict)
+
+    accelerators = sorted({d for d in dm.values() if not is_offload_target(d)}, key=device_rank)
+    main: Device = normalize_device(main_device) if main_device is not None else (accelerators[0] if accelerators else "cpu")
+    _check_present({main})
+    if offload_cpu is None:
+        offload_cpu = main != "cpu"
+
+    def offloaded(device: Device) -> bool:
+        return device == "disk" or (device == "cpu" and offload_cpu)
+
+    def execution(device: Device) -> Device:
+        return main if offloaded(device) else device
+
+    slots = model_tensors(model, persistent_only=False)
+    devices = set(dm.values())
+    if not force_hooks and len(devices) == 1 and not offloaded(next(iter(devices))):
+        target = torch_device(next(iter(devices)))
+        empty = [n for n, s in slots.items() if s.tensor.device.type == "meta" and n not in weights]
+        if empty:
+            raise _no_data_error(empty)
+        for name, slot in slots.items():
+            if slot.tensor.device.type == "meta":
+                _fill_from_weights(name, slot, weights, target)
+        model.to(target)
+        _finish(model, dm, main)
+        return model
+
+    # Decide each tensor's fate before changing anything.
+    where = {name: lookup(name, dm) for name in slots}
+    streamed = {n for n, d in where.items() if offloaded(d) and (not slots[n].is_buffer or offload_buffers)}
+    ties = find_tied_parameters(model)
+    for group in ties:  # an offloaded alias of a resident tensor on the same device simply shares it
+        resident = [n for n in group if n not in streamed]
+        if resident:
+            for name in group:
+                if name in streamed and execution(where[name]) == execution(where[resident[0]]):
+                    streamed.discard(name)
+    partners = {n: g for g in ties for n in g}
+
+    def has_data(name: str) -> bool:
+        if name in weights or slots[name].tensor.device.type != "meta":
+            return True
+        return any(p in weights or slots[p].tensor.device.type != "meta" for p in partners.get(name, ()))
+
+    empty = [n for n in slots if not has_data(n)]
+    if empty:
+        raise _no_data_error(empty)
+    to_write = {n for n in streamed if n not in weights and where[n] == "disk" and not slots[n].is_buffer}
+    folder = None
+    if to_write:
+        if offload_dir is None:
+            raise OffloadError(
+                f"The device map puts {len(to_write)} tensor(s) that are in memory on 'disk' "
+                f"({summarize(sorted(to_write), 3)}); pass offload_dir= so they can be written there."
+            )
+        folder = OffloadFolder(offload_dir)
+        folder.prepare()
+
+    pin = torch.cuda.is_available() and isinstance(main, int)
+    added: list[nn.Module] = []
+    try:
+        # Resident tensors go to their device now.
+        for name, slot in slots.items():
+            if name not in streamed:
+                if slot.tensor.device.type == "meta":
+                    _fill_from_weights(name, slot, weights, torch_device(execution(where[name])))
+                else:
+                    _move(slot, torch_device(execution(where[name])))
+        for group in ties:
+            for name in group:
+                if name not in streamed:
+                    for other in group:
+                        if other in streamed or other == name:
+                            continue
+                        s = slots[other]
+                        if s.tensor is not slots[name].tensor and execution(where[other]) == execution(where[name]):
+                            s.module._parameters[s.leaf] = slots[name].tensor  # type: ignore[assignment]
+        # Streamed tensors must be in the weights map (in RAM or on disk).
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name in streamed:
+            if name in weights:
+                continue
+            tensor = slots[name].tensor
+            if tensor.device.type == "meta":
+                partner = next((p for p in partners[name] if p in weights), None)
+                if partner is None:  # tied to a tensor resident on another device: copy it from there
+                    resident = next(p for p in partners[name] if slots[p].tensor.device.type != "meta")
+                    weights.memory[name] = slots[resident].tensor.detach()
+                elif weights.is_on_disk(partner):
+                    weights.disk[name] = weights.disk[partner]
+                else:
+                    weights.memory[name] = weights.memory[partner]
+            elif name in to_write:
+                pending.setdefault(parent(name), {})[name] = tensor.detach().to("cpu")
+            else:
+                weights.memory[name] = tensor.detach().to("cpu")
+        if folder is not None:
+            for group_tensors in pending.values():
+                weights.disk.update(folder.write(group_tensors))
+            folder.write_index(weights.disk)
+        if pin:
+            for name in streamed:
+                t = weights.memory.get(name)
+                if t is not None and not t.is_pinned():
+                    weights.memory[name] = t.pin_memory()
+
+        root_hook = AlignDevicesHook(main, io_same_device=True, skip_keys=skip_keys)
+        add_hook_to_module(model, root_hook, append=True)
+        added.append(model)
+        units = _units(model, streamed, dm, preload_module_classes or ())
+        shared: dict[str, torch.Tensor] = {}
+        for unit, names in units.items():
+            module = model.get_submodule(unit) if unit else model
+            dot = len(unit) + 1 if unit else 0
+            hook = AlignDevicesHook(
+                execution(where[names[0]]), offload=True, weights_map=weights, offload_buffers=offload_buffers,
+                skip_keys=skip_keys, tied_params_map=shared, prefix=unit, tensor_names=[n[dot:] for n in names],
+            )
+            add_hook_to_module(module, hook, append=True)
+            added.append(module)
+        executions = {execution(d) for d in devices}
+        if len(executions) > 1:  # model parallel: each mapped module pulls its inputs to its device
+            for key, device in dm.items():
+                module_name = key if _is_module(model, key) else parent(key)
+                if module_name:
+                    module = model.get_submodule(module_name)
+                    add_hook_to_module(module, AlignDevicesHook(execution(device), skip_keys=skip_keys), append=True)
+                    added.append(module)
+    except BaseException:
+        for module in added:
+            remove_hook_from_module(module)
+        raise
+    setattr(model, OFFLOAD_ATTR, weights)
+    _finish(model, dm, main)
+    logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(units), main)
+    return model
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _units(
+    model: nn.Module, streamed: set[str], device_map: Mapping[str, Device], preload: Sequence[str]
+) -> dict[str, list[str]]:
+    """Group streamed tensors by the module whose forward needs them (in model order).
+
+    A tensor belongs to its direct owner, unless an ancestor inside the same device-map entry is of a
+    ``preload_module_classes`` class: that ancestor then fetches its whole subtree at once.
+    """
+    preload_at: dict[str, str] = {}
+    if preload:
+        for name, module in model.named_modules():
+            if type(module).__name__ in preload:
+                preload_at.setdefault(name, name)
+    units: dict[str, list[str]] = {}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    for name in sorted(streamed, key=lambda n: (order.get(parent(n), 0), n)):
+        unit = parent(name)
+        probe = unit
+        while preload_at and probe:
+            if probe in preload_at and lookup(probe, device_map) == lookup(name, device_map):
+                unit = probe
+            probe = parent(probe)
+        units.setdefault(unit, []).append(name)
+    return units
+
+
+def cpu_offload(
+    model: nn.Module,
+    execution_device: int | str | torch.device | None = None,
+    offload_buffers: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+) -> nn.Module:
+    """Keep every weight in RAM and bring each module's weights to ``execution_device`` only while it runs.
+
+    Example::
+
+        model = cpu_offload(model, execution_device=0)   # GPU memory: one layer at a time
+    """
+    if execution_device is None:
+        execution_device = 0 if torch.cuda.is_available() else "cpu"
+    return _dispatch(
+        model, {"": "cpu"}, main_device=execution_device, state_dict=state_dict, offload_buffers=offload_buffers,
+        preload_module_classes=preload_module_classes, force_hooks=True, offload_cpu=True,
+    )
+
+
+def cpu_offload_with_hook(
+    model: nn.Module,
+    execution_device: int | str | torch.device | None = None,
+    prev_module_hook: UserCpuOffloadHook | None = None,
+) -> tuple[nn.Module, UserCpuOffloadHook]:
+    """Move the whole model to ``execution_device`` when it runs, and back to CPU when told to.
+
+    Chain models run one after the other (a pipeline's text encoder, then UNet, then VAE)::
+
+        enc, h1 = cpu_offload_with_hook(enc, 0)
+        unet, h2 = cpu_offload_with_hook(unet, 0, prev_module_hook=h1)  # running unet offloads enc
+        ...; h2.offload()
+    """
+    hook = CpuOffload(execution_device=execution_device, prev_module_hook=prev_module_hook)
+    add_hook_to_module(model, hook, append=True)
+    return model, UserCpuOffloadHook(model, hook)
+
+
+def disk_offload(
+    model: nn.Module,
+    offload_dir: str | os.PathLike[str],
+    execution_device: int | str | torch.device | None = None,
+    offload_buffers: bool = False,
+    preload_module_classes: Sequence[str] | None = None,
+) -> nn.Module:
+    """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
+
+    Weights are written module by module and dropped from RAM as they are written, so RAM never holds
+    a second copy. An ``offload_dir`` that already holds a matching index is re-used after its files
+    are checked.
+
+    Example::
+
+        model = disk_offload(model, "offload", execution_device="cpu")
+    """
+    if execution_device is None:
+        execution_device = 0 if torch.cuda.is_available() else "cpu"
+    slots = model_tensors(model)
+    weights: WeightsMap = getattr(model, OFFLOAD_ATTR, None) or WeightsMap()
+    folder = OffloadFolder(offload_dir)
+    existing: dict[str, DiskTensor] = {}
+    if (Path(offload_dir) / INDEX_NAME).is_file():
+        try:
+            existing = load_offload_index(offload_dir)
+        except OffloadError as err:
+            logger.warning("Not re-using %s: %s", offload_dir, err)
+    wanted = [n for n, s in slots.items() if not s.is_buffer or offload_buffers]
+    if all(n in existing and existing[n].shape == tuple(slots[n].tensor.shape) for n in wanted):
+        weights.disk.update(existing)
+    else:
+        folder.prepare()
+        by_module: dict[str, list[str]] = {}
+        for name in wanted:
+            if name not in weights and slots[name].tensor.device.type != "meta":
+                by_module.setdefault(parent(name), []).append(name)
+        written: dict[int, DiskTensor] = {}
+        for names in by_module.values():
+            fresh = {n: slots[n].tensor.detach().to("cpu") for n in names if id(slots[n].tensor) not in written}
+            refs = folder.write(fresh)
+            for n in names:
+                key = id(slots[n].tensor)
+                ref = refs.get(n) or written[key]
+                written.setdefault(key, ref)
+                weights.disk[n] = ref
+            for n in names:  # free RAM as we go: the hook only needs meta placeholders
+                slot = slots[n]
+                meta = slot.tensor.to("meta")
+                if slot.is_buffer:
+                    slot.module._buffers[slot.leaf] = meta
+                else:
+                    slot.module._parameters[slot.leaf] = nn.Parameter(meta, requires_grad=slot.tensor.requires_grad)
+        folder.write_index(weights.disk)
+    setattr(model, OFFLOAD_ATTR, weights)
+    return _dispatch(
+        model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers,
+        preload_module_classes=preload_module_classes, force_hooks=True,
+    )
+
+
+def load_checkpoint_and_dispatch(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    device_map: str | Mapping[str, int | str | torch.device] | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_buffers: bool = False,
+    dtype: str | torch.dtype | None = None,
+    offload_state_dict: bool | None = None,
+    skip_keys: str | Sequence[str] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    force_hooks: bool = False,
+    strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
+) -> nn.Module:
+    """Plan (for a strategy string), load ``checkpoint`` into the empty ``model``, and dispatch it.
+
+    ``device_map`` is ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, a dict, or None
+    (load only). Disk-offloaded weights of a safetensors checkpoint are read in place; ``offload_folder``
+    is needed only for other formats. If anything fails, the model is left without hooks.
+
+    Example::
+
+        with init_empty_weights():
+            model = MyModel()
+        model = load_checkpoint_and_dispatch(model, "ckpt/", device_map="auto", max_memory={"cpu": "2GiB"})
+        output = model(input.to(model.device.type))
+    """
+    if broadcast_from_rank0:
+        raise ValueError("broadcast_from_rank0 is not supported by hf_bigmodel; leave it False.")
+    if isinstance(device_map, str) or (device_map is not None and not isinstance(device_map, Mapping)):
+        from .planning import resolve_device_map
+
+        device_map = resolve_device_map(
+            model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
+            dtype=dtype, offload_buffers=offload_buffers,
+        )
+    report = load_checkpoint(
+        model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype,
+        offload_buffers=offload_buffers, strict=strict,
+    )
+    if report.weights:
+        setattr(model, OFFLOAD_ATTR, report.weights)
+    if device_map is None:
+        return model
+    return _dispatch(
+        model, device_map, offload_dir=offload_folder,
+        offload_buffers=offload_buffers, skip_keys=skip_keys, preload_module_classes=preload_module_classes,
+        force_hooks=force_hooks,
+    )

@@ -1,0 +1,404 @@
+"""The hook protocol: code that runs around a module's ``forward`` without changing the model's code.
+
+``add_hook_to_module`` wraps one module's ``forward``; a :class:`ModelHook` sees the inputs before it
+runs (``pre_forward``), the output after (``post_forward``), and gets ``on_error`` when forward raises.
+The attribute names (``_hf_hook``, ``_old_forward``) are accelerate's, so code in transformers that
+looks for them keeps working.
+
+:class:`AlignDevicesHook` is the workhorse: it moves inputs to the module's execution device and, for
+offloaded modules, brings their weights there just before forward and releases them right after.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .devices import Device, torch_device
+
+__all__ = [
+    "ModelHook",
+    "SequentialHook",
+    "AlignDevicesHook",
+    "CpuOffload",
+    "UserCpuOffloadHook",
+    "add_hook_to_module",
+    "remove_hook_from_module",
+    "remove_hook_from_submodules",
+    "send_to_device",
+    "move_direct_tensors",
+]
+
+
+class ModelHook:
+    """Base hook: override any of the five steps. ``no_grad`` runs the forward under ``torch.no_grad``."""
+
+    no_grad = False
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        return output
+
+    def on_error(self, module: nn.Module) -> None:
+        """Forward raised: undo what ``pre_forward`` took (weights brought to the device...)."""
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        return module
+
+
+class SequentialHook(ModelHook):
+    """Several hooks on one module: pre_forward in order, post_forward in reverse."""
+
+    def __init__(self, *hooks: ModelHook) -> None:
+        self.hooks = list(hooks)
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        for hook in self.hooks:
+            module = hook.init_hook(module)
+        return module
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for hook in self.hooks:
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        for hook in reversed(self.hooks):
+            output = hook.post_forward(module, output)
+        return output
+
+    def on_error(self, module: nn.Module) -> None:
+        for hook in reversed(self.hooks):
+            hook.on_error(module)
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        for hook in self.hooks:
+            module = hook.detach_hook(module)
+        return module
+
+
+def add_hook_to_module(module: nn.Module, hook: ModelHook, append: bool = False) -> nn.Module:
+    """Wrap ``module.forward`` with ``hook`` (replacing an existing hook, or chaining after it with ``append``).
+
+    Example::
+
+        class Log(ModelHook):
+            def pre_forward(self, module, *args, **kwargs):
+                print(type(module).__name__); return args, kwargs
+        add_hook_to_module(model.layer, Log())
+    """
+    existing = module.__dict__.get("_hf_hook")
+    if existing is not None:
+        if append:
+            module = hook.init_hook(module)
+            chain = existing.hooks if isinstance(existing, SequentialHook) else [existing]
+            module._hf_hook = SequentialHook(*chain, hook)
+            return module
+        remove_hook_from_module(module)
+    module._hf_hook_had_instance_forward = "forward" in module.__dict__
+    old_forward = module.forward
+    module._old_forward = old_forward
+    module = hook.init_hook(module)
+    module._hf_hook = hook
+
+    def new_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        active = module._hf_hook
+        args, kwargs = active.pre_forward(module, *args, **kwargs)
+        try:
+            if active.no_grad:
+                with torch.no_grad():
+                    output = module._old_forward(*args, **kwargs)
+            else:
+                output = module._old_forward(*args, **kwargs)
+        except BaseException:
+            active.on_error(module)
+            raise
+        return active.post_forward(module, output)
+
+    module.forward = functools.update_wrapper(functools.partial(new_forward, module), old_forward)
+    return module
+
+
+def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Module:
+    """Detach the hook of ``module`` (and of all submodules with ``recurse``), restoring its ``forward``."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is not None:
+        hook.detach_hook(module)
+        del module._hf_hook
+    if "_old_forward" in module.__dict__:
+        if module.__dict__.pop("_hf_hook_had_instance_forward", False):
+            module.forward = module._old_forward
+        else:
+            module.__dict__.pop("forward", None)
+        del module._old_forward
+    if recurse:
+        for child in module.children():
+            remove_hook_from_module(child, recurse=True)
+    return module
+
+
+def remove_hook_from_submodules(module: nn.Module) -> None:
+    """Detach every hook below ``module`` (not ``module``'s own). Offloaded weights come back to CPU."""
+    for child in module.children():
+        remove_hook_from_module(child, recurse=True)
+
+
+def send_to_device(obj: Any, device: torch.device, skip_keys: Sequence[str] | str | None = None,
+                   non_blocking: bool = False) -> Any:
+    """Move every tensor in nested tuples/lists/dicts to ``device``, keeping container types.
+
+    Dict entries named in ``skip_keys`` (e.g. ``"past_key_values"``) are left where they are.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+    if isinstance(skip_keys, str):
+        skip_keys = [skip_keys]
+    if isinstance(obj, (list, tuple)):
+        moved = [send_to_device(o, device, skip_keys, non_blocking) for o in obj]
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*moved)
+        try:
+            return type(obj)(moved)
+        except TypeError:
+            return moved if isinstance(obj, list) else tuple(moved)
+    if isinstance(obj, Mapping):
+        items = {k: (v if skip_keys and k in skip_keys else send_to_device(v, device, skip_keys, non_blocking))
+                 for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return items
+    return obj
+
+
+def _find_device(obj: Any) -> torch.device | None:
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            device = _find_device(o)
+            if device is not None:
+                return device
+    return None
+
+
+class _Slot:
+    """One tensor an offloading hook manages: where it lives in the module tree, and its idle placeholder."""
+
+    __slots__ = ("module", "leaf", "is_buffer", "name", "placeholder", "requires_grad")
+
+    def __init__(self, module: nn.Module, leaf: str, is_buffer: bool, name: str) -> None:
+        self.module, self.leaf, self.is_buffer, self.name = module, leaf, is_buffer, name
+        current = (module._buffers if is_buffer else module._parameters)[leaf]
+        assert current is not None
+        self.requires_grad = bool(getattr(current, "requires_grad", False))
+        self.placeholder = current if current.device.type == "meta" else current.to("meta")
+
+    def set(self, value: torch.Tensor) -> None:
+        if self.is_buffer:
+            self.module._buffers[self.leaf] = value
+        else:
+            param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+            self.module._parameters[self.leaf] = param
+
+    def release(self) -> None:
+        store = self.module._buffers if self.is_buffer else self.module._parameters
+        store[self.leaf] = self.placeholder
+
+
+class AlignDevicesHook(ModelHook):
+    """Run a module on ``execution_device``; with ``offload``, stream its weights from ``weights_map``.
+
+    ``weights_map`` maps *full* tensor names (``prefix`` + local name) to tensors, reading disk ones on
+    access (:class:`hf_bigmodel.offload.WeightsMap`). With ``place_submodules`` the hook manages the
+    tensors of the whole subtree (for modules whose children's weights are used without calling them).
+    With ``io_same_device`` outputs go back to the device the inputs came from.
+    """
+
+    def __init__(
+        self,
+        execution_device: Device | torch.device | None = None,
+        offload: bool = False,
+        io_same_device: bool = False,
+        weights_map: Mapping[str, torch.Tensor] | None = None,
+        offload_buffers: bool = False,
+        place_submodules: bool = False,
+        skip_keys: Sequence[str] | str | None = None,
+        tied_params_map: dict[str, torch.Tensor] | None = None,
+        *,
+        prefix: str = "",
+        tensor_names: Sequence[str] | None = None,
+        move_inputs: bool = True,
+    ) -> None:
+        self.execution_device = torch_device(execution_device) if execution_device is not None else None
+        self.offload = offload
+        self.io_same_device = io_same_device
+        self.weights_map = weights_map
+        self.offload_buffers = offload_buffers
+        self.place_submodules = place_submodules
+        self.skip_keys = skip_keys
+        self.shared = tied_params_map if tied_params_map is not None else {}
+        self.prefix = prefix
+        self.tensor_names = list(tensor_names) if tensor_names is not None else None
+        self.move_inputs = move_inputs
+        self.slots: list[_Slot] = []
+        self.input_device: torch.device | None = None
+        self.fetcher: Any = None  # set by a Prefetcher to supply weights ahead of time
+        self._resident = False
+
+    def __repr__(self) -> str:
+        return (f"AlignDevicesHook(execution_device={self.execution_device}, offload={self.offload}, "
+                f"io_same_device={self.io_same_device}, tensors={len(self.slots)})")
+
+    def _managed_names(self, module: nn.Module) -> list[str]:
+        if self.tensor_names is not None:
+            return self.tensor_names
+        names = [n for n, _ in module.named_parameters(recurse=self.place_submodules)]
+        if self.offload_buffers:
+            names += [n for n, _ in module.named_buffers(recurse=self.place_submodules)]
+        return names
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        if not self.offload:
+            if self.execution_device is not None:
+                for sub in module.modules() if self.place_submodules else [module]:
+                    move_direct_tensors(sub, self.execution_device)
+            return module
+        dot = f"{self.prefix}." if self.prefix else ""
+        for local in self._managed_names(module):
+            owner, _, leaf = local.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            is_buffer = leaf in sub._buffers
+            slot = _Slot(sub, leaf, is_buffer, dot + local)
+            slot.release()
+            self.slots.append(slot)
+        if not self.offload_buffers and self.execution_device is not None:
+            for sub in (module.modules() if self.place_submodules else [module]):
+                for leaf, buf in list(sub._buffers.items()):
+                    if buf is not None and buf.device.type != "meta" and buf.device != self.execution_device:
+                        sub._buffers[leaf] = buf.to(self.execution_device)
+        return module
+
+    def load_weights(self) -> list[torch.Tensor]:
+        """This hook's tensors on the execution device, in slot order (tied names share one copy)."""
+        assert self.weights_map is not None and self.execution_device is not None
+        seen: dict[int, torch.Tensor] = {}
+        values = []
+        disk = getattr(self.weights_map, "disk", None)
+        memory = getattr(self.weights_map, "memory", None)
+        for slot in self.slots:
+            source: Any = None
+            if memory is not None and slot.name in memory:
+                source = memory[slot.name]
+            elif disk is not None and slot.name in disk:
+                source = disk[slot.name]
+            key = id(source) if source is not None else None
+            if key is not None and key in seen:
+                values.append(seen[key])
+                continue
+            value = self.weights_map[slot.name].to(self.execution_device, non_blocking=True)
+            if key is not None:
+                seen[key] = value
+            values.append(value)
+        return values
+
+    def materialize(self) -> None:
+        values = self.fetcher.take(self) if self.fetcher is not None else None
+        if values is None:
+            values = self.load_weights()
+        for slot, value in zip(self.slots, values):
+            slot.set(value)
+        self._resident = True
+
+    def release(self) -> None:
+        if self._resident:
+            for slot in self.slots:
+                slot.release()
+            self._resident = False
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.io_same_device:
+            self.input_device = _find_device([args, kwargs])
+        if self.offload and self.slots:
+            self.materialize()
+        if self.execution_device is None or not self.move_inputs:
+            return args, kwargs
+        return (send_to_device(args, self.execution_device),
+                send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys))
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.release()
+        if self.io_same_device and self.input_device is not None:
+            output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
+        return output
+
+    def on_error(self, module: nn.Module) -> None:
+        self.release()
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        """Leave a plain, working module: offloaded tensors are brought back into RAM for good."""
+        if self.offload and self.weights_map is not None:
+            shared: dict[int, torch.Tensor] = {}
+            for slot in self.slots:
+                value = self.weights_map[slot.name]
+                cpu = shared.setdefault(id(value), value.to("cpu"))
+                if slot.is_buffer:
+                    slot.set(cpu)
+                else:
+                    slot.set(nn.Parameter(cpu, requires_grad=slot.requires_grad and cpu.is_floating_point()))
+            self.slots = []
+        return module
+
+
+def move_direct_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``, keeping ties."""
+    for param in module._parameters.values():
+        if param is not None and param.device != device and param.device.type != "meta":
+            param.data = param.data.to(device)
+    for leaf, buf in module._buffers.items():
+        if buf is not None and buf.device != device and buf.device.type != "meta":
+            module._buffers[leaf] = buf.to(device)
+
+
+class CpuOffload(ModelHook):
+    """Keep a whole model on CPU; move it to ``execution_device`` when it runs (and its predecessor back)."""
+
+    def __init__(self, execution_device: Device | torch.device | None = None,
+                 prev_module_hook: UserCpuOffloadHook | None = None) -> None:
+        self.execution_device = torch_device(execution_device if execution_device is not None else
+                                             (0 if torch.cuda.is_available() else "cpu"))
+        self.prev_module_hook = prev_module_hook
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        return module.to("cpu")
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.prev_module_hook is not None:
+            self.prev_module_hook.offload()
+        module.to(self.execution_device)
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+
+class UserCpuOffloadHook:
+    """Handle returned by ``cpu_offload_with_hook``: ``offload()`` sends the model back to CPU, ``remove()`` unhooks it."""
+
+    def __init__(self, model: nn.Module, hook: CpuOffload) -> None:
+        self.model = model
+        self.hook = hook
+
+    def offload(self) -> None:
+        self.hook.init_hook(self.model)
+
+    def remove(self) -> None:
+        remove_hook_from_module(self.model)

@@ -1,0 +1,316 @@
+"""Streaming a checkpoint into a (possibly empty) model, shard by shard.
+
+Every key, shape and dtype is checked against the model from the checkpoint's headers before any
+tensor data is read, so a bad checkpoint fails at once with every problem listed, and the model is
+left untouched. Tensors are then read one at a time, cast, and assigned in place of the meta
+placeholders (no throw-away copy); disk-mapped tensors of safetensors checkpoints are only recorded
+as byte ranges of the checkpoint's own files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .devices import Device, normalize_device, torch_device
+from .dtypes import resolve_dtype, target_dtype
+from .errors import CheckpointMismatchError, OffloadError, summarize
+from .naming import lookup
+from .offload import DiskTensor, OffloadFolder, WeightsMap
+from .progress import progress
+from .sources import Checkpoint, TensorInfo, find_checkpoint
+
+__all__ = ["load_checkpoint_in_model", "ModelTensor", "model_tensors", "set_tensor", "OFFLOAD_ATTR"]
+
+logger = logging.getLogger(__name__)
+OFFLOAD_ATTR = "_hf_bigmodel_weights"
+
+
+@dataclass(frozen=True)
+class ModelTensor:
+    """One entry of a model's state dict: the module holding it, the attribute name, and its kind."""
+
+    module: nn.Module
+    leaf: str
+    is_buffer: bool
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        store = self.module._buffers if self.is_buffer else self.module._parameters
+        return store[self.leaf]  # type: ignore[return-value]
+
+
+def model_tensors(model: nn.Module, *, persistent_only: bool = True) -> dict[str, ModelTensor]:
+    """Every parameter (tied aliases included) and buffer of ``model``, by full name."""
+    result: dict[str, ModelTensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                result[dot + leaf] = ModelTensor(module, leaf, False)
+        skip = module._non_persistent_buffers_set if persistent_only else set()
+        for leaf, buf in module._buffers.items():
+            if buf is not None and leaf not in skip:
+                result[dot + leaf] = ModelTensor(module, leaf, True)
+    return result
+
+
+def set_tensor(slot: ModelTensor, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` in ``slot`` (a parameter keeps its class and requires_grad); returns what was stored."""
+    if slot.is_buffer:
+        slot.module._buffers[slot.leaf] = value
+        return value
+    old = slot.module._parameters[slot.leaf]
+    requires_grad = bool(old is not None and old.requires_grad and value.is_floating_point())
+    cls = type(old) if old is not None and type(old) is not nn.Parameter else nn.Parameter
+    try:
+        param = cls(value, requires_grad=requires_grad)
+    except TypeError:
+        param = nn.Parameter(value, requires_grad=requires_grad)
+    slot.module._parameters[slot.leaf] = param
+    return param
+
+
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    if src == dst:
+        return True
+    if src.is_complex or dst.is_complex:
+        return src.is_complex and dst.is_complex
+    if src.is_floating_point or dst.is_floating_point:
+        return src.is_floating_point and dst.is_floating_point
+    return src != torch.bool and dst != torch.bool  # int <-> int
+
+
+@dataclass
+class LoadReport:
+    """What a load did: tensors found missing (kept their value) or unexpected (ignored), and the weights map."""
+
+    weights: WeightsMap
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_checkpoint_in_model(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    device_map: Mapping[str, int | str | torch.device] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_state_dict: bool = False,
+    offload_buffers: bool = False,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+    offload_8bit: bool = False,
+    strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
+) -> None:
+    """Load ``checkpoint`` (file, ``*.index.json`` or folder) into ``model``, placing tensors per ``device_map``.
+
+    Floating-point tensors are cast to ``dtype`` (modules in ``keep_in_fp32_modules`` to float32); with no
+    ``dtype`` they take the model's own dtype, as ``load_state_dict`` would. Tensors mapped to ``"disk"``
+    stay in the checkpoint's safetensors files (other formats are written once into ``offload_folder``).
+    Missing and mis-shaped keys raise :class:`CheckpointMismatchError` before anything is loaded;
+    unexpected keys too with ``strict=True`` (else they are logged and ignored).
+
+    ``offload_state_dict`` is accepted for accelerate compatibility: loading is always streamed one tensor
+    at a time, so RAM never holds a second copy of the weights. ``full_state_dict`` concerns FSDP and is
+    ignored.
+
+    Example::
+
+        with init_empty_weights():
+            model = MyModel()
+        load_checkpoint_in_model(model, "ckpt/model.safetensors.index.json", device_map={"": "cpu"})
+    """
+    if offload_8bit or broadcast_from_rank0:
+        raise ValueError(
+            "offload_8bit and broadcast_from_rank0 are not supported by hf_bigmodel; leave them False."
+        )
+    report = load_checkpoint(
+        model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype,
+        offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, strict=strict,
+    )
+    if report.weights:
+        setattr(model, OFFLOAD_ATTR, report.weights)  # picked up by dispatch_model
+
+
+def _device_of(name: str, device_map: Mapping[str, Device] | None, slot: ModelTensor) -> Device:
+    if device_map is None:
+        current = slot.tensor.device
+        return "cpu" if current.type == "meta" else normalize_device(current)
+    return lookup(name, device_map)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    device_map: Mapping[str, int | str | torch.device] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_buffers: bool = False,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+    strict: bool = False,
+    key_mapping: Callable[[str], str | None] | None = None,
+) -> LoadReport:
+    """The engine behind :func:`load_checkpoint_in_model`, returning a :class:`LoadReport`.
+
+    ``key_mapping`` renames checkpoint keys to model names (``None`` drops a key); model-family loaders use
+    it for prefixes and renamed layers.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
+    cast = resolve_dtype(dtype) if dtype is not None else None
+    keep = list(keep_in_fp32_modules or [])
+    dm: dict[str, Device] | None = None
+    if device_map is not None:
+        from .planning import check_device_map
+
+        dm = check_device_map(model, device_map)
+    slots = model_tensors(model)
+    infos = ckpt.scan()
+
+    # 1. Match checkpoint keys to model tensors, and check everything before touching the model.
+    by_model_name: dict[str, TensorInfo] = {}
+    unexpected: list[str] = []
+    for key, info in infos.items():
+        name = key_mapping(key) if key_mapping is not None else key
+        if name is None:
+            continue
+        if name in slots:
+            by_model_name[name] = info
+        else:
+            unexpected.append(key)
+    groups = _tie_groups(model)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    uncastable: list[str] = []
+    for name, info in by_model_name.items():
+        current = slots[name].tensor
+        if tuple(current.shape) != info.shape:
+            mismatched.append((name, info.shape, tuple(current.shape)))
+        elif not _castable(info.dtype, current.dtype):
+            uncastable.append(f"{name}: checkpoint {info.dtype} cannot become model {current.dtype}")
+    missing_unloadable: list[str] = []
+    missing_kept: list[str] = []
+    for name, slot in slots.items():
+        if name in by_model_name or any(p in by_model_name for p in groups.get(name, ())):
+            continue
+        (missing_unloadable if slot.tensor.device.type == "meta" else missing_kept).append(name)
+    if mismatched or uncastable or missing_unloadable or (strict and (unexpected or missing_kept)):
+        hint = ""
+        if uncastable:
+            hint += f"  Dtype(s) that cannot be cast ({len(uncastable)}): {summarize(uncastable)}.\n"
+        if missing_unloadable:
+            hint += ("  The missing tensors have no value in the model (it was built empty); load a checkpoint "
+                     "that holds them, or build the model normally so they keep their initial values.")
+        raise CheckpointMismatchError(
+            missing=missing_unloadable + (missing_kept if strict else []),
+            unexpected=unexpected if strict else [],
+            mismatched=mismatched,
+            path=ckpt.path,
+            hint=hint.rstrip("\n"),
+        )
+    if unexpected:
+        logger.warning("Ignored %d checkpoint key(s) the model does not have: %s", len(unexpected), summarize(unexpected))
+    if missing_kept:
+        logger.warning("%d model tensor(s) are not in the checkpoint and keep their current values: %s",
+                       len(missing_kept), summarize(missing_kept))
+
+    # 2. Decide every tensor's destination; prepare the offload folder if it must receive copies.
+    dest: dict[str, Device] = {}
+    for name in by_model_name:
+        device = _device_of(name, dm, slots[name])
+        if device == "disk" and slots[name].is_buffer and not offload_buffers:
+            device = "cpu"  # buffers of disk modules live in RAM and travel with their module
+        dest[name] = device
+    to_disk = [n for n, d in dest.items() if d == "disk"]
+    folder: OffloadFolder | None = None
+    if to_disk and ckpt.format != "safetensors":
+        if offload_folder is None:
+            raise OffloadError(
+                f"The device map puts {len(to_disk)} tensor(s) on 'disk' ({summarize(to_disk, 3)}) but {ckpt.path!r} "
+                "is a torch checkpoint that cannot be read in place; pass offload_folder= so they can be "
+                "converted to safetensors there once."
+            )
+    if offload_folder is not None and (to_disk or ckpt.format != "safetensors"):
+        folder = OffloadFolder(offload_folder)
+        folder.prepare()
+    for name, device in dest.items():
+        if device not in ("disk", "cpu"):
+            torch_device(device)  # raises on unusable values before loading anything
+
+    # 3. Stream the shards.
+    weights = WeightsMap()
+    loaded: dict[str, torch.Tensor] = {}
+    names_by_file: dict[str, dict[str, str]] = {}
+    for name, info in by_model_name.items():
+        names_by_file.setdefault(info.file, {})[info.key] = name
+    for file in progress(ckpt.files, desc="Loading checkpoint shards", unit="shard"):
+        wanted = names_by_file.get(file, {})
+        pending_disk: dict[str, torch.Tensor] = {}
+        to_read: set[str] = set()
+        for key, name in wanted.items():
+            info = infos[key]
+            final_dtype = _final_dtype(name, info.dtype, slots[name], cast, keep)
+            if dest[name] == "disk" and info.entry is not None:
+                weights.disk[name] = DiskTensor(info.entry, final_dtype)
+            else:
+                to_read.add(key)
+        for key, value in ckpt.iter_shard(file, to_read):
+            name = wanted[key]
+            final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
+            if dest[name] == "disk":
+                pending_disk[name] = value.to(final_dtype)
+                continue
+            value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
+            loaded[name] = set_tensor(slots[name], value)
+        if pending_disk:
+            st = os.stat(file)
+            source_id = f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}"
+            weights.disk.update(folder.write(pending_disk, source_id=source_id))  # type: ignore[union-attr]
+            del pending_disk
+    ckpt.release()
+
+    # 4. Tied tensors share one storage again (a checkpoint usually stores only one name of a group).
+    for name, partners in groups.items():
+        if name in loaded or name in weights.disk:
+            continue
+        source = next((p for p in partners if p in loaded or p in weights.disk), None)
+        if source is None:
+            continue
+        if source in weights.disk:
+            weights.disk[name] = weights.disk[source]
+        else:
+            # Share the very Parameter, wherever the map puts the alias: dispatch_model sees the tie and
+            # either keeps one copy (same execution device) or streams a copy to the other device.
+            slots[name].module._parameters[slots[name].leaf] = loaded[source]  # type: ignore[assignment]
+            loaded[name] = loaded[source]
+    if folder is not None and weights.disk:
+        folder.write_index(weights.disk)
+    return LoadReport(weights, missing_kept, unexpected)
+
+
+def _final_dtype(
+    name: str, ckpt_dtype: torch.dtype, slot: ModelTensor, cast: torch.dtype | None, keep: list[str]
+) -> torch.dtype:
+    current = slot.tensor.dtype
+    if cast is None:
+        return current
+    if not current.is_floating_point:
+        return current
+    return target_dtype(name, ckpt_dtype, cast, keep)
+
+
+def _tie_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    from .sizes import find_tied_parameters
+
+    groups: dict[str, tuple[str, ...]] = {}
+    for group in find_tied_parameters(model):
+        for name in group:
+            groups[name] = tuple(n for n in group if n != name)
+    return groups
+

@@ -1,0 +1,273 @@
+"""Offloaded weights: the lazy name -> tensor map hooks read from, and the offload folder.
+
+A :class:`WeightsMap` holds, per tensor name, either a tensor in RAM or a :class:`DiskTensor`: a byte range
+in a safetensors file, read (and cast) only when a module needs it. For a safetensors checkpoint that
+file is the checkpoint's own shard, so nothing is copied. Other sources are written once into the
+offload folder as safetensors files plus an ``index.json``.
+
+Offload-folder files are named by their content's identity (source file, size, mtime, keys, dtypes),
+written to a private temporary name and renamed into place, so several processes can fill the same
+folder at once, and a later run re-uses a file only after checking its header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import resolve_dtype
+from .errors import CheckpointError, OffloadError, summarize
+from .safetensors_io import TensorEntry, read_header, read_tensor
+
+__all__ = ["DiskTensor", "WeightsMap", "OffloadFolder", "load_offload_index", "INDEX_NAME"]
+
+logger = logging.getLogger(__name__)
+INDEX_NAME = "index.json"
+_FORMAT = "hf_bigmodel-offload"
+
+
+@dataclass(frozen=True)
+class DiskTensor:
+    """A tensor stored in a safetensors file, and the dtype it is cast to when read."""
+
+    entry: TensorEntry
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes once read and cast."""
+        n = 1
+        for d in self.entry.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class WeightsMap(Mapping[str, torch.Tensor]):
+    """Full tensor name -> tensor, reading disk tensors on access.
+
+    Example::
+
+        weights = WeightsMap(memory={"lm_head.weight": w}, disk={"layers.0.weight": ref})
+        weights["layers.0.weight"]   # read from its file now, cast to ref.dtype
+    """
+
+    def __init__(
+        self,
+        memory: Mapping[str, torch.Tensor] | None = None,
+        disk: Mapping[str, DiskTensor] | None = None,
+    ) -> None:
+        self.memory: dict[str, torch.Tensor] = dict(memory or {})
+        self.disk: dict[str, DiskTensor] = dict(disk or {})
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.memory.get(name)
+        if tensor is not None:
+            return tensor
+        ref = self.disk.get(name)
+        if ref is None:
+            raise KeyError(name)
+        return self.read(ref)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.memory
+        yield from (k for k in self.disk if k not in self.memory)
+
+    def __len__(self) -> int:
+        return len(self.memory) + sum(1 for k in self.disk if k not in self.memory)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.memory or name in self.disk
+
+    def is_on_disk(self, name: str) -> bool:
+        return name not in self.memory and name in self.disk
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and (cast) dtype of ``name`` without reading it."""
+        tensor = self.memory.get(name)
+        if tensor is not None:
+            return tuple(tensor.shape), tensor.dtype
+        ref = self.disk[name]
+        return ref.shape, ref.dtype
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    self._fds[path] = fd
+        return fd
+
+    def read(self, ref: DiskTensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one disk tensor (into ``out``'s bytes when given) and cast it to its target dtype."""
+        tensor = read_tensor(ref.entry, fd=self._fd(ref.entry.path), out=out)
+        return tensor if tensor.dtype == ref.dtype else tensor.to(ref.dtype)
+
+    def update(self, other: WeightsMap) -> None:
+        self.memory.update(other.memory)
+        self.disk.update(other.disk)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class OffloadFolder:
+    """A folder holding offloaded weights as safetensors files and an ``index.json``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def prepare(self) -> None:
+        """Create the folder and prove it is writable, or raise :class:`OffloadError` saying why."""
+        if self.path.exists() and not self.path.is_dir():
+            raise OffloadError(
+                f"offload_folder {str(self.path)!r} is a file, not a folder; pass a folder path.", path=str(self.path)
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise OffloadError(
+                f"Cannot write to offload_folder {str(self.path)!r}: {err.strerror or err}. "
+                "Pass an offload_folder on a writable disk.",
+                path=str(self.path),
+            ) from None
+
+    def write(self, tensors: Mapping[str, torch.Tensor], *, source_id: str | None = None) -> dict[str, DiskTensor]:
+        """Store ``tensors`` in one safetensors file and return where each one lies.
+
+        With a ``source_id`` (the identity of the checkpoint shard they came from) the file name is
+        derived from it, so another run re-uses a valid existing file; without one, the name is unique.
+        """
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return {}
+        if source_id is not None:
+            digest = hashlib.sha256(source_id.encode())
+            for name in sorted(tensors):
+                t = tensors[name]
+                digest.update(f"|{name}:{_dtype_name(t.dtype)}:{tuple(t.shape)}".encode())
+            file = self.path / f"w-{digest.hexdigest()[:24]}.safetensors"
+            reused = self._reuse(file, tensors)
+            if reused is not None:
+                return reused
+        else:
+            file = self.path / f"w-{uuid.uuid4().hex}.safetensors"
+        tmp = self.path / f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, file)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OffloadError(
+                f"Could not write offloaded weights to {str(file)!r}: {err.strerror or err}. "
+                "Free some space or pass another offload_folder.",
+                path=str(file),
+            ) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        header = read_header(file)
+        return {k: DiskTensor(header.entries[k], tensors[k].dtype) for k in tensors}
+
+    def _reuse(self, file: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, DiskTensor] | None:
+        if not file.is_file():
+            return None
+        try:
+            header = read_header(file)
+        except CheckpointError as err:
+            logger.warning("Ignoring %s in the offload folder and writing it again: %s", file, err)
+            return None
+        for name, t in tensors.items():
+            entry = header.entries.get(name)
+            if entry is None or entry.shape != tuple(t.shape) or entry.dtype != t.dtype:
+                logger.warning("Offload file %s does not hold %r as expected; writing it again.", file, name)
+                return None
+        logger.debug("Re-using offloaded weights in %s", file)
+        return {k: DiskTensor(header.entries[k], tensors[k].dtype) for k in tensors}
+
+    def write_index(self, weights: Mapping[str, DiskTensor]) -> Path:
+        """Record where every offloaded tensor lies (atomically), for ``dispatch_model(offload_dir=...)``."""
+        entries = {}
+        for name, ref in sorted(weights.items()):
+            file = Path(ref.entry.path)
+            stored = file.name if file.parent.resolve() == self.path.resolve() else str(file.resolve())
+            entries[name] = {"file": stored, "key": ref.entry.key, "dtype": _dtype_name(ref.dtype)}
+        index = self.path / INDEX_NAME
+        tmp = self.path / f".{INDEX_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            tmp.write_text(json.dumps({"format": _FORMAT, "version": 1, "weights": entries}, indent=1))
+            os.replace(tmp, index)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OffloadError(
+                f"Could not write {str(index)!r}: {err.strerror or err}. Free some space or pass another offload_folder.",
+                path=str(index),
+            ) from None
+        return index
+
+
+def load_offload_index(folder: str | os.PathLike[str]) -> dict[str, DiskTensor]:
+    """Read an offload folder's ``index.json``, checking every file and header before trusting it."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    fix = f"Delete {str(folder)!r} (or pass an empty offload folder) and load the checkpoint again."
+    try:
+        data = json.loads(index.read_text())
+    except FileNotFoundError:
+        raise OffloadError(f"Offload folder {str(folder)!r} has no {INDEX_NAME}; nothing was offloaded there.",
+                           path=str(index)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OffloadError(f"Cannot read {str(index)!r} ({err}). {fix}", path=str(index)) from None
+    weights = data.get("weights") if isinstance(data, dict) and data.get("format") == _FORMAT else None
+    if not isinstance(weights, dict):
+        raise OffloadError(f"{str(index)!r} is not an hf_bigmodel offload index. {fix}", path=str(index))
+    headers: dict[str, dict[str, TensorEntry]] = {}
+    result: dict[str, DiskTensor] = {}
+    problems: list[str] = []
+    for name, info in weights.items():
+        try:
+            file = Path(info["file"])
+            path = file if file.is_absolute() else folder / file
+            if str(path) not in headers:
+                headers[str(path)] = read_header(path).entries
+            entry = headers[str(path)][info["key"]]
+            result[name] = DiskTensor(entry, resolve_dtype(info["dtype"]))
+        except (KeyError, TypeError, ValueError, CheckpointError) as err:
+            problems.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
+    if problems:
+        raise OffloadError(f"Offload folder {str(folder)!r} is inconsistent: {summarize(problems, 5)}. {fix}",
+                           path=str(folder))
+    return result

@@ -1,0 +1,142 @@
+"""Validated safetensors headers and direct reads of single tensors.
+
+The header is checked against the file before anything trusts it: a truncated download or a corrupt
+file is reported by name with what is wrong, instead of crashing deep inside a forward pass.
+Tensors are read with ``pread`` straight into their final memory, with no mmap that would pin the
+page cache to the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptCheckpointError
+from .sizes import format_size
+
+__all__ = ["TensorEntry", "SafetensorsHeader", "read_header", "read_tensor", "DTYPES", "DTYPE_NAMES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file: absolute byte range, dtype and shape."""
+
+    path: str
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: str
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def _corrupt(path: str | Path, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{str(path)!r} is not a valid safetensors file: {why}. The file is truncated or corrupt; "
+        "download or write it again.",
+        path=str(path),
+    )
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file (reads only the header bytes).
+
+    Checks the header length, the JSON, every dtype and shape, and that every tensor's bytes lie
+    inside the file, so later reads cannot fail half-way.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, f"it holds {file_size} bytes, less than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or header_len > file_size - 8:
+                raise _corrupt(
+                    path, f"the header claims {format_size(header_len)} but the file holds {format_size(file_size)}"
+                )
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        from .errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"Checkpoint file {path!r} does not exist.", path=path) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _corrupt(path, f"its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, TensorEntry] = {}
+    for key, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"the entry for {key!r} is malformed ({str(info)[:80]})") from None
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise _corrupt(path, f"{key!r} has a negative dimension in shape {list(shape)}")
+            numel *= d
+        expected = (numel * dtype.itemsize) if dtype != torch.bool else numel
+        if begin < 0 or end < begin or end - begin != expected:
+            raise _corrupt(path, f"{key!r} spans {end - begin} bytes but shape {list(shape)} of {info['dtype']} needs {expected}")
+        if end > data_size:
+            raise _corrupt(
+                path,
+                f"{key!r} ends at byte {data_start + end} but the file holds {file_size} bytes "
+                f"({format_size(data_start + end - file_size)} missing)",
+            )
+        entries[key] = TensorEntry(path, key, dtype, shape, data_start + begin, data_start + end)
+    return SafetensorsHeader(path, entries, dict(metadata), file_size)
+
+
+def read_tensor(entry: TensorEntry, *, fd: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor into fresh (or the given ``out``, uint8, >= nbytes) CPU memory with ``pread``."""
+    nbytes = entry.nbytes
+    buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+    own_fd = fd is None
+    if own_fd:
+        fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], entry.start + done)
+            if n <= 0:
+                raise _corrupt(entry.path, f"reading {entry.key!r} stopped at byte {entry.start + done}")
+            done += n
+    finally:
+        if own_fd:
+            os.close(fd)
+    return buffer.view(entry.dtype).reshape(entry.shape) if nbytes else torch.empty(entry.shape, dtype=entry.dtype)
