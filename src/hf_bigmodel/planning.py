@@ -1,0 +1,520 @@
+"""Device-map planning: where each module's weights are stored, decided from sizes and budgets alone.
+
+Planning is pure. It reads shapes and dtypes (meta tensors are fine), never allocates and never touches
+files. Devices are filled in budget order (GPUs by index, other accelerators, ``"cpu"``, then an
+unlimited ``"disk"``). Room for the largest offloaded layer is kept on the execution device only when
+something is actually offloaded, unlike accelerate, which always reserves it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .devices import Device, get_max_memory, is_offload_target, normalize_device
+from .errors import DeviceMapError, summarize
+from .naming import owner, parent
+from .sizes import compute_module_sizes, find_tied_parameters, format_size
+
+__all__ = [
+    "STRATEGIES",
+    "check_device_map",
+    "get_balanced_memory",
+    "get_max_layer_size",
+    "infer_auto_device_map",
+    "resolve_device_map",
+]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_MAX_ROUNDS = 32  # re-plans while the reservation grows; then reserve for the worst case
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _class_names(classes: Iterable[str] | str | None) -> set[str]:
+    if classes is None:
+        return set()
+    return {classes} if isinstance(classes, str) else set(classes)
+
+
+class _Tree:
+    """Names, sizes and ties of one model, indexed once per planning call.
+
+    An *item* is a module name or a tensor name; the planner places items, splitting a module item into
+    its direct tensors and children when it does not fit.
+    """
+
+    def __init__(self, model: nn.Module, no_split: set[str], dtype, special_dtypes, offload_buffers: bool) -> None:
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.no_split = no_split
+        self.offload_buffers = offload_buffers
+        self.pieces: dict[str, list[str]] = {}
+        self.order: dict[str, int] = {}
+        self.is_buffer: dict[str, bool] = {}
+        tensor_ids: dict[str, int] = {}
+        for name, module in self.modules.items():
+            self.order[name] = len(self.order)
+            direct = []
+            for attr, table, is_buffer in (("p", module._parameters, False), ("b", module._buffers, True)):
+                for key, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    full = _join(name, key)
+                    direct.append(full)
+                    self.is_buffer[full] = is_buffer
+                    tensor_ids[full] = id(tensor)
+                    self.order[full] = len(self.order)
+            children = [_join(name, key) for key, sub in module._modules.items() if sub is not None]
+            self.pieces[name] = direct + children
+        # Placement sizes count a shared tensor once (under its first name); layer sizes count it fully.
+        self.size = compute_module_sizes(model, dtype, special_dtypes)
+        self.buffer_size = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True)
+        first_size: dict[int, int] = {}
+        self.full_size: dict[str, int] = {}
+        self.tensor_id = tensor_ids
+        for tname, tid in tensor_ids.items():  # registration order == the order sizes were counted in
+            first_size.setdefault(tid, self.size.get(tname, 0))
+            self.full_size[tname] = max(first_size[tid], self.size.get(tname, 0))
+        self.tie_group: dict[str, list[str]] = {}
+        self.ties_within: dict[str, list[str]] = defaultdict(list)
+        for group in find_tied_parameters(model):
+            for tname in group:
+                self.tie_group[tname] = group
+                prefix = tname
+                while True:
+                    self.ties_within[prefix].append(tname)
+                    if not prefix:
+                        break
+                    prefix = parent(prefix)
+
+    def splittable(self, name: str) -> bool:
+        module = self.modules.get(name)
+        return (
+            module is not None
+            and any(sub is not None for sub in module._modules.values())
+            and type(module).__name__ not in self.no_split
+        )
+
+    def cost(self, names: Iterable[str], offloaded: bool) -> int:
+        """Bytes these items take on a device; buffers of offloaded items stay on the execution device."""
+        total = 0
+        for name in names:
+            total += self.size.get(name, 0)
+            if offloaded and not self.offload_buffers:
+                total -= self.buffer_size.get(name, 0)
+        return total
+
+    def _moved_bytes(self, tensor: str) -> int:
+        return 0 if self.is_buffer[tensor] and not self.offload_buffers else self.full_size[tensor]
+
+    def _layers(self, name: str) -> Iterator[tuple[str, str]]:
+        """``(layer, tensor)`` pairs under a module item: a layer is what one hook brings to the executor."""
+        if not self.splittable(name):
+            stack = [name]
+            while stack:
+                current = stack.pop()
+                for piece in self.pieces.get(current, ()):
+                    if piece in self.is_buffer:
+                        yield name, piece
+                    else:
+                        stack.append(piece)
+            return
+        for piece in self.pieces[name]:
+            if piece in self.is_buffer:
+                yield name, piece
+            else:
+                yield from self._layers(piece)
+
+    def offload_need(self, placement: Mapping[str, Device], offloaded: set[Device]) -> tuple[int, str]:
+        """Room the execution device needs for offloaded items: the largest layer plus kept buffers."""
+        layers: dict[str, dict[int, int]] = defaultdict(dict)
+        kept_buffers = 0
+        for name, device in placement.items():
+            if device not in offloaded:
+                continue
+            if not self.offload_buffers:
+                kept_buffers += self.buffer_size.get(name, 0)
+            pairs = [(parent(name), name)] if name in self.is_buffer else self._layers(name)
+            for layer, tensor in pairs:
+                layers[layer][self.tensor_id[tensor]] = self._moved_bytes(tensor)
+        if not layers:
+            return 0, ""
+        largest = max(layers, key=lambda n: sum(layers[n].values()))
+        return sum(layers[largest].values()) + kept_buffers, largest
+
+
+class _Queue:
+    """Items still to place, in walk order; splitting replaces an item by its pieces in place."""
+
+    def __init__(self, tree: _Tree, names: list[str]) -> None:
+        self.tree = tree
+        self.names = list(names)
+        self.members = set(names)
+
+    def split(self, name: str) -> None:
+        at = self.names.index(name)
+        pieces = self.tree.pieces[name]
+        self.names[at : at + 1] = pieces
+        self.members.discard(name)
+        self.members.update(pieces)
+
+    def take(self, names: Iterable[str]) -> None:
+        gone = set(names)
+        self.names = [n for n in self.names if n not in gone]
+        self.members -= gone
+
+    def group(self, name: str) -> list[str]:
+        """``name`` plus every queued item holding a parameter tied to one inside the group."""
+        group, seen = [name], {name}
+        for item in group:  # grows while iterating: a transitive closure
+            for tied in self.tree.ties_within.get(item, ()):
+                for partner in self.tree.tie_group[tied]:
+                    holder = owner(partner, self.members)
+                    if holder is not None and holder not in seen:
+                        seen.add(holder)
+                        group.append(holder)
+        return group
+
+
+def _assign(
+    tree: _Tree,
+    devices: list[Device],
+    limits: Mapping[Device, int | None],
+    offloaded: set[Device],
+    *,
+    fallback: bool,
+    log: Callable[..., None],
+) -> dict[str, Device]:
+    """One greedy pass: place, split or move on, item by item."""
+    queue = _Queue(tree, tree.pieces[""] if tree.splittable("") else [""])
+    placement: dict[str, Device] = {}
+    used = dict.fromkeys(devices, 0)
+    index = 0
+
+    def put(group: list[str], device: Device, cost: int) -> None:
+        for item in group:
+            placement[item] = device
+        queue.take(group)
+        used[device] += cost
+        log("Placing %s (%s) on %r.", summarize(group), format_size(cost), device)
+
+    while queue.names:
+        device, name = devices[index], queue.names[0]
+        room = limits[device]
+        group = queue.group(name)
+        cost = tree.cost(group, device in offloaded)
+        if room is None or used[device] + cost <= room:
+            put(group, device, cost)
+            continue
+        log("%s needs %s but %r has %s left.", summarize(group), format_size(cost), device,
+            format_size(room - used[device]))
+        splittable = [item for item in group if tree.splittable(item)]
+        if splittable:
+            target = name if name in splittable else max(splittable, key=lambda n: tree.size.get(n, 0))
+            log("Splitting %s.", target or "the model")
+            queue.split(target)
+            continue
+        if fallback and used[device] == 0:
+            found = _search(queue, queue.names, set(group), room, device in offloaded)
+            if found is not None:
+                log("Fallback: %r had nothing that fits in order; taking a later item.", device)
+                put(found, device, tree.cost(found, device in offloaded))
+                continue
+        log("Nothing more goes on %r (%s used of %s).", device, format_size(used[device]), format_size(room))
+        index += 1
+    return placement
+
+
+def _search(queue: _Queue, names: list[str], exclude: set[str], room: int, offloaded: bool) -> list[str] | None:
+    """First item (splitting where needed, depth first) whose group fits in ``room``; fallback allocation."""
+    for name in list(names):
+        group = queue.group(name)
+        if exclude.intersection(group):
+            continue
+        if queue.tree.cost(group, offloaded) <= room:
+            return group
+        if queue.tree.splittable(name):
+            saved = (list(queue.names), set(queue.members))
+            queue.split(name)
+            found = _search(queue, queue.tree.pieces[name], exclude, room, offloaded)
+            if found is not None:
+                return found
+            queue.names, queue.members = saved
+    return None
+
+
+def _clean(placement: Mapping[str, Device], tree: _Tree) -> dict[str, Device]:
+    """Merge items: each key becomes the highest module whose whole subtree sits on one device."""
+    under: dict[str, set[Device]] = defaultdict(set)
+    for name, device in placement.items():
+        prefix = name
+        while True:
+            under[prefix].add(device)
+            if not prefix:
+                break
+            prefix = parent(prefix)
+    merged: dict[str, Device] = {}
+    for name, device in placement.items():
+        top = name
+        while top and len(under[parent(top)]) == 1:
+            top = parent(top)
+        merged[top] = device
+    return dict(sorted(merged.items(), key=lambda kv: tree.order.get(kv[0], -1)))
+
+
+def infer_auto_device_map(
+    model: nn.Module,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    verbose: bool = False,
+    clean_result: bool = True,
+    offload_buffers: bool = False,
+    fallback_allocation: bool = False,
+) -> dict[str, Device]:
+    """Map module (or tensor) names to devices so that every budget in ``max_memory`` holds.
+
+    Modules are walked in registration order; one that does not fit where room is left is split into its
+    direct tensors and children (unless its class is in ``no_split_module_classes``), otherwise planning
+    moves to the next device. Tied parameters always land together. When anything is offloaded (to
+    ``"cpu"`` while an accelerator exists, or to ``"disk"``), the execution device (the first accelerator,
+    else the CPU) keeps room for the largest offloaded layer plus, unless ``offload_buffers``, the
+    buffers of offloaded modules. ``"disk"`` is always the unlimited last resort (a ``"disk"`` budget is
+    ignored). ``fallback_allocation`` lets a device that would stay empty take a later item that fits.
+    ``verbose`` logs each decision at INFO level on the ``hf_bigmodel.planning`` logger.
+
+    Example::
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        infer_auto_device_map(model, {0: "10GiB", "cpu": "30GiB"}, no_split_module_classes=["LlamaDecoderLayer"])
+        # {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.layers.31": "cpu", "lm_head": "cpu"}
+    """
+    budgets = get_max_memory(max_memory, check_devices=False)
+    tree = _Tree(model, _class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers)
+    devices = [d for d in budgets if d != "disk"] + ["disk"]
+    accelerators = [d for d in devices if not is_offload_target(d)]
+    executor: Device = accelerators[0] if accelerators else "cpu"
+    offloaded: set[Device] = {"disk", "cpu"} if accelerators else {"disk"}
+    log = logger.info if verbose else logger.debug
+
+    def plan(reserve: int) -> dict[str, Device]:
+        limits = {
+            d: None if d == "disk" else max(budgets[d] - (reserve if d == executor else 0), 0) for d in devices
+        }
+        return _assign(tree, devices, limits, offloaded, fallback=fallback_allocation, log=log)
+
+    reserve = 0
+    for _ in range(_MAX_ROUNDS):
+        placement = plan(reserve)
+        need, layer = tree.offload_need(placement, offloaded)
+        if need <= reserve:
+            break
+        log("Offloading happened: re-planning with %s kept free on %r for %s.", format_size(need), executor,
+            layer or "the model")
+        reserve = need
+    else:
+        reserve, _ = tree.offload_need({"": "disk"}, {"disk"})
+        placement = plan(reserve)
+    need, layer = tree.offload_need(placement, offloaded)
+    if executor in budgets and need > budgets[executor]:  # only when even an empty executor is too small
+        warnings.warn(
+            f"Offloaded weights run on {executor!r}, which needs {format_size(need)} free for the largest "
+            f"offloaded layer ({layer or 'the model'}) and kept buffers, but its budget is only "
+            f"{format_size(budgets[executor])}. Running will likely exceed it: raise max_memory[{executor!r}], "
+            "pass offload_buffers=True, or use a smaller dtype.",
+            stacklevel=2,
+        )
+    if clean_result:
+        return _clean(placement, tree)
+    return dict(sorted(placement.items(), key=lambda kv: tree.order.get(kv[0], -1)))
+
+
+def get_max_layer_size(
+    modules: Sequence[tuple[str, nn.Module]],
+    module_sizes: Mapping[str, int],
+    no_split_module_classes: Iterable[str] | str | None,
+) -> tuple[int, list[str]]:
+    """Largest leaf module or no-split block among ``modules`` (searched recursively), with its name(s).
+
+    >>> get_max_layer_size([("", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))],
+    ...                    {"": 136, "0": 80, "1": 40}, [])
+    (80, ['0'])
+    """
+    no_split = _class_names(no_split_module_classes)
+    best, names = 0, []
+    stack = list(reversed(modules))
+    while stack:
+        name, module = stack.pop()
+        children = [(k, m) for k, m in module._modules.items() if m is not None]
+        if not children or type(module).__name__ in no_split:
+            size = module_sizes.get(name, 0)
+            if size > best:
+                best, names = size, [name]
+            elif size == best:
+                names.append(name)
+        else:
+            stack.extend((_join(name, k), m) for k, m in reversed(children))
+    return best, names
+
+
+def get_balanced_memory(
+    model: nn.Module,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    low_zero: bool = False,
+) -> dict[Device, int]:
+    """Lower accelerator budgets so a sequential plan spreads the model evenly over them.
+
+    Every accelerator but the last gets at most ``ceil(model / n) + largest layer`` (the layer term lets
+    each device fill to its share despite indivisible blocks); the last keeps its full budget as slack.
+    ``low_zero`` leaves the first accelerator only what the others cannot hold (room for generation
+    outputs). With fewer than two accelerators the budgets come back unchanged.
+
+    Example::
+
+        get_balanced_memory(model, {0: "20GiB", 1: "20GiB", "cpu": "64GiB"})
+        # {0: 7516192768, 1: 21474836480, 'cpu': 68719476736} for a 13 GiB model with 0.5 GiB blocks
+    """
+    budgets = get_max_memory(max_memory, check_devices=False)
+    accelerators = [d for d, size in budgets.items() if not is_offload_target(d) and size > 0]
+    if len(accelerators) < 2:
+        return budgets
+    sizes = compute_module_sizes(model, dtype, special_dtypes)
+    total = sizes.get("", 0)
+    largest, _ = get_max_layer_size([("", model)], sizes, no_split_module_classes)
+    shares = len(accelerators) - 1 if low_zero else len(accelerators)
+    target = -(-total // shares) + largest
+    balanced = dict(budgets)
+    for device in accelerators[:-1]:
+        balanced[device] = min(budgets[device], target)
+    if low_zero:
+        first = accelerators[0]
+        elsewhere = sum(balanced[d] for d in accelerators[1:])
+        balanced[first] = min(budgets[first], max(total - elsewhere, 0))
+    logger.debug("Balanced budgets for %s: %s", type(model).__name__,
+                 {d: format_size(v) for d, v in balanced.items()})
+    return balanced
+
+
+def resolve_device_map(
+    model: nn.Module,
+    device_map: str | int | torch.device | Mapping[str, int | str | torch.device],
+    *,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    offload_buffers: bool = False,
+    check_devices: bool = True,
+) -> dict[str, Device]:
+    """Turn any accepted ``device_map`` into a validated ``{name: device}`` dict.
+
+    ``"auto"`` (same as ``"balanced"``), ``"balanced_low_0"`` and ``"sequential"`` plan with
+    :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`); a single device
+    (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
+    with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
+
+    >>> resolve_device_map(nn.Linear(2, 2), "cuda:1")
+    {'': 1}
+    """
+    if isinstance(device_map, Mapping):
+        return check_device_map(model, device_map)
+    if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
+        strategy = device_map.strip().lower()
+        budgets: Mapping[Device, int] = get_max_memory(max_memory, check_devices=check_devices)
+        if strategy != "sequential":
+            budgets = get_balanced_memory(
+                model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0"
+            )
+        return infer_auto_device_map(
+            model, budgets, no_split_module_classes, dtype, special_dtypes, offload_buffers=offload_buffers
+        )
+    if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
+        try:
+            return {"": normalize_device(device_map, what="device_map")}
+        except DeviceMapError:
+            if not isinstance(device_map, str):
+                raise
+    raise DeviceMapError(
+        f"Unknown device_map {device_map!r}. Use one of {', '.join(map(repr, STRATEGIES))}, a single device "
+        "(0, 'cuda:1', 'mps', 'cpu', 'disk'), or a dict mapping module names to devices."
+    )
+
+
+def check_device_map(model: nn.Module, device_map: Mapping[str, int | str | torch.device]) -> dict[str, Device]:
+    """Validate a user device map against ``model`` and return it with normalised values.
+
+    Every key must name a module, parameter or buffer; every parameter and persistent buffer must be
+    covered by a key (the most specific one wins); every value must be a device. All problems are
+    reported in one :class:`DeviceMapError`.
+
+    >>> check_device_map(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), {"0": "cuda:0", "1": "cpu"})
+    {'0': 0, '1': 'cpu'}
+    """
+    if not isinstance(device_map, Mapping):
+        raise DeviceMapError(f"device_map must be a dict of module name -> device, got {type(device_map).__name__}.")
+    names: set[str] = set()
+    required: list[str] = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        names.add(prefix)
+        for key, tensor in module._parameters.items():
+            if tensor is not None:
+                names.add(_join(prefix, key))
+                required.append(_join(prefix, key))
+        for key, tensor in module._buffers.items():
+            if tensor is not None:
+                names.add(_join(prefix, key))
+                if key not in module._non_persistent_buffers_set:
+                    required.append(_join(prefix, key))
+    problems: list[str] = []
+    culprits: list[str] = []
+    unknown: list[str] = []
+    normalized: dict[str, Device] = {}
+    for key, value in device_map.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is a {type(key).__name__}; keys are module names such as 'model.layers.0'.")
+            culprits.append(str(key))
+            continue
+        if key not in names:
+            unknown.append(key)
+        try:
+            normalized[key] = normalize_device(value, what=f"device for {key!r}")
+        except DeviceMapError as err:
+            problems.append(str(err))
+            culprits.append(key)
+    if unknown:
+        shown = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1) if len(shown) < 10 else []
+            shown.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        problems.append(
+            f"{len(unknown)} key(s) name no module, parameter or buffer of {type(model).__name__}: "
+            f"{summarize(shown)}. Keys are names from model.named_modules() or model.named_parameters()."
+        )
+        culprits.extend(unknown)
+    covered = {k for k in device_map if isinstance(k, str)}
+    uncovered = [t for t in required if owner(t, covered) is None]
+    if uncovered:
+        homes = list(dict.fromkeys(parent(t) or "''" for t in uncovered))
+        problems.append(
+            f"{len(uncovered)} tensor(s) have no device: {summarize(uncovered)}. Add their module(s) "
+            f"({summarize(homes)}) to the device map, or a '' entry as the default for everything else."
+        )
+        culprits.extend(uncovered)
+    if problems:
+        raise DeviceMapError("Invalid device_map:\n  - " + "\n  - ".join(problems), modules=culprits)
+    return normalized
