@@ -1,0 +1,143 @@
+"""Summaries, tables and the memory-formula check for the benchmark results (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+from loaders import ANCHORS
+
+from hf_bigmodel.sizes import format_size
+
+#: (result key, column title, is a byte count). Lower is better in every column.
+COLUMNS: list[tuple[str, str, bool]] = [
+    ("load_s", "load s", False),
+    ("forward_s", "first forward (32 tok) s", False),
+    ("generate_s", "8 greedy tokens s", False),
+    ("peak_rss", "peak RSS", True),
+    ("cgroup_peak", "cgroup peak (RSS + cache)", True),
+]
+_RATIO_KEYS = ("load_s", "forward_s", "generate_s", "peak_rss")
+_ERROR_WIDTH = 90  # the table shows this much of an error; results.json keeps all of it
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each measured column over the runs that reached it, and a status line.
+
+    ``logits_max_diff`` takes the worst run; ``status`` is ``OK`` only when every run was OK, otherwise
+    e.g. ``"KILLED 1/2, OK 1/2"``, followed by the first error's last line.
+    """
+    summary: dict[str, Any] = {"runs": len(runs)}
+    ok = [r for r in runs if r["status"] == "OK"]
+    # Figures come from the OK runs; with none, from runs cut short (the phases they finished), never
+    # from runs that failed (their peak RSS is that of a process that did nothing).
+    measured = ok or [r for r in runs if r["status"] in ("KILLED", "TIMEOUT")]
+    for key, _, _ in COLUMNS:
+        values = [r[key] for r in measured if isinstance(r.get(key), (int, float))]
+        summary[key] = statistics.median(values) if values else None
+    diffs = [r["logits_max_diff"] for r in ok if isinstance(r.get("logits_max_diff"), (int, float))]
+    summary["logits_max_diff"] = max(diffs) if diffs else None
+    matches = [r["tokens_match"] for r in ok if "tokens_match" in r]
+    summary["tokens_match"] = all(matches) if matches else None
+    counts = Counter(r["status"] for r in runs)
+    if set(counts) == {"OK"}:
+        summary["status"] = "OK"
+    else:
+        parts = [f"{s} {n}/{len(runs)}" for s, n in counts.most_common()]
+        first_bad = next(r for r in runs if r["status"] != "OK")
+        detail = first_bad.get("error") or ""
+        if len(detail) > _ERROR_WIDTH:
+            detail = detail[: _ERROR_WIDTH - 3] + "..."
+        if first_bad.get("phase") and first_bad["status"] in ("KILLED", "TIMEOUT"):
+            detail = f"during {first_bad['phase']}" + (f"; {detail}" if detail else "")
+        summary["status"] = ", ".join(parts) + (f" ({detail})" if detail else "")
+    summary["largest_disk_block"] = next(
+        (r["largest_block_per_device"]["disk"] for r in ok if "disk" in (r.get("largest_block_per_device") or {})),
+        None,
+    )
+    return summary
+
+
+def best_anchor(summaries: dict[str, dict[str, Any]], key: str) -> tuple[str, float] | None:
+    """The anchor (transformers or accelerate) with the lowest value in column ``key``."""
+    candidates = [(summaries[a][key], a) for a in ANCHORS if a in summaries and summaries[a].get(key)]
+    if not candidates:
+        return None
+    value, name = min(candidates)
+    return name, value
+
+
+def ratios(summaries: dict[str, dict[str, Any]], loader: str) -> dict[str, float]:
+    """``loader``'s figures divided by the best anchor's, column by column (< 1 means hf_bigmodel wins)."""
+    out: dict[str, float] = {}
+    for key in _RATIO_KEYS:
+        best = best_anchor(summaries, key)
+        value = summaries[loader].get(key)
+        if best and value:
+            out[key] = value / best[1]
+    return out
+
+
+def _cell(value: Any, is_bytes: bool) -> str:
+    if value is None:
+        return "-"
+    return format_size(value) if is_bytes else f"{value:.2f}"
+
+
+def table(summaries: dict[str, dict[str, Any]], *, markdown: bool) -> str:
+    """One row per loader; hf_bigmodel cells carry ``(0.64x)``, their ratio to the best anchor.
+
+    Columns no loader has a figure for (the cgroup peak of uncapped runs) are left out.
+    """
+    columns = [c for c in COLUMNS if any(s.get(c[0]) is not None for s in summaries.values())]
+    header = ["loader"] + [title for _, title, _ in columns] + ["logits max diff", "tokens match", "status"]
+    rows = []
+    for loader, summary in summaries.items():
+        rel = ratios(summaries, loader) if loader not in ANCHORS else {}
+        cells = [loader]
+        for key, _, is_bytes in columns:
+            cell = _cell(summary.get(key), is_bytes)
+            if key in rel:
+                cell += f" ({rel[key]:.2f}x)"
+            cells.append(cell)
+        diff = summary.get("logits_max_diff")
+        cells.append("-" if diff is None else f"{diff:.3g}")
+        match = summary.get("tokens_match")
+        cells.append("-" if match is None else ("yes" if match else "NO"))
+        cells.append(summary["status"])
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def memory_formula(
+    summary: dict[str, Any], *, cpu_budget: int, prefetch_depth: int, baseline: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Check ``peak RSS <= cpu budget + (prefetch depth + 1) x largest offloaded block + baseline``.
+
+    The block is the largest disk-mapped module the loader reported, else one decoder layer; the
+    baseline is the RSS of a process that imported torch + transformers and built the empty model.
+    """
+    peak = summary.get("peak_rss")
+    if peak is None or not baseline.get("baseline_rss"):
+        return None
+    block_info = summary.get("largest_disk_block")
+    block = block_info["bytes"] if block_info else baseline["decoder_layer_bytes"]
+    block_name = block_info["module"] if block_info else "one decoder layer"
+    bound = cpu_budget + (prefetch_depth + 1) * block + baseline["baseline_rss"]
+    return {
+        "peak_rss": peak,
+        "bound": bound,
+        "holds": peak <= bound,
+        "text": (
+            f"peak RSS {format_size(peak)} {'<=' if peak <= bound else '>'} {format_size(bound)} = "
+            f"{format_size(cpu_budget)} budget + ({prefetch_depth}+1) x {format_size(block)} ({block_name}) "
+            f"+ {format_size(baseline['baseline_rss'])} baseline: {'HOLDS' if peak <= bound else 'EXCEEDED'}"
+        ),
+    }

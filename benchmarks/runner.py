@@ -1,0 +1,211 @@
+"""One measurement in a fresh process: load a checkpoint with one loader, forward, generate, report.
+
+The harness (``run.py``) starts this script once per loader, scenario and repeat, so no run inherits
+another's page cache state, allocator state or imported modules. Results go to ``--result`` as JSON,
+rewritten after every phase: a run killed half-way still tells how far it got.
+
+Example::
+
+    python benchmarks/runner.py --loader accelerate --checkpoint benchmarks/_work/llama-18L-2048h-seed20240601 \\
+        --result /tmp/r.json --max-memory-cpu 600MiB --offload-folder /tmp/offload
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import system
+
+PROMPT_TOKENS = 32
+NEW_TOKENS = 8
+PROMPT_SEED = 1234
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's resident memory every ``interval`` seconds and keeps the peaks."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_anon = 0
+        self.peak_file = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            status = system.proc_status()
+            self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
+            self.peak_file = max(self.peak_file, status.get("RssFile", 0))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+class Result:
+    """The JSON record of one run, flushed to disk after each phase."""
+
+    def __init__(self, path: Path, **fields: Any) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"status": "RUNNING", "phase": "start", **fields}
+        self.flush()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def prompt_ids(vocab_size: int) -> Any:
+    """The fixed 32-token prompt every loader sees."""
+    import torch
+
+    generator = torch.Generator().manual_seed(PROMPT_SEED)
+    return torch.randint(3, vocab_size, (1, PROMPT_TOKENS), generator=generator)
+
+
+def placement_summary(model: Any) -> dict[str, Any]:
+    """Bytes (bf16) of the modules the loader put on each device, from ``model.hf_device_map``."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return {"device_map": None}
+    per_device: dict[str, int] = {}
+    largest: dict[str, tuple[str, int]] = {}
+    for name, device in device_map.items():
+        module = model.get_submodule(name) if name else model
+        size = sum(p.numel() * (2 if p.is_floating_point() else p.element_size()) for p in module.parameters())
+        key = str(device)
+        per_device[key] = per_device.get(key, 0) + size
+        if size > largest.get(key, ("", -1))[1]:
+            largest[key] = (name, size)
+    return {
+        "device_map_entries": len(device_map),
+        "bytes_per_device": per_device,
+        "largest_block_per_device": {k: {"module": n, "bytes": b} for k, (n, b) in largest.items()},
+    }
+
+
+def measure(args: argparse.Namespace, result: Result) -> None:
+    started = time.perf_counter()
+    import torch
+    import transformers  # noqa: F401  (import cost is the same for every loader; keep it out of load time)
+    from loaders import LOADERS
+
+    result.update(import_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    input_ids = prompt_ids(config["vocab_size"])
+    max_memory = {"cpu": args.max_memory_cpu} if args.max_memory_cpu else None
+
+    result.update(phase="load")
+    t0 = time.perf_counter()
+    model = LOADERS[args.loader](args.checkpoint, max_memory=max_memory, offload_folder=args.offload_folder)
+    model.eval()
+    result.update(load_s=time.perf_counter() - t0, rss_after_load=system.proc_status()["VmRSS"])
+    result.update(**placement_summary(model))
+
+    result.update(phase="forward")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = model(input_ids).logits
+        result.update(forward_s=time.perf_counter() - t0)
+        logits = logits.float().cpu()
+
+        result.update(phase="generate")
+        t0 = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            use_cache=True,
+            pad_token_id=config.get("eos_token_id", 0),
+        )
+        result.update(generate_s=time.perf_counter() - t0)
+    generated = out[0, PROMPT_TOKENS:].tolist()
+    result.update(generated=generated, phase="compare")
+
+    if args.save_reference:
+        torch.save({"input_ids": input_ids, "logits": logits, "generated": generated}, args.save_reference)
+    if args.reference and args.reference.is_file():
+        reference = torch.load(args.reference, weights_only=True)
+        if not torch.equal(reference["input_ids"], input_ids):
+            raise RuntimeError(f"reference {args.reference} was made for another prompt; delete it and rerun")
+        result.update(
+            logits_max_diff=float((logits - reference["logits"]).abs().max()),
+            tokens_match=generated == reference["generated"],
+        )
+    result.update(phase="done")
+
+
+def measure_baseline(result: Result, checkpoint: Path) -> None:
+    """RSS of a process that imported torch + transformers and built the empty (meta) model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layer = model.model.layers[0]
+    status = system.proc_status()
+    result.update(
+        baseline_rss=status["VmRSS"],
+        baseline_hwm=status["VmHWM"],
+        decoder_layer_bytes=sum(p.numel() * 2 for p in layer.parameters()),
+        lm_head_bytes=sum(p.numel() * 2 for p in model.lm_head.parameters()),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loader", required=True, help="a name from loaders.LOADERS, or 'baseline'")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--result", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--max-memory-cpu", default=None, help="CPU budget, e.g. 600MiB (the rest goes to disk)")
+    parser.add_argument("--offload-folder", type=Path, default=None)
+    parser.add_argument("--reference", type=Path, default=None, help="reference logits to compare with")
+    parser.add_argument("--save-reference", type=Path, default=None, help="save this run's logits there")
+    args = parser.parse_args()
+
+    result = Result(args.result, loader=args.loader, pid=os.getpid())
+    sampler = RssSampler()
+    sampler.start()
+    try:
+        if args.loader == "baseline":
+            measure_baseline(result, args.checkpoint)
+        else:
+            measure(args, result)
+        status, error = "OK", None
+    except BaseException as exc:  # noqa: BLE001  (any failure of the loader is a result, not a crash)
+        status = "FAILED"
+        error = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        result.update(traceback=traceback.format_exc())
+    sampler.stop()
+    final = system.proc_status()
+    result.update(
+        status=status,
+        error=error,
+        peak_rss=final["VmHWM"],
+        peak_rss_anon=sampler.peak_anon,
+        peak_rss_file=sampler.peak_file,
+        total_s=time.perf_counter() - START,
+    )
+    raise SystemExit(0 if status == "OK" else 1)
+
+
+START = time.perf_counter()
+
+if __name__ == "__main__":
+    main()
