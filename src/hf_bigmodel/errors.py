@@ -12,16 +12,22 @@ from typing import Any
 
 __all__ = [
     "BigModelError",
-    "InvalidMaxMemoryError",
-    "DeviceMapError",
     "CheckpointError",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "DeviceMapError",
+    "GatedModelError",
+    "HubError",
     "InvalidIndexError",
-    "UnsafeCheckpointError",
-    "CheckpointMismatchError",
-    "OffloadError",
+    "InvalidMaxMemoryError",
     "ModelClassNotFoundError",
+    "ModelFileNotFoundError",
+    "ModelNotFoundError",
+    "OfflineCacheMissError",
+    "OffloadError",
+    "RevisionNotFoundError",
+    "UnsafeCheckpointError",
     "summarize",
 ]
 
@@ -127,3 +133,50 @@ class OffloadError(BigModelError, OSError):
 
 class ModelClassNotFoundError(BigModelError, ValueError):
     """A config names a model class that no installed library provides."""
+
+
+class HubError(BigModelError, OSError):
+    r"""Base class of the problems met while finding a model's files (on the Hub or in a local folder).
+
+    Like transformers' ``from_pretrained`` errors these are ``OSError``\s; each carries ``repo_id``
+    (the name or path asked for), ``revision`` and ``filename`` (``None`` where not relevant).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        filename: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError would otherwise format errno/strerror/filename
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(HubError, FileNotFoundError):
+    """The name is neither an existing local folder nor a repository the Hub knows (or lets you see)."""
+
+
+class RevisionNotFoundError(HubError, FileNotFoundError):
+    """The repository exists but the branch, tag or commit asked for does not."""
+
+
+class ModelFileNotFoundError(HubError, FileNotFoundError):
+    """A file the model needs (config, weights, index, a shard) is missing from the repo or folder."""
+
+
+class GatedModelError(HubError, PermissionError):
+    """The repo is gated: accept its terms on the Hub and authenticate (``token=`` or ``hf auth login``)."""
+
+
+class OfflineCacheMissError(HubError, FileNotFoundError):
+    """The Hub cannot or may not be reached (offline mode, ``local_files_only``) and the cache lacks a file.
+
+    (Offline by choice, or because the network failed: the message says which.)
+    """

@@ -1,0 +1,563 @@
+"""Which files a model needs, fetched through huggingface_hub into the standard cache.
+
+A model is a local folder or a Hub repo id. For a repo the config is downloaded first (which pins
+the revision to one commit), the repo is listed once, the first weights name present is picked
+(safetensors before torch, an index before a single file), and exactly the index and the shards it
+names are downloaded with ``hf_hub_download``: the cache is the one transformers and diffusers use,
+so nothing is fetched twice, and other frameworks' weights or unrelated files are never touched.
+Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) everything comes from the cache
+without a single request.
+
+    files = resolve_model_files("org/tiny-llama", revision="main")
+    files.weight_files  # (…/snapshots/<sha>/model-00001-of-00002.safetensors, …)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from .errors import (
+    CorruptCheckpointError,
+    GatedModelError,
+    HubError,
+    InvalidIndexError,
+    ModelFileNotFoundError,
+    ModelNotFoundError,
+    OfflineCacheMissError,
+    RevisionNotFoundError,
+    summarize,
+)
+from .sizes import format_size
+
+__all__ = [
+    "DEFAULT_WEIGHT_NAMES",
+    "DIFFUSERS_WEIGHT_NAMES",
+    "TRANSFORMERS_WEIGHT_NAMES",
+    "ModelFiles",
+    "check_weight_file_sizes",
+    "resolve_config",
+    "resolve_model_files",
+    "verify_cached_file",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMERS_WEIGHT_NAMES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.bin",
+)
+#: Safetensors (either library's names) before torch pickles; an index before a single file.
+DEFAULT_WEIGHT_NAMES = (*TRANSFORMERS_WEIGHT_NAMES[:2], *DIFFUSERS_WEIGHT_NAMES[:2],
+                        *TRANSFORMERS_WEIGHT_NAMES[2:], *DIFFUSERS_WEIGHT_NAMES[2:])
+_INDEX = ".index.json"
+_GO_ONLINE = "Load the model once online (unset HF_HUB_OFFLINE, local_files_only=False) or pass a folder"
+_HASH_RE = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The local files of one model: its config and weights, and where they came from.
+
+    ``folder`` holds them (for a repo: the cache snapshot ``…/snapshots/<commit>[/<subfolder>]``);
+    ``checkpoint`` is the single weights file or the ``*.index.json``; ``weight_files`` the files
+    holding tensors; ``expected_sizes`` maps a weight file to its size on the Hub, when known.
+    """
+
+    folder: Path
+    config_file: Path
+    checkpoint: Path
+    weight_files: tuple[Path, ...]
+    format: Literal["safetensors", "torch"]
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_hash: str | None = None
+    subfolder: str | None = None
+    expected_sizes: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.checkpoint.name.endswith(_INDEX)
+
+
+@dataclass(frozen=True)
+class _Repo:
+    repo_id: str
+    subfolder: str | None
+    revision: str | None
+    cache_dir: str | os.PathLike[str] | None
+    token: str | bool | None
+
+    def path(self, name: str) -> str:
+        return f"{self.subfolder}/{name}" if self.subfolder else name
+
+    @property
+    def rev(self) -> str:
+        return self.revision or "main"
+
+    @property
+    def ids(self) -> dict[str, str | None]:
+        return {"repo_id": self.repo_id, "revision": self.rev}
+
+    def __str__(self) -> str:
+        where = f" (subfolder {self.subfolder!r})" if self.subfolder else ""
+        return f"model {self.repo_id!r}{where} at revision {self.rev!r}"
+
+
+def resolve_config(
+    name_or_path: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    config_name: str = "config.json",
+) -> Path:
+    """The local path of a model's config alone (no weights), e.g. to plan a device map first.
+
+    >>> resolve_config("org/tiny-llama")  # doctest: +SKIP
+    PosixPath('…/models--org--tiny-llama/snapshots/<sha>/config.json')
+    """
+    folder = _local_folder(name_or_path, subfolder)
+    if folder is not None:
+        if not (folder / config_name).is_file():
+            raise _missing_local(folder, config_name, name_or_path)
+        return folder / config_name
+    repo = _Repo(os.fspath(name_or_path), subfolder or None, revision, cache_dir, token)
+    why = _offline_reason(local_files_only)
+    return Path(_cached_or_raise(repo, config_name, why) if why else _fetch(repo, config_name, revision))
+
+
+def resolve_model_files(
+    name_or_path: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    weight_names: Sequence[str] | None = None,
+    config_name: str = "config.json",
+) -> ModelFiles:
+    """Find, downloading what is missing, the config and exactly the weight files a model needs.
+
+    ``weight_names`` replaces :data:`DEFAULT_WEIGHT_NAMES` (the first one present wins). Raises
+    ``ModelNotFoundError``, ``RevisionNotFoundError``, ``ModelFileNotFoundError``,
+    ``GatedModelError``, ``OfflineCacheMissError`` (from :mod:`hf_bigmodel.errors`, all ``OSError``)
+    or ``InvalidIndexError``, each naming the repo, revision and file.
+
+    >>> files = resolve_model_files("org/tiny-llama", revision="main")  # doctest: +SKIP
+    >>> files.format, [p.name for p in files.weight_files]  # doctest: +SKIP
+    ('safetensors', ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'])
+    """
+    names = tuple(weight_names) if weight_names else DEFAULT_WEIGHT_NAMES
+    folder = _local_folder(name_or_path, subfolder)
+    if folder is not None:
+        return _resolve_local(folder, names, config_name, os.fspath(name_or_path), subfolder)
+    repo = _Repo(os.fspath(name_or_path), subfolder or None, revision, cache_dir, token)
+    why = _offline_reason(local_files_only)
+    if why:
+        return _resolve_cached(repo, names, config_name, why)
+    return _resolve_online(repo, names, config_name)
+
+
+def _cap(what: object) -> str:
+    text = str(what)
+    return text[:1].upper() + text[1:]
+
+
+def _collect(
+    names: Sequence[str],
+    *,
+    has: Callable[[str], bool],
+    get: Callable[[str], Path],
+    where: str,
+    found: Callable[[], Iterable[str]],
+    error: type[HubError],
+    ids: dict[str, str | None],
+    hint: str,
+) -> tuple[str, Path, tuple[Path, ...]]:
+    """Pick the first of ``names`` that ``has``; return ``(name, checkpoint, weight files)``.
+
+    An index is read and every shard it names must be there too; ``get`` returns (downloads) a file.
+    """
+    chosen = next((n for n in names if has(n)), None)
+    if chosen is None:
+        raise error(
+            f"{_cap(where)} holds no PyTorch weights: looked for {summarize(names)}; found "
+            f"{summarize(found()) or 'nothing'}. {hint}pass weight_names=[...] if they are named otherwise.",
+            filename=names[0], **ids,
+        )
+    checkpoint = get(chosen)
+    if not chosen.endswith(_INDEX):
+        return chosen, checkpoint, (checkpoint,)
+    shards = _index_shards(checkpoint, chosen)
+    missing = [s for s in shards if not has(s)]
+    if missing:
+        raise error(
+            f"Index {chosen!r} of {where} names {len(shards)} shard(s) and {len(missing)} are missing: "
+            f"{summarize(missing)}. {hint}pin a revision whose shards are complete.",
+            filename=missing[0], **ids,
+        )
+    return chosen, checkpoint, tuple(get(s) for s in shards)
+
+
+# -- local folders ---------------------------------------------------------------------------------
+def _local_folder(name_or_path: str | os.PathLike[str], subfolder: str | None) -> Path | None:
+    """The folder of a local model, ``None`` for a repo id; raise when it is neither."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if subfolder and not (path / subfolder).is_dir():
+            raise ModelFileNotFoundError(
+                f"Local model folder {str(path)!r} has no subfolder {subfolder!r} "
+                f"(it holds: {summarize(sorted(os.listdir(path))) or 'nothing'}).",
+                repo_id=text, filename=subfolder,
+            )
+        return path / subfolder if subfolder else path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{text!r} is a file; pass the folder holding the model's config and weights "
+            f"({str(path.parent)!r}) or a Hub repo id.", repo_id=text,
+        )
+    looks_local = not isinstance(name_or_path, str) or text.startswith((".", "/", "~", "\\")) or (
+        text.count("/") > 1 or "\\" in text or (os.name == "nt" and ":" in text)
+    )
+    if not looks_local:
+        try:
+            validate_repo_id(text)
+            return None
+        except HFValidationError:
+            pass
+    raise ModelNotFoundError(
+        f"Model {text!r} was not found: there is no local folder {str(path.absolute())!r}"
+        f"{'' if looks_local else ', and it is not a valid Hub repo id'}. "
+        "Pass an existing folder, or a repo id such as 'org/model'.",
+        repo_id=text,
+    )
+
+
+def _missing_local(folder: Path, name: str, asked: str | os.PathLike[str]) -> ModelFileNotFoundError:
+    found = summarize(sorted(p.name for p in folder.iterdir())) or "nothing"
+    return ModelFileNotFoundError(
+        f"{name!r} is missing from local model folder {str(folder)!r} (it holds: {found}).",
+        repo_id=os.fspath(asked), filename=name,
+    )
+
+
+def _resolve_local(
+    folder: Path, names: tuple[str, ...], config_name: str, asked: str, subfolder: str | None
+) -> ModelFiles:
+    if not (folder / config_name).is_file():
+        raise _missing_local(folder, config_name, asked)
+    chosen, checkpoint, weights = _collect(
+        names, has=lambda n: (folder / n).is_file(), get=lambda n: folder / n,
+        where=f"local model folder {str(folder)!r}", found=lambda: sorted(p.name for p in folder.iterdir()),
+        error=ModelFileNotFoundError, ids={"repo_id": asked}, hint="Copy them there, or ",
+    )
+    config = folder / config_name
+    return ModelFiles(folder, config, checkpoint, weights, _format(chosen), subfolder=subfolder or None)
+
+
+# -- the Hub, online -------------------------------------------------------------------------------
+def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> ModelFiles:
+    config = Path(_fetch(repo, config_name, repo.revision))
+    snapshot, commit = _snapshot_of(config, repo.path(config_name))
+    try:
+        listing = _list_files(repo, commit)
+    except Exception as err:  # noqa: BLE001 - any HTTP client's transport errors; the rest is re-raised
+        if not _is_connection_error(err):
+            raise _translate(err, repo, None) or err
+        logger.warning("Could not list the files of %s (%s); resolving from the cache instead.", repo, err)
+        return _resolve_cached(repo, names, config_name, "the Hub could not be reached")
+    prefix, sizes = repo.path(""), {}
+
+    def get(name: str) -> Path:  # pinned to the config's commit: one consistent snapshot
+        path = Path(_fetch(repo, name, commit))
+        if listing.get(repo.path(name)) is not None:
+            sizes[str(path)] = listing[repo.path(name)]
+        return path
+
+    chosen, checkpoint, weights = _collect(
+        names, has=lambda n: repo.path(n) in listing, get=get, where=str(repo),
+        found=lambda: sorted(n[len(prefix) :] for n in listing if n.startswith(prefix)),
+        error=ModelFileNotFoundError, ids=repo.ids, hint="Ask the repo's owner, or ",
+    )
+    expected = {str(w): sizes[str(w)] for w in weights if str(w) in sizes}
+    logger.info("%s: %s, %d file(s), %s", repo, chosen, len(weights), format_size(sum(expected.values())))
+    folder = snapshot / repo.subfolder if repo.subfolder else snapshot
+    return ModelFiles(
+        folder, config, checkpoint, weights, _format(chosen),
+        repo.repo_id, repo.revision, commit, repo.subfolder, expected,
+    )
+
+
+def _fetch(repo: _Repo, name: str, revision: str | None) -> str:
+    """``hf_hub_download`` one file (with the library's progress bar), translating the Hub's errors."""
+    from huggingface_hub import hf_hub_download
+
+    from . import __version__
+
+    try:
+        return hf_hub_download(
+            repo.repo_id, name, subfolder=repo.subfolder, revision=revision, cache_dir=repo.cache_dir,
+            token=repo.token, library_name="hf_bigmodel", library_version=__version__,
+        )
+    except Exception as err:
+        translated = _translate(err, repo, repo.path(name))
+        if translated is None:
+            raise
+        raise translated from err
+
+
+def _list_files(repo: _Repo, revision: str) -> dict[str, int | None]:
+    """Every file of the repo at ``revision`` with its size (one request)."""
+    from huggingface_hub import HfApi
+
+    # A fresh HfApi reads the endpoint now; huggingface_hub's module-level instance froze it at import.
+    info = HfApi().model_info(repo.repo_id, revision=revision, token=repo.token, files_metadata=True)
+    return {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in info.siblings or []}
+
+
+def _snapshot_of(file: Path, name_in_repo: str) -> tuple[Path, str]:
+    """``(…/snapshots/<commit>, commit)`` for a file that ``hf_hub_download`` returned."""
+    snapshot = file.parents[len(PurePosixPath(name_in_repo).parts) - 1]
+    return snapshot, snapshot.name
+
+
+def _translate(err: Exception, repo: _Repo, filename: str | None) -> HubError | None:
+    """huggingface_hub's exception -> ours, with what was asked and what to do; ``None`` if unknown."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    ids = {**repo.ids, "filename": filename}
+    hub = constants.ENDPOINT
+    if isinstance(err, hf.GatedRepoError):  # before RepositoryNotFoundError, its base class
+        told = "the token given has no access" if isinstance(repo.token, str) else "no token was sent"
+        return GatedModelError(
+            f"{_cap(repo)} is gated and {told}. Accept its terms at {hub}/{repo.repo_id}, then pass "
+            "token='hf_...' (of the account that accepted) or run `hf auth login`.", **ids,
+        )
+    if isinstance(err, hf.RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"Model {repo.repo_id!r} was not found: it is not a local folder and {hub} has no repository of "
+            "that name. Check the spelling; for a private repository pass token= or run `hf auth login`.",
+            **ids,
+        )
+    if isinstance(err, hf.RevisionNotFoundError):
+        return RevisionNotFoundError(
+            f"Revision {repo.rev!r} of model {repo.repo_id!r} does not exist on {hub}. "
+            "Pass an existing branch, tag or commit hash (e.g. revision='main').", **ids,
+        )
+    if isinstance(err, hf.RemoteEntryNotFoundError):
+        found, prefix = "", repo.path("")
+        try:
+            listing = _list_files(repo, repo.rev)
+            found = summarize(sorted(n[len(prefix) :] for n in listing if n.startswith(prefix)))
+        except Exception as listing_error:  # noqa: BLE001 - the listing is only a courtesy in this message
+            logger.debug("Could not list %s: %s", repo, listing_error)
+        held = f" (the repo holds: {found})." if found else "."
+        return ModelFileNotFoundError(f"{filename!r} is missing from {repo}{held}", **ids)
+    if isinstance(err, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        cause = str(err).splitlines()[0] if str(err) else ""
+        return OfflineCacheMissError(
+            f"Could not reach {hub} to fetch {filename!r} of {repo}, and it is not in the cache "
+            f"{_cache_dir(repo)!r}. Check the network or proxy settings, or download the model once while "
+            f"online. ({type(err).__name__}: {cause})", **ids,
+        )
+    return None
+
+
+def _is_connection_error(err: Exception) -> bool:
+    """Network trouble: any HTTP client's transport errors, 5xx answers, offline mode."""
+    from huggingface_hub import errors as hf
+
+    if isinstance(err, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, hf.HfHubHTTPError) and getattr(err.response, "status_code", 0) >= 500:
+        return True
+    return any(c.__name__ in ("TransportError", "TimeoutException") for c in type(err).__mro__)
+
+
+# -- the Hub, from the cache only ------------------------------------------------------------------
+def _offline_reason(local_files_only: bool) -> str:
+    """Why the Hub must not be asked ("" if it may). The env var is read now, not at import."""
+    from huggingface_hub import constants
+
+    if local_files_only:
+        return "local_files_only=True"
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return "offline mode (HF_HUB_OFFLINE=1)" if env or constants.is_offline_mode() else ""
+
+
+def _cache_dir(repo: _Repo) -> str:
+    from huggingface_hub import constants
+
+    return os.fspath(repo.cache_dir) if repo.cache_dir is not None else constants.HF_HUB_CACHE
+
+
+def _cached(repo: _Repo, name: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo.repo_id, repo.path(name), cache_dir=repo.cache_dir, revision=repo.rev)
+    return found if isinstance(found, str) else None
+
+
+def _cached_or_raise(repo: _Repo, name: str, why: str) -> str:
+    found = _cached(repo, name)
+    if found is None:
+        raise OfflineCacheMissError(
+            f"{_cap(repo)}: {repo.path(name)!r} is not in the cache {_cache_dir(repo)!r}, and {why} forbids "
+            f"asking the Hub. {_GO_ONLINE}.",
+            filename=repo.path(name), **repo.ids,
+        )
+    return found
+
+
+def _resolve_cached(repo: _Repo, names: tuple[str, ...], config_name: str, why: str) -> ModelFiles:
+    config = Path(_cached_or_raise(repo, config_name, why))
+    snapshot, commit = _snapshot_of(config, repo.path(config_name))
+    folder = snapshot / repo.subfolder if repo.subfolder else snapshot
+    chosen, checkpoint, weights = _collect(
+        names, has=lambda n: _cached(repo, n) is not None, get=lambda n: Path(_cached_or_raise(repo, n, why)),
+        where=f"the cached copy of {repo} (in {_cache_dir(repo)!r})",
+        found=lambda: sorted(p.name for p in folder.iterdir()), error=OfflineCacheMissError, ids=repo.ids,
+        hint=f"The Hub was not asked ({why}). {_GO_ONLINE}; or ",
+    )
+    return ModelFiles(
+        folder, config, checkpoint, weights, _format(chosen),
+        repo.repo_id, repo.revision, commit, repo.subfolder,
+    )
+
+
+# -- indexes and formats ---------------------------------------------------------------------------
+def _format(name: str) -> Literal["safetensors", "torch"]:
+    return "safetensors" if name.removesuffix(_INDEX).endswith(".safetensors") else "torch"
+
+
+def _index_shards(index_file: Path, name: str) -> list[str]:
+    """The shards an index names, in first-use order, once each is checked to be a safe relative path.
+
+    Shards must stay inside the index's folder (no absolute path, drive or ``..``) and carry the
+    extension of the index's own name (``model.safetensors.index.json`` -> ``.safetensors``).
+    """
+    where = str(index_file)
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidIndexError(f"Index {where!r} is not valid JSON ({err}).", path=where) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidIndexError(
+            f"Index {where!r} has no 'weight_map' object mapping tensor names to shard files.", path=where
+        )
+    ext = PurePosixPath(name.removesuffix(_INDEX)).suffix
+    shards = list(dict.fromkeys(weight_map.values()))
+    bad = []
+    for shard in shards:
+        if not isinstance(shard, str) or not shard:
+            bad.append(f"{shard!r} (not a file name)")
+        elif shard.startswith("/") or "\\" in shard or ":" in shard or ".." in PurePosixPath(shard).parts:
+            bad.append(f"{shard!r} (points outside the index's folder)")
+        elif not shard.endswith(ext):
+            bad.append(f"{shard!r} (not a {ext} file)")
+    if bad:
+        raise InvalidIndexError(
+            f"Index {where!r} names invalid shard(s): {summarize(bad)}. Shards must be relative {ext} file "
+            "names inside the index's folder; this index is broken or malicious.",
+            path=where,
+        )
+    return shards
+
+
+# -- integrity checks ------------------------------------------------------------------------------
+def verify_cached_file(path: str | os.PathLike[str]) -> bool:
+    """Hash a file of the Hub cache and compare it with its blob's name, which is its ETag (sha256
+    for LFS files, the git blob sha1 otherwise). ``False`` when ``path`` is no cache blob.
+
+    Raises :class:`~hf_bigmodel.errors.CorruptCheckpointError` naming the file and the fix.
+
+    >>> verify_cached_file(files.weight_files[0])  # doctest: +SKIP
+    True
+    """
+    link = Path(path)
+    blob = link.resolve()
+    if not _HASH_RE.match(blob.name):
+        return False
+    size = blob.stat().st_size
+    digest = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(b"blob %d\0" % size)
+    with open(blob, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    if digest.hexdigest() != blob.name:
+        raise CorruptCheckpointError(
+            f"Cached file {str(link)!r} is corrupt: its content ({format_size(size)}) hashes to "
+            f"{digest.hexdigest()[:16]}… but the cache stored it as {blob.name[:16]}… (blob {str(blob)!r}). "
+            "Download it again with force_download=True, or delete the blob and load again.",
+            path=str(link),
+        )
+    return True
+
+
+def _is_truncated_zip(file: str) -> bool:
+    """A torch file (a zip since torch 1.6) that lost its central directory; legacy pickles pass."""
+    import zipfile
+
+    with open(file, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return is_zip and not zipfile.is_zipfile(file)
+
+
+def check_weight_file_sizes(
+    files: Iterable[str | os.PathLike[str]], *, expected_sizes: Mapping[str, int] | None = None
+) -> None:
+    """A check cheap enough for every load: each size matches what the Hub listed (``expected_sizes``,
+    e.g. ``ModelFiles.expected_sizes``), each safetensors file holds every byte its header names and
+    each torch zip keeps its end record. All problems are raised at once (``CorruptCheckpointError``).
+
+    >>> check_weight_file_sizes(files.weight_files, expected_sizes=files.expected_sizes)  # doctest: +SKIP
+    """
+    from .safetensors_io import read_header
+
+    expected_sizes = expected_sizes or {}
+    problems: dict[str, str] = {}
+    for file in map(os.fspath, files):
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            problems[file] = f"{file!r} does not exist"
+            continue
+        want = expected_sizes.get(file)
+        if want is not None and want != size:
+            problems[file] = f"{file!r} holds {format_size(size)} ({size} B), the Hub lists {want} B"
+        elif file.endswith(".safetensors"):
+            try:
+                read_header(file)
+            except CorruptCheckpointError as err:
+                problems[file] = str(err).split(". The file")[0]
+        elif _is_truncated_zip(file):
+            problems[file] = f"{file!r} is a torch zip archive without its end record (truncated)"
+    if problems:
+        raise CorruptCheckpointError(
+            f"{len(problems)} weight file(s) are incomplete or corrupt: {summarize(problems.values())}. "
+            "Download them again with force_download=True, or delete them and load again.",
+            path=next(iter(problems)),
+        )
