@@ -10,6 +10,7 @@ as byte ranges of the checkpoint's own files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,14 +19,15 @@ import torch
 from torch import nn
 
 from .devices import Device, normalize_device, torch_device
+from .diskio import drop_page_cache
 from .dtypes import resolve_dtype, target_dtype
-from .errors import CheckpointMismatchError, OffloadError, summarize
+from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
 from .naming import lookup
 from .offload import DiskTensor, OffloadFolder, WeightsMap
 from .progress import progress
 from .sources import Checkpoint, TensorInfo, find_checkpoint
 
-__all__ = ["load_checkpoint_in_model", "ModelTensor", "model_tensors", "set_tensor", "OFFLOAD_ATTR"]
+__all__ = ["OFFLOAD_ATTR", "ModelTensor", "load_checkpoint_in_model", "model_tensors", "set_tensor"]
 
 logger = logging.getLogger(__name__)
 OFFLOAD_ATTR = "_hf_bigmodel_weights"
@@ -203,7 +205,9 @@ def load_checkpoint(
     if mismatched or uncastable or missing_unloadable or (strict and (unexpected or missing_kept)):
         hint = ""
         if uncastable:
-            hint += f"  Dtype(s) that cannot be cast ({len(uncastable)}): {summarize(uncastable)}.\n"
+            hint += (f"  Dtype(s) that cannot be cast ({len(uncastable)}): {summarize(uncastable)}. Integer, bool and "
+                     "floating-point tensors only convert within their kind; the checkpoint was saved from a "
+                     "different model or is damaged: load the checkpoint made for this model.\n")
         if missing_unloadable:
             hint += ("  The missing tensors have no value in the model (it was built empty); load a checkpoint "
                      "that holds them, or build the model normally so they keep their initial values.")
@@ -227,71 +231,126 @@ def load_checkpoint(
         if device == "disk" and slots[name].is_buffer and not offload_buffers:
             device = "cpu"  # buffers of disk modules live in RAM and travel with their module
         dest[name] = device
+    _check_devices_present(dest)
     to_disk = [n for n, d in dest.items() if d == "disk"]
     folder: OffloadFolder | None = None
-    if to_disk and ckpt.format != "safetensors":
-        if offload_folder is None:
-            raise OffloadError(
-                f"The device map puts {len(to_disk)} tensor(s) on 'disk' ({summarize(to_disk, 3)}) but {ckpt.path!r} "
-                "is a torch checkpoint that cannot be read in place; pass offload_folder= so they can be "
-                "converted to safetensors there once."
-            )
+    copies = [n for n in to_disk if by_model_name[n].entry is None]  # not readable in place: converted once
+    if copies and offload_folder is None:
+        raise OffloadError(
+            f"The device map puts {len(copies)} tensor(s) on 'disk' ({summarize(copies, 3)}) but {ckpt.path!r} "
+            "is a torch checkpoint that cannot be read in place; pass offload_folder= so they can be "
+            "converted to safetensors there once.",
+            path=ckpt.path,
+        )
     if offload_folder is not None and (to_disk or ckpt.format != "safetensors"):
         folder = OffloadFolder(offload_folder)
         folder.prepare()
-    for name, device in dest.items():
-        if device not in ("disk", "cpu"):
-            torch_device(device)  # raises on unusable values before loading anything
+        if copies:
+            folder.check_space(_bytes_to_convert(folder, ckpt, copies, by_model_name, slots, cast, keep))
 
     # 3. Stream the shards.
     weights = WeightsMap()
     loaded: dict[str, torch.Tensor] = {}
-    names_by_file: dict[str, dict[str, str]] = {}
-    for name, info in by_model_name.items():
-        names_by_file.setdefault(info.file, {})[info.key] = name
-    for file in progress(ckpt.files, desc="Loading checkpoint shards", unit="shard"):
-        wanted = names_by_file.get(file, {})
-        pending_disk: dict[str, torch.Tensor] = {}
-        to_read: set[str] = set()
-        for key, name in wanted.items():
-            info = infos[key]
-            final_dtype = _final_dtype(name, info.dtype, slots[name], cast, keep)
-            if dest[name] == "disk" and info.entry is not None:
-                weights.disk[name] = DiskTensor(info.entry, final_dtype)
-            else:
-                to_read.add(key)
-        for key, value in ckpt.iter_shard(file, to_read):
-            name = wanted[key]
-            final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
-            if dest[name] == "disk":
-                pending_disk[name] = value.to(final_dtype)
-                continue
-            value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
-            loaded[name] = set_tensor(slots[name], value)
-        if pending_disk:
-            st = os.stat(file)
-            source_id = f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}"
-            weights.disk.update(folder.write(pending_disk, source_id=source_id))  # type: ignore[union-attr]
-            del pending_disk
-    ckpt.release()
+    before = {name: slot.tensor for name, slot in slots.items()}
+    try:
+        names_by_file: dict[str, dict[str, str]] = {}
+        for name, info in by_model_name.items():
+            names_by_file.setdefault(info.file, {})[info.key] = name
+        for file in progress(ckpt.files, desc="Loading checkpoint shards", unit="shard"):
+            wanted = names_by_file.get(file, {})
+            pending_disk: dict[str, torch.Tensor] = {}
+            to_read: set[str] = set()
+            for key, name in wanted.items():
+                info = infos[key]
+                final_dtype = _final_dtype(name, info.dtype, slots[name], cast, keep)
+                if dest[name] == "disk" and info.entry is not None:
+                    weights.disk[name] = DiskTensor(info.entry, final_dtype)
+                else:
+                    to_read.add(key)
+            for key, value in ckpt.iter_shard(file, to_read):
+                name = wanted[key]
+                if to_disk and infos[key].entry is not None:  # offloading plan: RAM is short, drop read pages
+                    drop_page_cache(file, infos[key].entry.start, infos[key].entry.end)
+                final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
+                if dest[name] == "disk":
+                    pending_disk[name] = value.to(final_dtype)
+                    continue
+                value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
+                loaded[name] = set_tensor(slots[name], value)
+            if pending_disk:
+                weights.disk.update(folder.write(pending_disk, source_id=_source_id(file)))  # type: ignore[union-attr]
+                del pending_disk
 
-    # 4. Tied tensors share one storage again (a checkpoint usually stores only one name of a group).
-    for name, partners in groups.items():
-        if name in loaded or name in weights.disk:
-            continue
-        source = next((p for p in partners if p in loaded or p in weights.disk), None)
-        if source is None:
-            continue
-        if source in weights.disk:
-            weights.disk[name] = weights.disk[source]
-        else:
-            # Share the very Parameter, wherever the map puts the alias: dispatch_model sees the tie and
-            # either keeps one copy (same execution device) or streams a copy to the other device.
-            slots[name].module._parameters[slots[name].leaf] = loaded[source]  # type: ignore[assignment]
-            loaded[name] = loaded[source]
-    if folder is not None and weights.disk:
-        folder.write_index(weights.disk)
+        # 4. Tied tensors share one storage again (a checkpoint usually stores only one name of a group).
+        for name, partners in groups.items():
+            if name in loaded or name in weights.disk:
+                continue
+            source = next((p for p in partners if p in loaded or p in weights.disk), None)
+            if source is None:
+                continue
+            if source in weights.disk:
+                weights.disk[name] = weights.disk[source]
+            else:
+                # Share the very Parameter, wherever the map puts the alias: dispatch_model sees the tie and
+                # either keeps one copy (same execution device) or streams a copy to the other device.
+                slots[name].module._parameters[slots[name].leaf] = loaded[source]  # type: ignore[assignment]
+                loaded[name] = loaded[source]
+        if folder is not None and weights.disk:
+            folder.write_index(weights.disk)
+    except BaseException:
+        _restore(slots, before)  # a failed load leaves the model as it found it
+        weights.close()
+        raise
+    finally:
+        ckpt.release()
     return LoadReport(weights, missing_kept, unexpected)
+
+
+def _check_devices_present(dest: Mapping[str, Device]) -> None:
+    """Every device tensors go to must exist here; raises before anything is read."""
+    from .devices import _present
+
+    absent: dict[Device, list[str]] = {}
+    for name, device in dest.items():
+        if not _present(device):
+            absent.setdefault(device, []).append(name)
+    if absent:
+        where = "; ".join(f"{d!r} for {summarize(names, 3)}" for d, names in absent.items())
+        raise DeviceMapError(
+            f"The device map uses device(s) this machine does not have: {where} (CUDA available: "
+            f"{torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}). Map those modules to devices "
+            "that exist, or plan with device_map='auto'.",
+            modules=[n for names in absent.values() for n in names],
+        )
+
+
+def _source_id(file: str) -> str:
+    """Identity of a checkpoint shard (path, size, mtime): names its converted copy in the offload folder."""
+    st = os.stat(file)
+    return f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _bytes_to_convert(
+    folder: OffloadFolder, ckpt: Checkpoint, names: Sequence[str], infos: Mapping[str, TensorInfo],
+    slots: Mapping[str, ModelTensor], cast: torch.dtype | None, keep: list[str],
+) -> int:
+    """Bytes the offload folder must receive for ``names``, leaving out shards whose copy is already there."""
+    by_file: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+    for name in names:
+        info = infos[name]
+        by_file.setdefault(info.file, {})[name] = (_final_dtype(name, info.dtype, slots[name], cast, keep), info.shape)
+    total = 0
+    for file, specs in by_file.items():
+        if folder.content_path(_source_id(file), specs).is_file():
+            continue  # re-used after its header is checked; rewritten (rarely) if damaged
+        total += sum(dtype.itemsize * math.prod(shape) for dtype, shape in specs.values())
+    return total
+
+
+def _restore(slots: Mapping[str, ModelTensor], before: Mapping[str, torch.Tensor]) -> None:
+    for name, slot in slots.items():
+        store = slot.module._buffers if slot.is_buffer else slot.module._parameters
+        store[slot.leaf] = before[name]  # type: ignore[assignment]
 
 
 def _final_dtype(

@@ -12,10 +12,12 @@ folder at once, and a later run re-uses a file only after checking its header.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -27,8 +29,9 @@ import torch
 from .dtypes import resolve_dtype
 from .errors import CheckpointError, OffloadError, summarize
 from .safetensors_io import TensorEntry, read_header, read_tensor
+from .sizes import format_size
 
-__all__ = ["DiskTensor", "WeightsMap", "OffloadFolder", "load_offload_index", "INDEX_NAME"]
+__all__ = ["INDEX_NAME", "DiskTensor", "OffloadFolder", "WeightsMap", "load_offload_index"]
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
@@ -130,10 +133,14 @@ class WeightsMap(Mapping[str, torch.Tensor]):
             self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file we created, whatever state the disk is in."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -158,11 +165,35 @@ class OffloadFolder:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
+            blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{str(blocker)!r} is a file, not a folder" if blocker is not None else err.strerror or str(err)
             raise OffloadError(
-                f"Cannot write to offload_folder {str(self.path)!r}: {err.strerror or err}. "
+                f"Cannot write to offload_folder {str(self.path)!r}: {why}. "
                 "Pass an offload_folder on a writable disk.",
                 path=str(self.path),
             ) from None
+
+    def content_path(self, source_id: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> Path:
+        """The file :meth:`write` uses for tensors ``{name: (dtype, shape)}`` taken from ``source_id``."""
+        digest = hashlib.sha256(source_id.encode())
+        for name in sorted(specs):
+            dtype, shape = specs[name]
+            digest.update(f"|{name}:{_dtype_name(dtype)}:{tuple(shape)}".encode())
+        return self.path / f"w-{digest.hexdigest()[:24]}.safetensors"
+
+    def check_space(self, nbytes: int) -> None:
+        """Raise :class:`OffloadError` now if the folder's disk has less than ``nbytes`` free."""
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            return  # cannot tell; the writes themselves will report a full disk
+        if nbytes > free:
+            raise OffloadError(
+                f"offload_folder {str(self.path)!r} needs {format_size(nbytes)} for the offloaded weights but its "
+                f"disk has {format_size(free)} free. Free {format_size(nbytes - free)} or pass an offload_folder "
+                "on a larger disk.",
+                path=str(self.path),
+            )
 
     def write(self, tensors: Mapping[str, torch.Tensor], *, source_id: str | None = None) -> dict[str, DiskTensor]:
         """Store ``tensors`` in one safetensors file and return where each one lies.
@@ -175,11 +206,7 @@ class OffloadFolder:
         if not tensors:
             return {}
         if source_id is not None:
-            digest = hashlib.sha256(source_id.encode())
-            for name in sorted(tensors):
-                t = tensors[name]
-                digest.update(f"|{name}:{_dtype_name(t.dtype)}:{tuple(t.shape)}".encode())
-            file = self.path / f"w-{digest.hexdigest()[:24]}.safetensors"
+            file = self.content_path(source_id, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
             reused = self._reuse(file, tensors)
             if reused is not None:
                 return reused
@@ -190,14 +217,16 @@ class OffloadFolder:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, file)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
+            size = format_size(sum(t.numel() * t.element_size() for t in tensors.values()))
             raise OffloadError(
-                f"Could not write offloaded weights to {str(file)!r}: {err.strerror or err}. "
-                "Free some space or pass another offload_folder.",
-                path=str(file),
+                f"Could not write {size} of offloaded weights ({summarize(sorted(tensors), 3)}) to offload_folder "
+                f"{str(self.path)!r} (file {file.name}): {err.strerror or err}. Free some space or pass another "
+                "offload_folder.",
+                path=str(self.path),
             ) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         header = read_header(file)
         return {k: DiskTensor(header.entries[k], tensors[k].dtype) for k in tensors}
@@ -230,8 +259,10 @@ class OffloadFolder:
         try:
             tmp.write_text(json.dumps({"format": _FORMAT, "version": 1, "weights": entries}, indent=1))
             os.replace(tmp, index)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
+        except BaseException as err:
+            _discard(tmp)
+            if not isinstance(err, OSError):
+                raise
             raise OffloadError(
                 f"Could not write {str(index)!r}: {err.strerror or err}. Free some space or pass another offload_folder.",
                 path=str(index),
@@ -239,18 +270,32 @@ class OffloadFolder:
         return index
 
 
-def load_offload_index(folder: str | os.PathLike[str]) -> dict[str, DiskTensor]:
-    """Read an offload folder's ``index.json``, checking every file and header before trusting it."""
+def load_offload_index(
+    folder: str | os.PathLike[str], *, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, DiskTensor]:
+    """Read an offload folder's ``index.json``, checking every file and header before trusting it.
+
+    File names must lie in the folder (absolute paths name a safetensors checkpoint read in place);
+    every file's header is validated against its size; with ``expected`` (``{name: shape}`` of the
+    model), every entry the model has must have that shape. Every problem is listed in one
+    :class:`OffloadError` that says to rebuild the folder.
+
+    Example::
+
+        refs = load_offload_index("offload")          # {"layers.0.weight": DiskTensor(...), ...}
+        weights = WeightsMap(disk=refs)
+    """
     folder = Path(folder)
     index = folder / INDEX_NAME
     fix = f"Delete {str(folder)!r} (or pass an empty offload folder) and load the checkpoint again."
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise OffloadError(f"Offload folder {str(folder)!r} has no {INDEX_NAME}; nothing was offloaded there.",
                            path=str(index)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OffloadError(f"Cannot read {str(index)!r} ({err}). {fix}", path=str(index)) from None
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = err.strerror if isinstance(err, OSError) and err.strerror else f"not JSON: {str(err)[:160]}"
+        raise OffloadError(f"Cannot read {str(index)!r} ({why}). {fix}", path=str(index)) from None
     weights = data.get("weights") if isinstance(data, dict) and data.get("format") == _FORMAT else None
     if not isinstance(weights, dict):
         raise OffloadError(f"{str(index)!r} is not an hf_bigmodel offload index. {fix}", path=str(index))
@@ -260,13 +305,19 @@ def load_offload_index(folder: str | os.PathLike[str]) -> dict[str, DiskTensor]:
     for name, info in weights.items():
         try:
             file = Path(info["file"])
+            if not file.is_absolute() and (".." in file.parts or "\\" in str(file)):
+                raise ValueError(f"file {str(file)!r} lies outside the folder")
             path = file if file.is_absolute() else folder / file
             if str(path) not in headers:
                 headers[str(path)] = read_header(path).entries
             entry = headers[str(path)][info["key"]]
             result[name] = DiskTensor(entry, resolve_dtype(info["dtype"]))
-        except (KeyError, TypeError, ValueError, CheckpointError) as err:
+        except (KeyError, TypeError, ValueError, OSError, CheckpointError) as err:
             problems.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
+            continue
+        shape = expected.get(name) if expected is not None else None
+        if shape is not None and tuple(shape) != entry.shape:
+            problems.append(f"{name} (stored with shape {list(entry.shape)}, the model has {list(shape)})")
     if problems:
         raise OffloadError(f"Offload folder {str(folder)!r} is inconsistent: {summarize(problems, 5)}. {fix}",
                            path=str(folder))

@@ -23,9 +23,10 @@ from .errors import (
     UnsafeCheckpointError,
     summarize,
 )
-from .safetensors_io import TensorEntry, read_header, read_tensor
+from .safetensors_io import TensorEntry, read_header, read_tensor, refetch_advice
+from .sizes import format_size
 
-__all__ = ["Checkpoint", "TensorInfo", "find_checkpoint", "read_index", "load_torch_file"]
+__all__ = ["Checkpoint", "TensorInfo", "find_checkpoint", "load_torch_file", "read_index"]
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".bin", ".pt", ".pth", ".ckpt")
@@ -111,10 +112,48 @@ def _is_mmapped(state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
+def _first_line(err: BaseException) -> str:
+    """The telling line of an exception message (torch prefixes its own boilerplate), cut to 200 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "nsupported" in line:
+            return line[:200]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line for line in lines if not line.startswith(boilerplate)] or lines
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _is_truncated_zip(path: str) -> bool:
+    """A zip-format torch file (torch >= 1.6) whose end record, written last, is missing."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return is_zip and not zipfile.is_zipfile(path)
+
+
 def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Unpickle a torch checkpoint with ``weights_only=True`` (never runs code), mmap'd when possible."""
+    """Unpickle a torch checkpoint with ``weights_only=True`` (never runs code), mmap'd when possible.
+
+    A pickle that asks for anything but tensors and plain containers raises :class:`UnsafeCheckpointError`
+    (nothing in it ran); an empty, truncated or undecodable file raises :class:`CorruptCheckpointError`
+    naming it and saying how to get a good copy.
+
+    Example::
+
+        state = load_torch_file("ckpt/pytorch_model.bin")   # {"layer.weight": tensor(...), ...}
+    """
     path = str(path)
     try:
+        size = os.stat(path).st_size
+        if size == 0:
+            raise CorruptCheckpointError(f"{path!r} is empty (0 bytes). {refetch_advice(path)}", path=path)
+        if _is_truncated_zip(path):
+            raise CorruptCheckpointError(
+                f"{path!r} is a truncated torch checkpoint: it holds {format_size(size)} but the zip directory "
+                f"that ends every torch.save file is missing, so its end was cut off. {refetch_advice(path)}",
+                path=path,
+            )
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as err:
@@ -123,79 +162,129 @@ def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
-            f"Refused to load {path!r}: it asks the unpickler for more than tensors ({str(err).splitlines()[0][:200]}). "
-            "hf_bigmodel only loads torch files with weights_only=True, so no code inside it ran. "
-            "If you trust the file, convert it to safetensors yourself.",
+            f"Refused to load {path!r}: the weights-only unpickler rejected it ({_first_line(err)}). It asks for "
+            "more than tensors (code or arbitrary objects), or it is corrupt. hf_bigmodel only loads torch files "
+            "with weights_only=True, so nothing inside it ran. If you trust the file, convert it to safetensors "
+            "yourself; otherwise get the weights from a trusted source.",
             path=path,
         ) from None
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"Checkpoint file {path!r} does not exist.", path=path) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except (CorruptCheckpointError, MemoryError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001  (untrusted bytes fail inside torch/zip/pickle in many ways)
         raise CorruptCheckpointError(
-            f"{path!r} is not a readable torch checkpoint ({str(err).splitlines()[0][:200]}). "
-            "It is truncated or corrupt; download or save it again.",
+            f"{path!r} is not a readable torch checkpoint ({type(err).__name__}{': ' + _first_line(err) if str(err).strip() else ''}). It is "
+            f"truncated or corrupt. {refetch_advice(path)}",
             path=path,
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise CorruptCheckpointError(
             f"{path!r} does not hold a state dict (a mapping of names to tensors); got {type(state).__name__}.",
+            path=path,
+        )
+    odd = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or
+           not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CorruptCheckpointError(
+            f"{path!r} is not a plain state dict: entries {summarize(odd)} are not name -> tensor pairs. "
+            "Save model.state_dict() (names to tensors only), or pass a checkpoint that holds just the weights.",
             path=path,
         )
     return state
 
 
+def _shard_problem(shard: str, allowed: tuple[str, ...]) -> str | None:
+    """Why ``shard`` (a name from an index) is not a plain weights file inside the index's folder, or None."""
+    if not shard:
+        return "an empty name"
+    if any(ord(c) < 32 for c in shard):
+        return "a name with control characters"
+    try:
+        os.fsencode(shard)
+    except UnicodeError:
+        return "a name the file system cannot encode"
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or "\\" in shard or ":" in shard:
+        return "points outside the index's folder"
+    if ".." in Path(shard).parts:
+        return "points outside the index's folder"
+    if not shard.endswith(allowed):
+        return f"not a {'/'.join(allowed)} file"
+    if any(len(os.fsencode(part)) > 255 for part in Path(shard).parts):
+        return "a name longer than file systems allow"
+    return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a path too long for the OS counts as absent
+        return False
+
+
 def read_index(index_file: str | Path) -> list[str]:
     """Validate a ``*.index.json`` and return its shard paths in first-use order.
 
-    Rejects non-JSON, a missing ``weight_map``, shard names that are absolute, contain ``..`` or do not
-    end in a weights extension, and shards that do not exist, naming the index and every culprit.
+    Rejects non-JSON, a missing ``weight_map``, shard names that are not strings, are absolute, contain
+    ``..``, backslashes or drive letters, or do not end in a weights extension (:class:`InvalidIndexError`),
+    and shards that do not exist (:class:`CheckpointNotFoundError`), naming the index and every culprit.
+
+    Example::
+
+        read_index("ckpt/model.safetensors.index.json")
+        # ["ckpt/model-00001-of-00002.safetensors", "ckpt/model-00002-of-00002.safetensors"]
     """
     index_file = Path(index_file)
+    where = str(index_file)
     try:
-        data = json.loads(index_file.read_text(encoding="utf-8"))
+        data = json.loads(index_file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"Index file {str(index_file)!r} does not exist.", path=str(index_file)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointNotFoundError(f"Index file {where!r} does not exist.", path=where) from None
+    except IsADirectoryError:
+        raise CheckpointNotFoundError(
+            f"Index file {where!r} is a folder; pass the *.index.json file or the folder holding it.", path=where
+        ) from None
+    except OSError as err:
+        raise InvalidIndexError(f"Index file {where!r} cannot be read ({err.strerror or err}).", path=where) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise InvalidIndexError(
-            f"Index file {str(index_file)!r} is not valid JSON ({err}). Download or write it again.",
-            path=str(index_file),
+            f"Index file {where!r} is not valid JSON ({str(err)[:200]}). {refetch_advice(where)}", path=where
         ) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InvalidIndexError(
-            f"Index file {str(index_file)!r} has no 'weight_map' object mapping tensor names to shard files.",
-            path=str(index_file),
+            f"Index file {where!r} has no 'weight_map' object mapping tensor names to shard files. "
+            + refetch_advice(where),
+            path=where,
         )
     bad: list[str] = []
     shards: list[str] = []
     for key, shard in weight_map.items():
-        if not isinstance(key, str) or not isinstance(shard, str):
-            bad.append(f"{key!r} -> {shard!r} (not a string)")
-            continue
-        if shard not in shards:
+        if not isinstance(shard, str):
+            bad.append(f"{key!r} -> {str(shard)[:60]!r} (not a string)")
+        elif shard not in shards:
             shards.append(shard)
-    wanted_ext = SAFETENSORS_EXT if index_file.name.endswith(".safetensors.index.json") else None
+    allowed = SAFETENSORS_EXT if index_file.name.endswith(".safetensors.index.json") else SAFETENSORS_EXT + TORCH_EXT
     for shard in shards:
-        parts = Path(shard).parts
-        if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or "\\" in shard:
-            bad.append(f"{shard!r} (points outside the index's folder)")
-        elif not shard.endswith(wanted_ext or SAFETENSORS_EXT + TORCH_EXT):
-            bad.append(f"{shard!r} (not a {'/'.join(wanted_ext or SAFETENSORS_EXT + TORCH_EXT)} file)")
+        problem = _shard_problem(shard, allowed)
+        if problem is not None:
+            bad.append(f"{shard[:120]!r} ({problem})")
     if bad:
         raise InvalidIndexError(
-            f"Index file {str(index_file)!r} names invalid shards: {summarize(bad)}. "
-            "Shard names must be plain file names next to the index.",
-            path=str(index_file),
+            f"Index file {where!r} names invalid shards: {summarize(bad)}. "
+            "Shard names must be plain weights file names next to the index; the index is damaged or "
+            "was not made for this folder.",
+            path=where,
         )
     folder = index_file.parent
-    missing = [s for s in shards if not (folder / s).is_file()]
+    missing = [s for s in shards if not _is_file(folder / s)]
     if missing:
         raise CheckpointNotFoundError(
-            f"Index file {str(index_file)!r} names shard(s) that are not in {str(folder)!r}: {summarize(missing)}. "
+            f"Index file {where!r} names shard(s) that are not in {str(folder)!r}: {summarize(missing)}. "
             "The download is incomplete; fetch the missing shards.",
-            path=str(index_file),
+            path=where,
         )
     return [str(folder / s) for s in shards]
 
