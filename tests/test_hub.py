@@ -118,7 +118,9 @@ def test_torch_fallback_when_only_bin(hub: HubServer, tmp_path: Path) -> None:
 
 
 def test_diffusers_subfolder(hub: HubServer, tmp_path: Path) -> None:
-    path = save_tiny_sd_components(tmp_path / "sd").path
+    from diffusers import UNet2DConditionModel
+
+    path, components = save_tiny_sd_components(tmp_path / "sd")
     commit = hub.add_repo("tiny-org/sd", path)
     files = resolve_model_files("tiny-org/sd", subfolder="unet")
     assert files.subfolder == "unet" and files.commit_hash == commit
@@ -126,6 +128,10 @@ def test_diffusers_subfolder(hub: HubServer, tmp_path: Path) -> None:
     assert [p.name for p in files.weight_files] == ["diffusion_pytorch_model.safetensors"]
     assert hub.downloaded_files() == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     _same_bytes(files, path, "unet")
+
+    unet = UNet2DConditionModel.from_pretrained(files.folder)
+    for name, tensor in components["unet"].state_dict().items():
+        assert torch.equal(unet.state_dict()[name], tensor), name
 
     index = resolve_config("tiny-org/sd", config_name="model_index.json")
     assert json.loads(index.read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
@@ -358,3 +364,40 @@ def test_unreachable_hub_falls_back_to_the_cache(
     with pytest.raises(OfflineCacheMissError, match="Could not reach") as info:
         resolve_model_files("tiny-org/other")
     assert info.value.repo_id == "tiny-org/other" and info.value.filename == "config.json"
+
+
+def test_cache_dir_is_honoured_online_and_offline(
+    hub: HubServer, llama_sharded: Path, tmp_path: Path
+) -> None:
+    hub.add_repo(REPO, llama_sharded)
+    cache = tmp_path / "my-cache"
+    files = resolve_model_files(REPO, cache_dir=cache)
+    assert (
+        files.folder.is_relative_to(cache)
+        and not (Path(constants.HF_HUB_CACHE) / "models--tiny-org--llama").exists()
+    )
+    hub.clear_requests()
+    assert resolve_model_files(REPO, cache_dir=cache, local_files_only=True) == files
+    assert hub.requests == []
+    with pytest.raises(OfflineCacheMissError, match="config.json"):
+        resolve_model_files(REPO, local_files_only=True)  # the default cache is empty
+
+
+@pytest.mark.parametrize("factory", ["llama", "gpt2", "t5", "bert"])
+def test_tiny_model_factories_round_trip(tmp_path: Path, factory: str) -> None:
+    import tiny_models
+    import transformers
+
+    save = getattr(tiny_models, f"save_tiny_{factory}")
+    path, ref = save(tmp_path / factory, sharded=True, safe_serialization=factory != "bert")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 2**20
+    files = resolve_model_files(path)
+    assert files.is_sharded and files.format == ("torch" if factory == "bert" else "safetensors")
+    loaded = getattr(transformers, type(ref).__name__).from_pretrained(path).eval()
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    extra = {"decoder_input_ids": ids} if factory == "t5" else {}
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, **extra)[0], loaded(input_ids=ids, **extra)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if factory == "gpt2":
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()

@@ -34,72 +34,13 @@ SEED = 0
 TINY_VOCAB = 128
 SHARD_SIZE = "8KB"  # tiny models hold ~35 KB of float32 weights, so this gives a handful of shards
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
-_WORDS = [
-    "the",
-    "a",
-    "an",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "it",
-    "that",
-    "on",
-    "for",
-    "with",
-    "as",
-    "was",
-    "be",
-    "by",
-    "at",
-    "this",
-    "are",
-    "from",
-    "or",
-    "not",
-    "but",
-    "have",
-    "hello",
-    "world",
-    "big",
-    "model",
-    "small",
-    "tiny",
-    "cpu",
-    "gpu",
-    "disk",
-    "memory",
-    "layer",
-    "weight",
-    "load",
-    "run",
-    "fast",
-    "slow",
-    "red",
-    "blue",
-    "green",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "tree",
-    "river",
-    "sky",
-    "sun",
-    "moon",
-    "star",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-]
+_TEXT = (
+    "the a an of to and in is it that on for with as was be by at this are from or not but "
+    "have hello world big model small tiny cpu gpu disk memory layer weight load run fast slow "
+    "red blue green cat dog bird fish tree river sky sun moon star one two three four five six "
+    "seven eight nine ten "
+)
+_WORDS = _TEXT.split()  # ids 4.., then fillers w<id> up to TINY_VOCAB
 
 
 class SavedModel(NamedTuple):

@@ -100,8 +100,16 @@ class _Repo:
     repo_id: str
     subfolder: str | None
     revision: str | None
-    cache_dir: str | os.PathLike[str] | None
+    cache_dir: str | None
     token: str | bool | None
+
+    @classmethod
+    def of(
+        cls, name: str | os.PathLike[str], subfolder: str | None, revision: str | None,
+        cache_dir: str | os.PathLike[str] | None, token: str | bool | None,
+    ) -> _Repo:
+        cache = os.fspath(cache_dir) if cache_dir is not None else None
+        return cls(os.fspath(name), subfolder or None, revision, cache, token)
 
     def path(self, name: str) -> str:
         return f"{self.subfolder}/{name}" if self.subfolder else name
@@ -139,7 +147,7 @@ def resolve_config(
         if not (folder / config_name).is_file():
             raise _missing_local(folder, config_name, name_or_path)
         return folder / config_name
-    repo = _Repo(os.fspath(name_or_path), subfolder or None, revision, cache_dir, token)
+    repo = _Repo.of(name_or_path, subfolder, revision, cache_dir, token)
     why = _offline_reason(local_files_only)
     return Path(_cached_or_raise(repo, config_name, why) if why else _fetch(repo, config_name, revision))
 
@@ -170,7 +178,7 @@ def resolve_model_files(
     folder = _local_folder(name_or_path, subfolder)
     if folder is not None:
         return _resolve_local(folder, names, config_name, os.fspath(name_or_path), subfolder)
-    repo = _Repo(os.fspath(name_or_path), subfolder or None, revision, cache_dir, token)
+    repo = _Repo.of(name_or_path, subfolder, revision, cache_dir, token)
     why = _offline_reason(local_files_only)
     if why:
         return _resolve_cached(repo, names, config_name, why)
@@ -288,12 +296,12 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
             raise _translate(err, repo, None) or err
         logger.warning("Could not list the files of %s (%s); resolving from the cache instead.", repo, err)
         return _resolve_cached(repo, names, config_name, "the Hub could not be reached")
-    prefix, sizes = repo.path(""), {}
+    prefix, sizes = repo.path(""), dict[str, int]()
 
     def get(name: str) -> Path:  # pinned to the config's commit: one consistent snapshot
         path = Path(_fetch(repo, name, commit))
-        if listing.get(repo.path(name)) is not None:
-            sizes[str(path)] = listing[repo.path(name)]
+        if (size := listing.get(repo.path(name))) is not None:
+            sizes[str(path)] = size
         return path
 
     chosen, checkpoint, weights = _collect(
@@ -411,7 +419,7 @@ def _offline_reason(local_files_only: bool) -> str:
 def _cache_dir(repo: _Repo) -> str:
     from huggingface_hub import constants
 
-    return os.fspath(repo.cache_dir) if repo.cache_dir is not None else constants.HF_HUB_CACHE
+    return repo.cache_dir if repo.cache_dir is not None else constants.HF_HUB_CACHE
 
 
 def _cached(repo: _Repo, name: str) -> str | None:
@@ -539,7 +547,7 @@ def check_weight_file_sizes(
 
     expected_sizes = expected_sizes or {}
     problems: dict[str, str] = {}
-    for file in map(os.fspath, files):
+    for file in [os.fspath(f) for f in files]:
         try:
             size = os.path.getsize(file)
         except OSError:
