@@ -216,6 +216,18 @@ def test_verbose_logs_decisions_and_never_prints(toy, caplog, capsys):
     assert caplog.text == ""
 
 
+def test_a_disk_budget_is_ignored_disk_is_always_the_unlimited_last_resort(toy):
+    assert plan(toy, {0: 1000, "disk": 0}) == {"embed": 0, "stack.scale": 0, "stack.blocks": "disk", "norm": "disk",
+                                               "head": 0}
+
+
+def test_resolve_passes_planning_options_through(toy):
+    options = {"max_memory": {0: 1300, "cpu": 10_000}, "no_split_module_classes": NO_SPLIT, "check_devices": False}
+    assert resolve_device_map(toy, "sequential", **options)["stack.blocks"] == "cpu"
+    assert resolve_device_map(toy, "sequential", offload_buffers=True, **options)["stack.blocks.0"] == 0
+    assert resolve_device_map(toy, "sequential", dtype="fp16", **options) == {"": 0}
+
+
 def test_invalid_budget_names_the_entry(toy):
     with pytest.raises(InvalidMaxMemoryError, match="lots"):
         plan(toy, {0: "lots"})

@@ -54,47 +54,49 @@ class _Tree:
     its direct tensors and children when it does not fit.
     """
 
-    def __init__(self, model: nn.Module, no_split: set[str], dtype, special_dtypes, offload_buffers: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        no_split: set[str],
+        dtype: str | torch.dtype | None,
+        special_dtypes: Mapping[str, str | torch.dtype] | None,
+        offload_buffers: bool,
+    ) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.no_split = no_split
         self.offload_buffers = offload_buffers
-        self.pieces: dict[str, list[str]] = {}
-        self.order: dict[str, int] = {}
-        self.is_buffer: dict[str, bool] = {}
-        tensor_ids: dict[str, int] = {}
+        self.pieces: dict[str, list[str]] = {}  # module -> direct tensors, then children
+        self.order: dict[str, int] = {}  # registration order of every module and tensor name
+        self.tensors: dict[str, bool] = {}  # tensor name -> is a buffer
+        self.tensor_id: dict[str, int] = {}
         for name, module in self.modules.items():
             self.order[name] = len(self.order)
-            direct = []
-            for attr, table, is_buffer in (("p", module._parameters, False), ("b", module._buffers, True)):
+            self.pieces[name] = []
+            for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
                 for key, tensor in table.items():
-                    if tensor is None:
-                        continue
-                    full = _join(name, key)
-                    direct.append(full)
-                    self.is_buffer[full] = is_buffer
-                    tensor_ids[full] = id(tensor)
-                    self.order[full] = len(self.order)
-            children = [_join(name, key) for key, sub in module._modules.items() if sub is not None]
-            self.pieces[name] = direct + children
+                    if tensor is not None:
+                        full = _join(name, key)
+                        self.pieces[name].append(full)
+                        self.tensors[full], self.tensor_id[full] = is_buffer, id(tensor)
+                        self.order[full] = len(self.order)
+            self.pieces[name] += [_join(name, key) for key, sub in module._modules.items() if sub is not None]
         # Placement sizes count a shared tensor once (under its first name); layer sizes count it fully.
         self.size = compute_module_sizes(model, dtype, special_dtypes)
         self.buffer_size = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True)
         first_size: dict[int, int] = {}
         self.full_size: dict[str, int] = {}
-        self.tensor_id = tensor_ids
-        for tname, tid in tensor_ids.items():  # registration order == the order sizes were counted in
+        for tname, tid in self.tensor_id.items():
             first_size.setdefault(tid, self.size.get(tname, 0))
             self.full_size[tname] = max(first_size[tid], self.size.get(tname, 0))
         self.tie_group: dict[str, list[str]] = {}
-        self.ties_within: dict[str, list[str]] = defaultdict(list)
+        self.ties_within: dict[str, list[str]] = defaultdict(list)  # item -> tied names inside it
         for group in find_tied_parameters(model):
             for tname in group:
                 self.tie_group[tname] = group
+                self.ties_within[""].append(tname)
                 prefix = tname
-                while True:
+                while prefix:
                     self.ties_within[prefix].append(tname)
-                    if not prefix:
-                        break
                     prefix = parent(prefix)
 
     def splittable(self, name: str) -> bool:
@@ -115,25 +117,19 @@ class _Tree:
         return total
 
     def _moved_bytes(self, tensor: str) -> int:
-        return 0 if self.is_buffer[tensor] and not self.offload_buffers else self.full_size[tensor]
+        return 0 if self.tensors[tensor] and not self.offload_buffers else self.full_size[tensor]
+
+    def _within(self, name: str) -> Iterator[str]:
+        for piece in self.pieces.get(name, ()):
+            yield from [piece] if piece in self.tensors else self._within(piece)
 
     def _layers(self, name: str) -> Iterator[tuple[str, str]]:
         """``(layer, tensor)`` pairs under a module item: a layer is what one hook brings to the executor."""
         if not self.splittable(name):
-            stack = [name]
-            while stack:
-                current = stack.pop()
-                for piece in self.pieces.get(current, ()):
-                    if piece in self.is_buffer:
-                        yield name, piece
-                    else:
-                        stack.append(piece)
+            yield from ((name, tensor) for tensor in self._within(name))
             return
         for piece in self.pieces[name]:
-            if piece in self.is_buffer:
-                yield name, piece
-            else:
-                yield from self._layers(piece)
+            yield from [(name, piece)] if piece in self.tensors else self._layers(piece)
 
     def offload_need(self, placement: Mapping[str, Device], offloaded: set[Device]) -> tuple[int, str]:
         """Room the execution device needs for offloaded items: the largest layer plus kept buffers."""
@@ -144,7 +140,7 @@ class _Tree:
                 continue
             if not self.offload_buffers:
                 kept_buffers += self.buffer_size.get(name, 0)
-            pairs = [(parent(name), name)] if name in self.is_buffer else self._layers(name)
+            pairs = [(parent(name), name)] if name in self.tensors else self._layers(name)
             for layer, tensor in pairs:
                 layers[layer][self.tensor_id[tensor]] = self._moved_bytes(tensor)
         if not layers:
@@ -154,24 +150,35 @@ class _Tree:
 
 
 class _Queue:
-    """Items still to place, in walk order; splitting replaces an item by its pieces in place."""
+    """Items still to place in walk order; splitting replaces an item by its pieces in place.
+
+    Stored reversed, so taking the head and splitting it (nearly every step) cost O(pieces).
+    """
 
     def __init__(self, tree: _Tree, names: list[str]) -> None:
         self.tree = tree
-        self.names = list(names)
+        self.stack = names[::-1]
         self.members = set(names)
 
+    def names(self) -> list[str]:
+        return self.stack[::-1]
+
     def split(self, name: str) -> None:
-        at = self.names.index(name)
+        at = len(self.stack) - 1
+        while self.stack[at] != name:
+            at -= 1
         pieces = self.tree.pieces[name]
-        self.names[at : at + 1] = pieces
+        self.stack[at : at + 1] = pieces[::-1]
         self.members.discard(name)
         self.members.update(pieces)
 
     def take(self, names: Iterable[str]) -> None:
-        gone = set(names)
-        self.names = [n for n in self.names if n not in gone]
-        self.members -= gone
+        for name in names:
+            if self.stack[-1] == name:
+                self.stack.pop()
+            else:
+                self.stack.remove(name)
+            self.members.discard(name)
 
     def group(self, name: str) -> list[str]:
         """``name`` plus every queued item holding a parameter tied to one inside the group."""
@@ -208,8 +215,8 @@ def _assign(
         used[device] += cost
         log("Placing %s (%s) on %r.", summarize(group), format_size(cost), device)
 
-    while queue.names:
-        device, name = devices[index], queue.names[0]
+    while queue.stack:
+        device, name = devices[index], queue.stack[-1]
         room = limits[device]
         group = queue.group(name)
         cost = tree.cost(group, device in offloaded)
@@ -225,7 +232,7 @@ def _assign(
             queue.split(target)
             continue
         if fallback and used[device] == 0:
-            found = _search(queue, queue.names, set(group), room, device in offloaded)
+            found = _search(queue, queue.names(), set(group), room, device in offloaded)
             if found is not None:
                 log("Fallback: %r had nothing that fits in order; taking a later item.", device)
                 put(found, device, tree.cost(found, device in offloaded))
@@ -237,19 +244,19 @@ def _assign(
 
 def _search(queue: _Queue, names: list[str], exclude: set[str], room: int, offloaded: bool) -> list[str] | None:
     """First item (splitting where needed, depth first) whose group fits in ``room``; fallback allocation."""
-    for name in list(names):
+    for name in names:
         group = queue.group(name)
         if exclude.intersection(group):
             continue
         if queue.tree.cost(group, offloaded) <= room:
             return group
         if queue.tree.splittable(name):
-            saved = (list(queue.names), set(queue.members))
+            saved = (list(queue.stack), set(queue.members))
             queue.split(name)
             found = _search(queue, queue.tree.pieces[name], exclude, room, offloaded)
             if found is not None:
                 return found
-            queue.names, queue.members = saved
+            queue.stack, queue.members = saved
     return None
 
 
@@ -349,7 +356,7 @@ def get_max_layer_size(
     """Largest leaf module or no-split block among ``modules`` (searched recursively), with its name(s).
 
     >>> get_max_layer_size([("", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))],
-    ...                    {"": 136, "0": 80, "1": 40}, [])
+    ...                    {"": 120, "0": 80, "1": 40}, [])
     (80, ['0'])
     """
     no_split = _class_names(no_split_module_classes)
@@ -497,7 +504,7 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, int | str | torc
             problems.append(str(err))
             culprits.append(key)
     if unknown:
-        shown = []
+        shown: list[str] = []
         for key in unknown:
             close = difflib.get_close_matches(key, names, n=1) if len(shown) < 10 else []
             shown.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
