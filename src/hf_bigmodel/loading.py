@@ -231,7 +231,7 @@ def load_checkpoint(
         if device == "disk" and slots[name].is_buffer and not offload_buffers:
             device = "cpu"  # buffers of disk modules live in RAM and travel with their module
         dest[name] = device
-    _check_devices_present(dest)
+    _check_devices_present({name: _device_of(name, dm, slot) for name, slot in slots.items()})  # tied aliases too
     to_disk = [n for n, d in dest.items() if d == "disk"]
     folder: OffloadFolder | None = None
     copies = [n for n in to_disk if by_model_name[n].entry is None]  # not readable in place: converted once
