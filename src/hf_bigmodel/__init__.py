@@ -39,3 +39,5 @@ from .hooks import (
 from .loading import load_checkpoint_in_model
 from .dispatch import cpu_offload, cpu_offload_with_hook, disk_offload, dispatch_model, load_checkpoint_and_dispatch
 from .planning import get_balanced_memory, infer_auto_device_map
+from .pretrained import PretrainedLoader, load_pretrained_dispatched
+from .integrations import register_loader

@@ -1,0 +1,266 @@
+"""Loading transformers models the way ``PreTrainedModel.from_pretrained`` (transformers 5) does.
+
+What is reproduced: the class from ``config.architectures[0]`` or an Auto class's mapping; the model
+built under the load dtype as torch's default; ``dtype=None`` meaning the checkpoint's dtype (the
+transformers 5 default); ``_keep_in_fp32_modules`` (float16 only) and ``_keep_in_fp32_modules_strict``
+(float16 and bfloat16); ``_no_split_modules`` of every sub-model; transformers' own checkpoint key
+renames (``LayerNorm.gamma`` -> ``LayerNorm.weight``...) plus the ``base_model_prefix`` both ways;
+``_keys_to_ignore_on_load_unexpected``; tied weights; missing weights initialised by the owning
+model's ``_init_weights``; ``generation_config.json``; ``config.dtype`` and ``name_or_path``.
+
+transformers itself is imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    CheckpointError,
+    ModelClassNotFoundError,
+    ModelFileNotFoundError,
+    OfflineCacheMissError,
+    summarize,
+)
+from ..hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
+from ..naming import owner
+from ..pretrained import DtypeArg, LoadContext, PretrainedLoader
+
+__all__ = ["TransformersLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+class TransformersLoader(PretrainedLoader):
+    """The :class:`~hf_bigmodel.pretrained.PretrainedLoader` for transformers models (the fallback choice).
+
+    Example::
+
+        model = load_pretrained_dispatched("gpt2", loader=TransformersLoader, max_memory={"cpu": "200MB"})
+    """
+
+    weight_names = TRANSFORMERS_WEIGHT_NAMES
+
+    @classmethod
+    def can_load(cls, config: Mapping[str, Any]) -> bool:
+        return "_class_name" not in config and ("model_type" in config or "architectures" in config)
+
+    # -- config and class --------------------------------------------------------------------------
+    def read_config(self, ctx: LoadContext) -> Any:
+        from transformers import AutoConfig
+
+        remote = ctx.trust_remote_code and "auto_map" in ctx.raw_config
+        try:
+            if remote:  # the config's code lives in the repo: let transformers fetch it
+                return AutoConfig.from_pretrained(ctx.name_or_path, trust_remote_code=True, **ctx.hub_kwargs)
+            assert ctx.config_file is not None
+            return AutoConfig.from_pretrained(str(ctx.config_file.parent), local_files_only=True)
+        except (ValueError, KeyError) as err:
+            model_type = ctx.raw_config.get("model_type")
+            if "auto_map" in ctx.raw_config and not ctx.trust_remote_code:
+                hint = "pass trust_remote_code=True if you trust the code the repo ships (its config has an auto_map)"
+            else:
+                hint = "upgrade transformers, or pass loader= with a PretrainedLoader for this model family"
+            raise ModelClassNotFoundError(
+                f"transformers {_transformers_version()} cannot read config {str(ctx.config_file)!r}: "
+                f"model_type {model_type!r} (architectures {ctx.raw_config.get('architectures')}) is unknown "
+                f"to it; {hint}. "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
+
+    def model_class(self, ctx: LoadContext, requested: type[nn.Module] | str | None) -> type[nn.Module]:
+        import transformers
+
+        if requested is None:
+            architectures = list(getattr(ctx.config, "architectures", None) or [])
+            if architectures:
+                return self._by_name(ctx, architectures[0], "config.architectures[0]")
+            requested = transformers.AutoModel  # as AutoModel.from_pretrained would: the base model
+        if isinstance(requested, str):
+            return self._by_name(ctx, requested, "model_class=")
+        if hasattr(requested, "_model_mapping"):
+            return self._from_auto(ctx, requested)
+        if isinstance(requested, type) and issubclass(requested, nn.Module):
+            return requested
+        raise TypeError(f"model_class= takes an nn.Module class, an Auto class or a class name: {requested!r}.")
+
+    def _by_name(self, ctx: LoadContext, name: str, origin: str) -> type[nn.Module]:
+        import transformers
+
+        found = getattr(transformers, name, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        auto_map = ctx.raw_config.get("auto_map") or {}
+        reference = next((ref for ref in _auto_map_refs(auto_map) if _class_of(ref) == name), None)
+        if reference is not None:
+            return self._remote(ctx, reference, name)
+        where = "the transformers package" + (" and the config's auto_map" if auto_map else "")
+        raise ModelClassNotFoundError(
+            f"{origin} of {ctx.name_or_path!r} names model class {name!r}, which transformers "
+            f"{_transformers_version()} does not provide (looked in {where}; config "
+            f"{str(ctx.config_file)!r}). "
+            "Upgrade transformers, pass model_class= with the class to build, or loader= for a custom family."
+        )
+
+    def _from_auto(self, ctx: LoadContext, auto_cls: Any) -> type[nn.Module]:
+        try:
+            return auto_cls._model_mapping[type(ctx.config)]  # type: ignore[no-any-return]
+        except KeyError:
+            reference = (ctx.raw_config.get("auto_map") or {}).get(auto_cls.__name__)
+            if isinstance(reference, str):
+                return self._remote(ctx, reference, auto_cls.__name__)
+            raise ModelClassNotFoundError(
+                f"{auto_cls.__name__} has no model class for {ctx.name_or_path!r}: its config is a "
+                f"{type(ctx.config).__name__} (model_type {getattr(ctx.config, 'model_type', None)!r}), "
+                f"which {auto_cls.__name__} does not map in transformers {_transformers_version()}. Pick the "
+                f"Auto class for this task (the config's architectures: "
+                f"{getattr(ctx.config, 'architectures', None)}), or pass the model class itself."
+            ) from None
+
+    def _remote(self, ctx: LoadContext, reference: str, name: str) -> type[nn.Module]:
+        if not ctx.trust_remote_code:
+            raise ModelClassNotFoundError(
+                f"Model class {name!r} of {ctx.name_or_path!r} is code shipped in the repo ({reference!r} in "
+                "its auto_map), not part of transformers. Pass trust_remote_code=True if you trust that code."
+            )
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(  # type: ignore[no-any-return]
+            reference, ctx.name_or_path, cache_dir=ctx.cache_dir, token=ctx.token, revision=ctx.revision,
+            local_files_only=ctx.local_files_only,
+        )
+
+    def apply_kwargs(self, ctx: LoadContext, kwargs: dict[str, Any]) -> None:
+        if "attn_implementation" in kwargs:
+            ctx.config._attn_implementation = kwargs.pop("attn_implementation")
+        for key in list(kwargs):
+            if hasattr(ctx.config, key):
+                setattr(ctx.config, key, kwargs.pop(key))
+
+    def resolve_dtype(self, ctx: LoadContext, requested: DtypeArg) -> torch.dtype | None:
+        if requested is None and int(_transformers_version().split(".")[0]) >= 5:
+            requested = "auto"  # transformers 5 loads in the checkpoint's dtype unless told otherwise
+        return super().resolve_dtype(ctx, requested)
+
+    # -- build and plan ----------------------------------------------------------------------------
+    def build_model(self, ctx: LoadContext) -> nn.Module:
+        assert ctx.model_class is not None  # set by model_class(), which always returns a class here
+        return ctx.model_class(ctx.config)
+
+    def keep_in_fp32_modules(self, ctx: LoadContext) -> list[str]:
+        assert ctx.model is not None
+        keep: dict[str, None] = {}
+        for module in ctx.model.modules():  # transformers 5 gathers them on the top model, older ones not
+            if ctx.dtype == torch.float16:
+                keep.update(dict.fromkeys(getattr(module, "_keep_in_fp32_modules", None) or ()))
+            if ctx.dtype in (torch.float16, torch.bfloat16):
+                keep.update(dict.fromkeys(getattr(module, "_keep_in_fp32_modules_strict", None) or ()))
+        return list(keep)
+
+    # -- keys --------------------------------------------------------------------------------------
+    def rename_key(self, key: str, ctx: LoadContext) -> str | None:
+        renames = ctx.cache.get("transformers_renames")
+        if renames is None:
+            renames = ctx.cache["transformers_renames"] = self._renames(ctx)
+        return renames.get(key, key)
+
+    def _renames(self, ctx: LoadContext) -> dict[str, str]:
+        """transformers' registered renames for this model, applied to every checkpoint key at once."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # transformers 4: no conversion registry; prefix handling still applies
+            return {}
+        assert ctx.model is not None
+        transforms = get_model_conversion_mapping(ctx.model, None, None)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renames: dict[str, str] = {}
+        converted: list[str] = []
+        for key in self.checkpoint(ctx).scan():
+            new, pattern = rename_source_key(key, renamings, converters)
+            if pattern is not None:
+                converted.append(f"{key} ({pattern})")
+            elif new != key:
+                renames[key] = new
+        if converted:
+            raise CheckpointError(
+                f"{len(converted)} tensor(s) of {ctx.name_or_path!r} must be merged or split by transformers' "
+                f"weight conversions before they fit {type(ctx.model).__name__}: {summarize(converted)}. "
+                "hf_bigmodel only renames keys; load the model once with transformers and save_pretrained() "
+                "it in the current layout.",
+                path=str(ctx.files.checkpoint) if ctx.files else None,
+            )
+        return renames
+
+    def ignore_unexpected_key(self, key: str, ctx: LoadContext) -> bool:
+        pattern = ctx.cache.get("transformers_ignore")
+        if pattern is None:
+            assert ctx.model is not None
+            patterns = set(getattr(ctx.model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            alternatives = "|".join(f"(?:{p})" for p in patterns) or "(?!)"  # (?!): matches nothing
+            pattern = ctx.cache["transformers_ignore"] = re.compile(alternatives)
+        return pattern.search(key) is not None
+
+    # -- missing weights and fix-ups ---------------------------------------------------------------
+    def init_missing(self, ctx: LoadContext, names: Sequence[str]) -> None:
+        """Materialise missing tensors on CPU; run the owning (sub-)model's ``_init_weights`` on their modules."""
+        from transformers import PreTrainedModel
+
+        assert ctx.model is not None
+        modules = self.materialize(ctx, names)
+        models = {n: m for n, m in ctx.model.named_modules() if isinstance(m, PreTrainedModel)}
+        with torch.no_grad():
+            for module_name, module in modules.items():
+                init: Callable[[nn.Module], None] = models[owner(module_name, models) or ""]._init_weights
+                init(module)
+
+    def after_load(self, ctx: LoadContext) -> None:
+        model, config = ctx.model, ctx.config
+        assert model is not None
+        if ctx.dtype is not None:
+            config.dtype = ctx.dtype
+        config.name_or_path = ctx.name_or_path
+        can_generate = getattr(model, "can_generate", None)
+        if callable(can_generate) and can_generate():
+            model.generation_config = self._generation_config(ctx)
+
+    def _generation_config(self, ctx: LoadContext) -> Any:
+        """``generation_config.json`` when the model has one, else one derived from ``config.json``."""
+        from transformers import GenerationConfig
+
+        try:
+            path = resolve_config(ctx.name_or_path, **ctx.hub_kwargs, config_name="generation_config.json")
+        except (ModelFileNotFoundError, OfflineCacheMissError):
+            assert ctx.config_file is not None
+            return GenerationConfig.from_pretrained(
+                str(ctx.config_file.parent), config_file_name="config.json", _from_model_config=True
+            )
+        return GenerationConfig.from_pretrained(str(path.parent))
+
+
+def _auto_map_refs(auto_map: Mapping[str, Any]) -> list[str]:
+    """Every ``module.Class`` reference of an ``auto_map`` (values may be lists: ``[slow, fast]``)."""
+    refs: list[str] = []
+    for value in auto_map.values():
+        for ref in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(ref, str):
+                refs.append(ref)
+    return refs
+
+
+def _class_of(reference: str) -> str:
+    """``"org/repo--module.Class"`` (code in another repo) or ``"module.Class"`` -> ``"Class"``."""
+    return reference.split("--", 1)[-1].rsplit(".", 1)[-1]
