@@ -329,9 +329,11 @@ def test_disk_offload_rebuilds_a_damaged_folder_with_a_warning(offloaded, caplog
 
 
 def test_load_offload_index_errors_are_offload_errors(tmp_path):
-    with pytest.raises(OffloadError, match="has no index.json; nothing was offloaded there"):
+    with pytest.raises(OffloadError, match="has no index.json; nothing was offloaded there") as info:
         load_offload_index(tmp_path)
+    assert str(tmp_path) in str(info.value)
     assert issubclass(OffloadError, OSError) and not issubclass(OffloadError, CheckpointError)
     os.mkdir(tmp_path / "index.json")
-    with pytest.raises(OffloadError, match="Cannot read"):
+    with pytest.raises(OffloadError, match="Cannot read") as info:
         load_offload_index(tmp_path)
+    assert str(tmp_path / "index.json") in str(info.value) and "Is a directory" in str(info.value)

@@ -174,18 +174,16 @@ def read_tensor(entry: TensorEntry, *, fd: int | None = None, out: torch.Tensor 
     """Read one tensor into fresh (or the given ``out``, uint8, >= nbytes) CPU memory with ``pread``."""
     nbytes = entry.nbytes
     buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-    own_fd = fd is None
-    if own_fd:
-        fd = os.open(entry.path, os.O_RDONLY)
+    handle = os.open(entry.path, os.O_RDONLY) if fd is None else fd
     try:
-        view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")
+        view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
         done = 0
         while done < nbytes:
-            n = os.preadv(fd, [view[done:]], entry.start + done)
+            n = os.preadv(handle, [view[done:]], entry.start + done)
             if n <= 0:
                 raise _corrupt(entry.path, f"reading {entry.key!r} stopped at byte {entry.start + done}")
             done += n
     finally:
-        if own_fd:
-            os.close(fd)
+        if fd is None:
+            os.close(handle)
     return buffer.view(entry.dtype).reshape(entry.shape) if nbytes else torch.empty(entry.shape, dtype=entry.dtype)
