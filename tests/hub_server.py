@@ -15,6 +15,7 @@ No xet headers are ever sent, so the client always downloads over plain HTTP.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -131,7 +132,8 @@ class HubServer:
     def __init__(self, *, token: str = "hf_test_token", host: str = "127.0.0.1", port: int = 0) -> None:
         self.token = token
         self._repos: dict[str, Repo] = {}
-        self._requests: list[RecordedRequest] = []
+        self._requests: list[tuple[int, RecordedRequest]] = []  # (arrival number, request)
+        self._arrivals = itertools.count()
         self._faults: dict[tuple[str | None, str], int] = {}
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -221,7 +223,7 @@ class HubServer:
     @property
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
-            return list(self._requests)
+            return [r for _, r in sorted(self._requests, key=lambda item: item[0])]
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -250,9 +252,13 @@ class HubServer:
                     return self._faults.pop(key)
         return None
 
-    def _record(self, request: RecordedRequest) -> None:
+    def _arrival(self) -> int:
         with self._lock:
-            self._requests.append(request)
+            return next(self._arrivals)
+
+    def _record(self, arrival: int, request: RecordedRequest) -> None:
+        with self._lock:  # logged when answered, listed in arrival order
+            self._requests.append((arrival, request))
 
     # -- lookups used by the handler --------------------------------------------------------------
     def _repo(self, repo_id: str, authorization: str | None) -> Repo:
@@ -309,6 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _dispatch(self, *, head: bool) -> None:
+        arrival = self.hub._arrival()
         split = urlsplit(self.path)
         auth = self.headers.get("Authorization")
         rng = self.headers.get("Range")
@@ -337,7 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.hub._record(
-                RecordedRequest(self.command, split.path, status, rng, auth, interrupted=interrupted, **info)
+                arrival,
+                RecordedRequest(self.command, split.path, status, rng, auth, interrupted=interrupted, **info),
             )
 
     def _send_error(self, err: _Abort, *, head: bool) -> None:
