@@ -1,0 +1,122 @@
+"""A pretrained model built empty from its config alone, with the steps ``load_pretrained_dispatched`` runs.
+
+Used by ``hf-bigmodel plan`` (which must not download weights) and by ``demo`` (to size the budget
+before loading). The loader chosen, the dtype, the no-split classes and the float32-kept modules are
+the ones a real load uses, so a plan made here is the plan the load makes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..dtypes import matches_module
+from ..empty import init_empty_weights
+from ..hub import resolve_config
+from ..loading import model_tensors
+from ..pretrained import LoadContext, PretrainedLoader
+
+__all__ = ["EmptyModel", "build_empty_model", "prepare"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmptyModel:
+    """A model on the meta device and what planning it needs."""
+
+    model: nn.Module
+    loader: PretrainedLoader
+    ctx: LoadContext
+    dtype: torch.dtype | None
+    no_split: list[str] = field(default_factory=list)
+    special_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+
+def _is_local(name: str, subfolder: str | None) -> bool:
+    folder = Path(name) / subfolder if subfolder else Path(name)
+    return folder.is_dir()
+
+
+def _config_names_dtype(raw: dict[str, object]) -> bool:
+    return any(isinstance(raw.get(k), str) and raw.get(k) != "auto" for k in ("dtype", "torch_dtype"))
+
+
+def prepare(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    loader: PretrainedLoader | type[PretrainedLoader] | None = None,
+) -> tuple[LoadContext, PretrainedLoader]:
+    """The first steps of a load: fetch and read the config, pick the loader, resolve the model class.
+
+    Cheap (one small download at most, nothing built), so commands can check a model before loading it.
+
+    Example::
+
+        ctx, loader = prepare("path/to/tiny-llama")
+        ctx.model_class  # <class 'transformers...LlamaForCausalLM'>
+    """
+    from ..integrations import select_loader
+    from ..pretrained import _read_json
+
+    ctx = LoadContext(name_or_path, subfolder=subfolder or None, revision=revision)
+    ctx.config_file = resolve_config(name_or_path, **ctx.hub_kwargs)
+    ctx.raw_config = _read_json(ctx.config_file)
+    chosen = select_loader(loader, ctx.raw_config)
+    logger.info("%s: config read, loader %s", name_or_path, type(chosen).__name__)
+    ctx.config = chosen.read_config(ctx)
+    ctx.model_class = chosen.model_class(ctx, None)
+    chosen.apply_kwargs(ctx, {})
+    return ctx, chosen
+
+
+def build_empty_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    loader: PretrainedLoader | type[PretrainedLoader] | None = None,
+) -> EmptyModel:
+    """Fetch only the config of ``name_or_path`` and build its model on the meta device.
+
+    ``dtype`` is ``--dtype`` (``None``: the family's default). When that default is "the checkpoint's
+    dtype" and the config does not say it, a local model's weight headers are read; for a Hub repo
+    nothing more is downloaded, a warning says so and sizes use the dtypes the model is built with.
+
+    Example::
+
+        empty = build_empty_model("path/to/tiny-llama", dtype=torch.float16)
+        empty.model.model.layers[0].mlp.up_proj.weight.device  # device(type='meta')
+    """
+    ctx, chosen = prepare(name_or_path, revision=revision, subfolder=subfolder, loader=loader)
+    needs_weights = dtype in (None, "auto") and not _config_names_dtype(ctx.raw_config)
+    if needs_weights and _is_local(name_or_path, subfolder):
+        ctx.files = chosen.resolve_files(ctx)  # local: only headers are read, nothing is copied
+    try:
+        ctx.dtype = chosen.resolve_dtype(ctx, dtype)
+    except RuntimeError:
+        if ctx.files is not None:
+            raise
+        # The loader wants the checkpoint's dtype, which only the weights tell: plan in the build dtypes.
+        logger.warning(
+            "The config of %s names no dtype and planning downloads no weights: sizes assume the dtypes the "
+            "model is built with (float32 for most). Pass --dtype to plan for another.", name_or_path,
+        )
+        ctx.dtype = None
+    from ..pretrained import _default_dtype
+
+    with init_empty_weights(), _default_dtype(ctx.dtype):
+        ctx.model = chosen.build_model(ctx)
+    keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
+    special = {
+        name: torch.float32 for name, slot in model_tensors(ctx.model).items()
+        if keep and slot.tensor.is_floating_point() and matches_module(name, keep)
+    }
+    return EmptyModel(ctx.model, chosen, ctx, ctx.dtype, chosen.no_split_modules(ctx), special)

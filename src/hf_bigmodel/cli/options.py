@@ -1,0 +1,72 @@
+"""Reading the options the commands share: ``--max-memory DEVICE=SIZE`` and ``--dtype``.
+
+Mistakes raise ``argparse.ArgumentError`` (exit status 2) naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from ..devices import Device, get_max_memory
+from ..dtypes import resolve_dtype
+from ..errors import InvalidMaxMemoryError
+
+__all__ = ["parse_dtype", "parse_max_memory", "usage_error"]
+
+
+def usage_error(message: str) -> argparse.ArgumentError:
+    """The exception for a command-line mistake; ``main`` prints it as one line and exits with 2."""
+    return argparse.ArgumentError(None, message)
+
+
+def parse_max_memory(values: Sequence[str]) -> dict[Device, int] | None:
+    """``["cpu=2GiB", "0=10GiB,1=10GiB"]`` -> ``{0: 10737418240, 1: ..., "cpu": 2147483648}``; ``[]`` -> ``None``.
+
+    Devices are not checked against this machine (planning for a GPU you do not have is allowed;
+    loading checks them). Raises ``argparse.ArgumentError`` for a missing ``=``, a repeated device,
+    an unknown device or an unreadable size.
+
+    >>> parse_max_memory(["cpu=1GiB", "0=2GiB"])
+    {0: 2147483648, 'cpu': 1073741824}
+    """
+    raw: dict[int | str, int | str] = {}
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, size = item.partition("=")
+            key, size = key.strip(), size.strip()
+            if not sep or not key or not size:
+                raise usage_error(
+                    f"argument --max-memory: {item!r} is not DEVICE=SIZE; write e.g. 'cpu=2GiB' or '0=10GiB' "
+                    "(0 is GPU 0)."
+                )
+            if key in raw:
+                raise usage_error(f"argument --max-memory: {key!r} is given twice ({raw[key]!r} and {size!r}).")
+            raw[key] = size
+    if not raw:
+        return None
+    try:
+        return get_max_memory(raw, check_devices=False)
+    except InvalidMaxMemoryError as err:
+        raise usage_error(f"argument --max-memory: {err}") from None
+
+
+def parse_dtype(text: str | None) -> torch.dtype | str | None:
+    """``"fp16"`` -> ``torch.float16``; ``"auto"`` stays ``"auto"``; ``None`` stays ``None``.
+
+    >>> parse_dtype("bf16")
+    torch.bfloat16
+    """
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return resolve_dtype(text)
+    except ValueError as err:
+        raise usage_error(f"argument --dtype: {err}") from None

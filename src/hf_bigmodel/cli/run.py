@@ -1,0 +1,120 @@
+"""``hf-bigmodel run``: load a model dispatched, generate greedily from a prompt, report the speed.
+
+The generated text is the only thing on stdout; huggingface_hub's download bars, hf_bigmodel's
+loading bars and the closing timing line go to stderr, so ``hf-bigmodel run ... > out.txt`` keeps
+just the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..devices import Device, device_rank, is_offload_target, torch_device
+from ..errors import ModelClassNotFoundError
+from ..sizes import format_size
+from .model import prepare
+from .options import parse_dtype, parse_max_memory
+
+__all__ = ["execution_device", "run_command"]
+
+logger = logging.getLogger(__name__)
+
+
+def execution_device(device_map: Mapping[str, Device]) -> torch.device:
+    """Where inputs go for a dispatched model: its first accelerator, else the CPU.
+
+    >>> execution_device({"embed": 0, "layers": "cpu", "head": "disk"})
+    device(type='cuda', index=0)
+    """
+    accelerators = sorted((d for d in device_map.values() if not is_offload_target(d)), key=device_rank)
+    return torch_device(accelerators[0]) if accelerators else torch.device("cpu")
+
+
+def _placement_summary(device_map: Mapping[str, Device]) -> str:
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return ", ".join(f"{n} on {d}" for d, n in counts.items())
+
+
+def _load_tokenizer(name: str, *, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"No tokenizer could be loaded from {name!r} ({first}). Pass --tokenizer with a folder or repo id "
+            "that has one."
+        ) from err
+
+
+def _check_can_generate(model_class: type[nn.Module] | None, name: str) -> None:
+    """Fail before loading anything when the config's model class has no ``generate``."""
+    can = getattr(model_class, "can_generate", None)
+    if model_class is None or not callable(getattr(model_class, "generate", None)) or (callable(can) and not can()):
+        class_name = getattr(model_class, "__name__", "a model without a class")
+        raise ModelClassNotFoundError(
+            f"{name!r} loads as {class_name}, which cannot generate text. 'run' needs a causal or seq2seq "
+            "language model (its config's architectures, e.g. LlamaForCausalLM or T5ForConditionalGeneration)."
+        )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``hf-bigmodel run``: print the prompt's greedy continuation, then load time and tokens per second."""
+    from ..pretrained import load_pretrained_dispatched
+
+    budgets = parse_max_memory(args.max_memory)
+    dtype = parse_dtype(args.dtype)
+    ctx, _ = prepare(args.model, revision=args.revision, subfolder=args.subfolder)
+    _check_can_generate(ctx.model_class, args.model)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, revision=None if args.tokenizer else args.revision)
+
+    start = time.perf_counter()
+    model = load_pretrained_dispatched(
+        args.model, device_map="auto", torch_dtype=dtype, max_memory=budgets, offload_folder=args.offload_folder,
+        no_split_module_classes=args.no_split or None, revision=args.revision, subfolder=args.subfolder,
+    )
+    load_seconds = time.perf_counter() - start
+    device_map: dict[str, Device] = dict(getattr(model, "hf_device_map", {"": "cpu"}))
+    logger.info("Placement: %s", device_map)
+
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(execution_device(device_map))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(  # type: ignore[operator]
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+        )
+    generate_seconds = time.perf_counter() - start
+
+    is_decoder_only = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    prompt_length = inputs["input_ids"].shape[1] if is_decoder_only else 0
+    new_tokens = output[0, prompt_length:]
+    if is_decoder_only:  # as transformers' pipeline does: the prompt as typed, then what decoding added
+        full = tokenizer.decode(output[0], skip_special_tokens=True)
+        echoed = tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True)
+        text = args.prompt + full[len(echoed):]
+    else:
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    print(text)
+    sys.stdout.flush()
+    count = int(new_tokens.numel()) - (0 if is_decoder_only else 1)  # seq2seq output starts with the start token
+    speed = count / generate_seconds if generate_seconds > 0 else float("inf")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    print(
+        f"Loaded {type(model).__name__} in {load_seconds:.2f} s ({_placement_summary(device_map)}; "
+        f"{format_size(weights)} resident); generated {count} tokens in {generate_seconds:.2f} s "
+        f"({speed:.1f} tokens/s).",
+        file=sys.stderr,
+    )
+    return 0
