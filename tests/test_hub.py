@@ -117,16 +117,22 @@ def test_torch_fallback_when_only_bin(hub: HubServer, tmp_path: Path) -> None:
     _same_bytes(files, path)
 
 
-def test_diffusers_subfolder(hub: HubServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharded", [False, True])
+def test_diffusers_subfolder(hub: HubServer, tmp_path: Path, sharded: bool) -> None:
     from diffusers import UNet2DConditionModel
 
-    path, components = save_tiny_sd_components(tmp_path / "sd")
+    path, components = save_tiny_sd_components(tmp_path / "sd", sharded=sharded)
     commit = hub.add_repo("tiny-org/sd", path)
     files = resolve_model_files("tiny-org/sd", subfolder="unet")
     assert files.subfolder == "unet" and files.commit_hash == commit
     assert files.folder.name == "unet" and files.config_file == files.folder / "config.json"
-    assert [p.name for p in files.weight_files] == ["diffusion_pytorch_model.safetensors"]
-    assert hub.downloaded_files() == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    if sharded:
+        shards = _shards(path / "unet", "diffusion_pytorch_model.safetensors.index.json")
+        assert len(shards) > 1 and [p.name for p in files.weight_files] == shards
+        expected = ["config.json", "diffusion_pytorch_model.safetensors.index.json", *shards]
+    else:
+        expected = ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert hub.downloaded_files() == [f"unet/{name}" for name in expected]
     _same_bytes(files, path, "unet")
 
     unet = UNet2DConditionModel.from_pretrained(files.folder)
