@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ class TinyMLPLoader(PretrainedLoader):
     weight_names = (WEIGHTS_NAME,)
 
     @classmethod
-    def can_load(cls, config: dict[str, Any]) -> bool:
+    def can_load(cls, config: Mapping[str, Any]) -> bool:
         return config.get("family") == "tinymlp"
 
     def read_config(self, ctx: LoadContext) -> TinyMLPConfig:
@@ -140,12 +141,13 @@ def main(argv: list[str]) -> int:
         reference = save_tinymlp(folder)
         total = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
         model = load_pretrained_dispatched(folder, loader=TinyMLPLoader, max_memory={"cpu": total // 2})
-        logger.info("device map: %s", model.hf_device_map)
+        placement: dict[str, int | str] = model.hf_device_map  # type: ignore[assignment]  # set by dispatch
+        logger.info("device map: %s", placement)
         x = torch.randn(4, reference.config.width)
         with torch.no_grad():
             same = torch.allclose(model(x), reference(x))
         logger.info("outputs match the in-memory model: %s", same)
-        return 0 if same and "disk" in model.hf_device_map.values() else 1
+        return 0 if same and "disk" in placement.values() else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,6 +112,20 @@ def test_gpt2_head_shares_the_embedding_storage_in_ram(saved):
     assert model.lm_head.weight.device.type == "cpu"
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_head_stored_twice_is_tied_only_when_equal(tmp_path, same):
+    path = save_tiny_gpt2(tmp_path / "gpt2", with_tokenizer=False).path
+    tensors = load_file(path / "model.safetensors")
+    head = tensors["transformer.wte.weight"].clone()
+    tensors["lm_head.weight"] = head if same else head + 0.5
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+    model = load_pretrained_dispatched(path)
+    shared = model.lm_head.weight is model.transformer.wte.weight
+    assert shared == same == (reference.lm_head.weight is reference.transformer.wte.weight)
+    torch.testing.assert_close(outputs(model), outputs(reference), rtol=0, atol=0)
+
+
 def test_llama_is_sharded_and_keeps_its_rotary_frequencies(saved):
     path = saved["llama-sharded"]
     assert len(list(path.glob("model-*.safetensors"))) > 1
@@ -181,18 +196,33 @@ def test_head_checkpoint_into_the_base_model_drops_the_head(tmp_path):
     torch.testing.assert_close(outputs(model), outputs(reference), rtol=0, atol=0)
 
 
-def test_base_llama_into_causal_lm_gets_an_initialised_head(tmp_path):
+@pytest.mark.parametrize("with_folder", [False, True])
+def test_base_llama_into_causal_lm_gets_an_initialised_head(tmp_path, with_folder):
     head = save_tiny_llama(tmp_path / "head").path
     base = tmp_path / "base"
     transformers.AutoModel.from_pretrained(head).save_pretrained(base)
-    model = load_pretrained_dispatched(base, model_class=transformers.LlamaForCausalLM, device_map={"": "disk"})
+    folder = tmp_path / "offload" if with_folder else None
+    model = load_pretrained_dispatched(base, model_class=transformers.LlamaForCausalLM, device_map={"": "disk"},
+                                       offload_folder=folder)
     reference = transformers.AutoModel.from_pretrained(base)
     with torch.no_grad():
         torch.testing.assert_close(model.model(PROMPT).last_hidden_state, reference(PROMPT).last_hidden_state,
                                    rtol=0, atol=0)
         assert torch.isfinite(model(PROMPT).logits).all()
-    lm_head = getattr(model, OFFLOAD_ATTR)["lm_head.weight"]
-    assert 0.005 < lm_head.std().item() < 0.04
+    weights = getattr(model, OFFLOAD_ATTR)
+    assert weights.is_on_disk("lm_head.weight") == with_folder  # the new head is written to the folder if any
+    assert 0.005 < weights["lm_head.weight"].std().item() < 0.04
+
+
+def test_torch_checkpoint_on_disk_needs_an_offload_folder(tmp_path):
+    path = save_tiny_gpt2(tmp_path / "bin", safe_serialization=False, with_tokenizer=False).path
+    assert (path / "pytorch_model.bin").is_file() and not list(path.glob("*.safetensors"))
+    with pytest.raises(OSError, match="offload_folder="):
+        load_pretrained_dispatched(path, device_map={"": "disk"})
+    model = load_pretrained_dispatched(path, device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert list((tmp_path / "offload").glob("*.safetensors"))
+    torch.testing.assert_close(outputs(model), outputs(reference), rtol=0, atol=0)
 
 
 def test_auto_dtype_reads_the_config_then_the_weights(tmp_path):

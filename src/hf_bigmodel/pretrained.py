@@ -214,7 +214,7 @@ class PretrainedLoader:
         their modules; a module without one makes the load fail listing the tensors.
         """
         modules = self.materialize(ctx, names)
-        failed = []
+        failed: list[str] = []
         with torch.no_grad():
             for module_name, module in modules.items():
                 reset = getattr(module, "reset_parameters", None)
@@ -252,7 +252,7 @@ def _model(ctx: LoadContext) -> nn.Module:
 def load_pretrained_dispatched(
     pretrained_model_name_or_path: str | os.PathLike[str],
     *,
-    device_map: str | int | torch.device | Mapping[str, int | str | torch.device] = "auto",
+    device_map: str | int | torch.device | Mapping[str, int | str | torch.device] | None = "auto",
     torch_dtype: DtypeArg = None,
     max_memory: Mapping[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
@@ -270,7 +270,7 @@ def load_pretrained_dispatched(
     """Load a pretrained model (local folder or Hub repo id) straight into a device map.
 
     The model is built empty (meta), planned with ``device_map`` (``"auto"``, ``"balanced"``,
-    ``"balanced_low_0"``, ``"sequential"``, one device, or a dict) within ``max_memory``, then loaded
+    ``"balanced_low_0"``, ``"sequential"``, one device, a dict; ``None``: CPU) within ``max_memory``, then loaded
     shard by shard: modules planned on ``"disk"`` read their weights in place from safetensors
     checkpoints (torch checkpoints need ``offload_folder``). The result is in eval mode with
     ``hf_device_map`` set. Only the config, index and needed shards are downloaded.
@@ -347,7 +347,7 @@ def load_pretrained_dispatched(
     from .planning import resolve_device_map
 
     plan = resolve_device_map(
-        model, device_map, max_memory=max_memory, no_split_module_classes=no_split, dtype=ctx.dtype,
+        model, "cpu" if device_map is None else device_map, max_memory=max_memory, no_split_module_classes=no_split, dtype=ctx.dtype,
         special_dtypes=special, offload_buffers=offload_buffers,
     )
     report = load_checkpoint(

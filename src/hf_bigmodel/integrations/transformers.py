@@ -80,7 +80,7 @@ class TransformersLoader(PretrainedLoader):
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from err
 
-    def model_class(self, ctx: LoadContext, requested: type[nn.Module] | str | None) -> type[nn.Module]:
+    def model_class(self, ctx: LoadContext, requested: Any) -> type[nn.Module]:
         import transformers
 
         if requested is None:
@@ -184,7 +184,7 @@ class TransformersLoader(PretrainedLoader):
         except ImportError:  # transformers 4: no conversion registry; prefix handling still applies
             return {}
         assert ctx.model is not None
-        transforms = get_model_conversion_mapping(ctx.model, None, None)
+        transforms = get_model_conversion_mapping(ctx.model, None, None)  # type: ignore[arg-type]
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         renames: dict[str, str] = {}
@@ -236,6 +236,7 @@ class TransformersLoader(PretrainedLoader):
         can_generate = getattr(model, "can_generate", None)
         if callable(can_generate) and can_generate():
             model.generation_config = self._generation_config(ctx)
+        _retie_equal(model)
 
     def _generation_config(self, ctx: LoadContext) -> Any:
         """``generation_config.json`` when the model has one, else one derived from ``config.json``."""
@@ -249,6 +250,23 @@ class TransformersLoader(PretrainedLoader):
                 str(ctx.config_file.parent), config_file_name="config.json", _from_model_config=True
             )
         return GenerationConfig.from_pretrained(str(path.parent))
+
+
+def _retie_equal(model: nn.Module) -> None:
+    """Tie again the ``_tied_weights_keys`` pairs a checkpoint stored twice with equal values (``.bin`` files do).
+
+    Loading gave each stored name its own tensor; transformers ties equal pairs and leaves different ones
+    untied, and so does this.
+    """
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        try:
+            a, b = model.get_parameter(target), model.get_parameter(source)
+        except AttributeError:
+            continue
+        if a is not b and a.device == b.device and a.device.type != "meta" and a.dtype == b.dtype \
+                and a.shape == b.shape and torch.equal(a, b):
+            module, _, leaf = target.rpartition(".")
+            model.get_submodule(module)._parameters[leaf] = b
 
 
 def _auto_map_refs(auto_map: Mapping[str, Any]) -> list[str]:
