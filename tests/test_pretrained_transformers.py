@@ -278,3 +278,19 @@ def test_remote_code_needs_trust(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelClassNotFoundError, match=r"'FancyForCausalLM'.*trust_remote_code=True"):
         load_pretrained_dispatched(path)
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_disk_split_matches_from_pretrained_on_the_gpu(saved):
+    path = saved["llama-sharded"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).to("cuda:0")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    model = load_pretrained_dispatched(path, device_map=device_map)
+    assert model.hf_device_map == device_map and model.device == torch.device("cuda", 0)
+    with torch.no_grad():
+        got = model(PROMPT.to("cuda:0")).logits
+        expected = reference(PROMPT.to("cuda:0")).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(PROMPT.to("cuda:0"), max_new_tokens=6, do_sample=False),
+                       reference.generate(PROMPT.to("cuda:0"), max_new_tokens=6, do_sample=False))

@@ -130,7 +130,7 @@ class PretrainedLoader:
             if isinstance(ctx.config, dict):
                 if key in ctx.config:
                     ctx.config[key] = kwargs.pop(key)
-            elif ctx.config is not None and hasattr(ctx.config, key):
+            elif hasattr(ctx.config, key) and not callable(getattr(ctx.config, key)):
                 setattr(ctx.config, key, kwargs.pop(key))
 
     def resolve_files(self, ctx: LoadContext) -> ModelFiles:
@@ -270,10 +270,10 @@ def load_pretrained_dispatched(
     """Load a pretrained model (local folder or Hub repo id) straight into a device map.
 
     The model is built empty (meta), planned with ``device_map`` (``"auto"``, ``"balanced"``,
-    ``"balanced_low_0"``, ``"sequential"``, one device, a dict; ``None``: CPU) within ``max_memory``, then loaded
-    shard by shard: modules planned on ``"disk"`` read their weights in place from safetensors
-    checkpoints (torch checkpoints need ``offload_folder``). The result is in eval mode with
-    ``hf_device_map`` set. Only the config, index and needed shards are downloaded.
+    ``"balanced_low_0"``, ``"sequential"``, one device, a dict; ``None``: CPU) within ``max_memory``,
+    then loaded shard by shard: modules planned on ``"disk"`` read their weights in place from
+    safetensors checkpoints (torch checkpoints need ``offload_folder``). The result is in eval mode
+    with ``hf_device_map`` set. Only the config, index and needed shards are downloaded.
 
     ``torch_dtype`` (or its transformers 5 spelling ``dtype=``): a dtype, ``"auto"`` (the checkpoint's:
     config ``dtype``/``torch_dtype``, else the weights'), or ``None`` for the family's own default
@@ -281,7 +281,7 @@ def load_pretrained_dispatched(
     ``model_class``: a class, a transformers Auto class (``AutoModelForSeq2SeqLM``) or a class name;
     default: the config's ``architectures[0]`` (transformers) or ``_class_name`` (diffusers, with
     ``subfolder="unet"`` for a pipeline component). ``loader``: a :class:`PretrainedLoader` subclass
-    or instance; default: the first registered loader whose ``can_load`` accepts the config, then
+    or instance; default: the latest registered loader whose ``can_load`` accepts the config, then
     diffusers (config has ``_class_name``), then transformers.
 
     Other keyword arguments override config entries, as in transformers (``output_hidden_states=True``,

@@ -146,7 +146,7 @@ class TransformersLoader(PretrainedLoader):
         if "attn_implementation" in kwargs:
             ctx.config._attn_implementation = kwargs.pop("attn_implementation")
         for key in list(kwargs):
-            if hasattr(ctx.config, key):
+            if hasattr(ctx.config, key) and not callable(getattr(ctx.config, key)):
                 setattr(ctx.config, key, kwargs.pop(key))
 
     def resolve_dtype(self, ctx: LoadContext, requested: DtypeArg) -> torch.dtype | None:
