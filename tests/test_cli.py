@@ -8,6 +8,7 @@ Most tests call ``main(argv)`` in-process; the exit-status contract is also chec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -164,9 +165,14 @@ def test_plan_of_an_unknown_hub_repo(capsys, hub) -> None:
 
 
 def test_verbose_logs_planning_decisions(capsys, llama: Path) -> None:
-    code, _, err = run_main(capsys, "plan", llama, "--max-memory", "cpu=20KB", "-v")
+    code, _, err = run_main(capsys, "plan", llama, "--max-memory", "cpu=20KB")
+    assert code == 0 and err == ""
+    code, _, err = run_main(capsys, "-v", "plan", llama, "--max-memory", "cpu=20KB")
     assert code == 0
-    assert "INFO" in err and "hf_bigmodel" in err
+    assert "hf-bigmodel: [planning] Placing model.embed_tokens" in err
+    assert "hf-bigmodel: [cli.model]" in err
+    package = logging.getLogger("hf_bigmodel")
+    assert package.propagate and not package.handlers  # main() leaves the caller's logging as it was
 
 
 # -- run --------------------------------------------------------------------------------------------
@@ -187,6 +193,19 @@ def test_run_prints_the_greedy_continuation_and_timings(capsys, llama: Path) -> 
     closing = err.strip().splitlines()[-1]
     assert re.search(r"^Loaded LlamaForCausalLM in [\d.]+ s \(.*disk.*\); generated 6 tokens in [\d.]+ s "
                      r"\([\d.]+ tokens/s\)\.$", closing), closing
+
+
+def test_run_a_hub_repo(capsys, hub, llama: Path) -> None:
+    hub.add_repo("org/tiny-llama", llama)
+    code, local, _ = run_main(capsys, "run", llama, "--prompt", "hello", "--max-new-tokens", "3")
+    assert code == 0
+    code, remote, err = run_main(capsys, "run", "org/tiny-llama", "--prompt", "hello", "--max-new-tokens", "3",
+                                 "--max-memory", "cpu=20KB")
+    assert code == 0, err
+    assert remote == local
+    downloaded = hub.downloaded_files()
+    assert "config.json" in downloaded and "tokenizer.json" in downloaded
+    assert sum(name.endswith(".safetensors") for name in downloaded) == len(list(llama.glob("*.safetensors")))
 
 
 def test_run_seq2seq(capsys, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from .options import usage_error
@@ -38,10 +39,12 @@ class _Parser(argparse.ArgumentParser):
         raise usage_error(f"{message} (see '{self.prog} --help')")
 
 
-def _add_common_options(parser: argparse.ArgumentParser, *, default: object) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true", default=default,
-                        help="log hf_bigmodel's decisions (INFO) on stderr")
-    parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback of an error")
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command; SUPPRESS keeps a subcommand from resetting a flag given before it.
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="log progress and planning decisions on stderr (-vv: everything hf_bigmodel logs)")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the full traceback of an error")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, offload: bool) -> None:
@@ -82,10 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Big-model inference from the shell: plan a device map, run a model that does not fit "
                     "in memory, or watch the offline demo.",
     )
-    _add_common_options(parser, default=False)
-    # Accepted after the command too; SUPPRESS keeps a subcommand from resetting a flag given before it.
+    _add_common_options(parser, top=True)
     common = _Parser(add_help=False)
-    _add_common_options(common, default=argparse.SUPPRESS)
+    _add_common_options(common, top=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -151,15 +153,38 @@ def _exit_status(err: BaseException) -> int:
     return EXIT_USAGE if isinstance(err, usage) else EXIT_FAILURE
 
 
-def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+class _Formatter(logging.Formatter):
+    """``hf-bigmodel: warning: ...`` for problems; ``hf-bigmodel: [planning] ...`` for progress and decisions."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{PROG}: {record.levelname.lower()}: {message}"
+        return f"{PROG}: [{record.name.removeprefix('hf_bigmodel.')}] {message}"
+
+
+@contextmanager
+def _logging_to_stderr(verbosity: int) -> Iterator[None]:
+    """0: warnings only; 1 (``-v``): progress and the planner's placement decisions; 2 (``-vv``): everything.
+
+    The loggers are restored afterwards, so calling :func:`main` in a program or a notebook leaves its
+    logging as it was.
+    """
     package = logging.getLogger("hf_bigmodel")
-    package.handlers = [h for h in package.handlers if not getattr(h, "_hf_bigmodel_cli", False)]
-    handler._hf_bigmodel_cli = True  # type: ignore[attr-defined]
+    planning = logging.getLogger("hf_bigmodel.planning")
+    saved = (package.level, package.propagate, planning.level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
     package.addHandler(handler)
-    package.setLevel(logging.INFO if verbose else logging.WARNING)
     package.propagate = False
+    package.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
+    # The planner logs each placement at DEBUG unless asked for verbose planning; -v asks for it.
+    planning.setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.level, package.propagate, planning.level = saved
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -184,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        _setup_logging(args.verbose)
-        with warnings.catch_warnings():
+        with _logging_to_stderr(args.verbose), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return _dispatch(args)
     except KeyboardInterrupt:
