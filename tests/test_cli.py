@@ -320,6 +320,7 @@ def test_demo_without_the_model_package(capsys, monkeypatch: pytest.MonkeyPatch)
         (["run", "{llama}", "--prompt", "hi", "--max-new-tokens", "0"], "must be at least 1"),
         (["run", "{llama}", "--prompt", "hi", "--max-memory", "0=1GiB"], "no such device"),
         (["run", "{config_only}", "--prompt", "hi", "--tokenizer", "{llama}"], "model.safetensors"),
+        (["run", "{config_only}", "--prompt", "hi"], "No tokenizer could be loaded"),
         (["plan"], "MODEL"),
         (["bogus"], "invalid choice"),
         (["plan", "{llama}", "--unknown-flag"], "unrecognized arguments"),

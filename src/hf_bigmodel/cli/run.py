@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..devices import Device, device_rank, is_offload_target, torch_device
-from ..errors import ModelClassNotFoundError
+from ..errors import ModelClassNotFoundError, ModelFileNotFoundError
 from ..sizes import format_size
 from .model import prepare
 from .options import parse_dtype, parse_max_memory
@@ -52,9 +52,9 @@ def _load_tokenizer(name: str, *, revision: str | None) -> Any:
         return AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(
+        raise ModelFileNotFoundError(
             f"No tokenizer could be loaded from {name!r} ({first}). Pass --tokenizer with a folder or repo id "
-            "that has one."
+            "that has one (tokenizer.json, or the files of a slow tokenizer).", repo_id=name, revision=revision,
         ) from err
 
 
