@@ -26,15 +26,16 @@ from .hooks import (
     remove_hook_from_module,
 )
 from .loading import OFFLOAD_ATTR, ModelTensor, load_checkpoint, model_tensors
-from .naming import lookup, parent
+from .naming import lookup, owner, parent
 from .offload import INDEX_NAME, DiskTensor, OffloadFolder, WeightsMap, load_offload_index
+from .prefetch import Prefetcher, prefetch_depth
 from .sizes import find_tied_parameters
 
 __all__ = [
-    "dispatch_model",
     "cpu_offload",
     "cpu_offload_with_hook",
     "disk_offload",
+    "dispatch_model",
     "load_checkpoint_and_dispatch",
 ]
 
@@ -98,6 +99,8 @@ def dispatch_model(
     skip_keys: str | Sequence[str] | None = None,
     preload_module_classes: Sequence[str] | None = None,
     force_hooks: bool = False,
+    *,
+    prefetch: int | None = None,
 ) -> nn.Module:
     """Place ``model`` per ``device_map`` and hook offloaded modules so they run on the main device.
 
@@ -106,6 +109,8 @@ def dispatch_model(
     ``state_dict``, or from the offload folder ``offload_dir``. ``skip_keys`` names inputs/outputs left
     where they are (e.g. ``"past_key_values"``); modules of ``preload_module_classes`` get all their
     subtree's weights at once. With everything on one device no hook is attached unless ``force_hooks``.
+    ``prefetch`` is how many groups of offloaded weights are fetched ahead of use (None: the default,
+    ``$HF_BIGMODEL_PREFETCH`` or 2; 0: off, each module reads its weights when it runs).
 
     Example::
 
@@ -114,7 +119,7 @@ def dispatch_model(
     return _dispatch(
         model, device_map, main_device=main_device, state_dict=state_dict, offload_dir=offload_dir,
         offload_index=offload_index, offload_buffers=offload_buffers, skip_keys=skip_keys,
-        preload_module_classes=preload_module_classes, force_hooks=force_hooks,
+        preload_module_classes=preload_module_classes, force_hooks=force_hooks, prefetch=prefetch,
     )
 
 
@@ -131,9 +136,11 @@ def _dispatch(
     preload_module_classes: Sequence[str] | None = None,
     force_hooks: bool = False,
     offload_cpu: bool | None = None,
+    prefetch: int | None = None,
 ) -> nn.Module:
     from .planning import check_device_map
 
+    depth = prefetch_depth(prefetch)
     dm = check_device_map(model, device_map)
     _check_present(set(dm.values()))
     recorded = getattr(model, OFFLOAD_ATTR, None)
@@ -256,6 +263,7 @@ def _dispatch(
         added.append(model)
         units = _units(model, streamed, dm, preload_module_classes or ())
         shared: dict[str, torch.Tensor] = {}
+        unit_hooks: list[tuple[str, AlignDevicesHook]] = []
         for unit, names in units.items():
             module = model.get_submodule(unit) if unit else model
             dot = len(unit) + 1 if unit else 0
@@ -265,6 +273,10 @@ def _dispatch(
             )
             add_hook_to_module(module, hook, append=True)
             added.append(module)
+            unit_hooks.append((str(owner(names[0], dm)), hook))
+        fetcher = Prefetcher.create(unit_hooks, depth=depth, device=torch_device(main))
+        for _, hook in unit_hooks:
+            hook.fetcher = fetcher
         executions = {execution(d) for d in devices}
         if len(executions) > 1:  # model parallel: each mapped module pulls its inputs to its device
             for key, device in dm.items():
@@ -275,7 +287,7 @@ def _dispatch(
                     added.append(module)
     except BaseException:
         for module in added:
-            remove_hook_from_module(module)
+            remove_hook_from_module(module)  # closes the prefetcher too
         raise
     setattr(model, OFFLOAD_ATTR, weights)
     _finish(model, dm, main)
@@ -323,6 +335,8 @@ def cpu_offload(
     offload_buffers: bool = False,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     preload_module_classes: Sequence[str] | None = None,
+    *,
+    prefetch: int | None = None,
 ) -> nn.Module:
     """Keep every weight in RAM and bring each module's weights to ``execution_device`` only while it runs.
 
@@ -334,7 +348,7 @@ def cpu_offload(
         execution_device = 0 if torch.cuda.is_available() else "cpu"
     return _dispatch(
         model, {"": "cpu"}, main_device=execution_device, state_dict=state_dict, offload_buffers=offload_buffers,
-        preload_module_classes=preload_module_classes, force_hooks=True, offload_cpu=True,
+        preload_module_classes=preload_module_classes, force_hooks=True, offload_cpu=True, prefetch=prefetch,
     )
 
 
@@ -362,6 +376,8 @@ def disk_offload(
     execution_device: int | str | torch.device | None = None,
     offload_buffers: bool = False,
     preload_module_classes: Sequence[str] | None = None,
+    *,
+    prefetch: int | None = None,
 ) -> nn.Module:
     """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
 
@@ -413,7 +429,7 @@ def disk_offload(
     setattr(model, OFFLOAD_ATTR, weights)
     return _dispatch(
         model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers,
-        preload_module_classes=preload_module_classes, force_hooks=True,
+        preload_module_classes=preload_module_classes, force_hooks=True, prefetch=prefetch,
     )
 
 
@@ -433,6 +449,8 @@ def load_checkpoint_and_dispatch(
     strict: bool = False,
     full_state_dict: bool = True,
     broadcast_from_rank0: bool = False,
+    *,
+    prefetch: int | None = None,
 ) -> nn.Module:
     """Plan (for a strategy string), load ``checkpoint`` into the empty ``model``, and dispatch it.
 
@@ -467,5 +485,5 @@ def load_checkpoint_and_dispatch(
     return _dispatch(
         model, device_map, offload_dir=offload_folder,
         offload_buffers=offload_buffers, skip_keys=skip_keys, preload_module_classes=preload_module_classes,
-        force_hooks=force_hooks,
+        force_hooks=force_hooks, prefetch=prefetch,
     )

@@ -21,16 +21,16 @@ from torch import nn
 from .devices import Device, torch_device
 
 __all__ = [
-    "ModelHook",
-    "SequentialHook",
     "AlignDevicesHook",
     "CpuOffload",
+    "ModelHook",
+    "SequentialHook",
     "UserCpuOffloadHook",
     "add_hook_to_module",
+    "move_direct_tensors",
     "remove_hook_from_module",
     "remove_hook_from_submodules",
     "send_to_device",
-    "move_direct_tensors",
 ]
 
 
@@ -196,7 +196,7 @@ def _find_device(obj: Any) -> torch.device | None:
 class _Slot:
     """One tensor an offloading hook manages: where it lives in the module tree, and its idle placeholder."""
 
-    __slots__ = ("module", "leaf", "is_buffer", "name", "placeholder", "requires_grad")
+    __slots__ = ("is_buffer", "leaf", "module", "name", "placeholder", "requires_grad")
 
     def __init__(self, module: nn.Module, leaf: str, is_buffer: bool, name: str) -> None:
         self.module, self.leaf, self.is_buffer, self.name = module, leaf, is_buffer, name
@@ -254,7 +254,7 @@ class AlignDevicesHook(ModelHook):
         self.move_inputs = move_inputs
         self.slots: list[_Slot] = []
         self.input_device: torch.device | None = None
-        self.fetcher: Any = None  # set by a Prefetcher to supply weights ahead of time
+        self.fetcher: Any = None  # a prefetch.Prefetcher supplying weights ahead of time (or None)
         self._resident = False
 
     def __repr__(self) -> str:
@@ -348,6 +348,9 @@ class AlignDevicesHook(ModelHook):
 
     def detach_hook(self, module: nn.Module) -> nn.Module:
         """Leave a plain, working module: offloaded tensors are brought back into RAM for good."""
+        if self.fetcher is not None:  # its reader thread stops; the other hooks it served load on their own
+            self.fetcher.close()
+            self.fetcher = None
         if self.offload and self.weights_map is not None:
             shared: dict[int, torch.Tensor] = {}
             for slot in self.slots:

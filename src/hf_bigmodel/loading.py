@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .devices import Device, normalize_device, torch_device
+from .diskio import drop_page_cache
 from .dtypes import resolve_dtype, target_dtype
 from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
 from .naming import lookup
@@ -268,12 +269,16 @@ def load_checkpoint(
                     to_read.add(key)
             for key, value in ckpt.iter_shard(file, to_read):
                 name = wanted[key]
+                if to_disk and infos[key].entry is not None:  # offloading plan: RAM is short, drop read pages
+                    drop_page_cache(file, infos[key].entry.start, infos[key].entry.end)
                 final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
                 if dest[name] == "disk":
                     pending_disk[name] = value.to(final_dtype)
                     continue
                 value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
                 loaded[name] = set_tensor(slots[name], value)
+            if to_disk:
+                drop_page_cache(file)  # and what readahead brought in around those ranges
             if pending_disk:
                 weights.disk.update(folder.write(pending_disk, source_id=_source_id(file)))  # type: ignore[union-attr]
                 del pending_disk

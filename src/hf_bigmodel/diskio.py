@@ -1,0 +1,179 @@
+"""Reading weights without filling the page cache: O_DIRECT into aligned buffers, or fadvise after reading.
+
+A memory-limited process that streams gigabytes of offloaded weights through ordinary ``pread`` fills
+the page cache with pages it will not read again before they are evicted; under a cgroup limit those
+pages count against the process, which then thrashes or is killed. :class:`DirectReader` reads a
+tensor's bytes with ``O_DIRECT`` (the device copies straight into our buffer): it reads the aligned
+superset of the byte range into an aligned buffer and hands out a view of the exact range inside it.
+Where the filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems: ``EINVAL``) it falls back
+to buffered reads followed by ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the consumed range.
+
+``HF_BIGMODEL_DIRECT_IO=0`` turns ``O_DIRECT`` off (buffered reads, pages dropped after use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+
+import torch
+
+from .errors import CorruptCheckpointError
+from .safetensors_io import TensorEntry
+
+__all__ = ["ALIGNMENT", "DirectReader", "aligned_empty", "direct_io_enabled", "drop_page_cache", "padded_span"]
+
+logger = logging.getLogger(__name__)
+
+#: Buffer address, file offset and length alignment for O_DIRECT (the page size covers every common device).
+ALIGNMENT = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_FADVISE = hasattr(os, "posix_fadvise")
+
+
+def direct_io_enabled() -> bool:
+    """False when ``HF_BIGMODEL_DIRECT_IO`` is ``0``/``false``/``off``/``no``, or the OS has no O_DIRECT."""
+    setting = os.environ.get("HF_BIGMODEL_DIRECT_IO", "").strip().lower()
+    return bool(_O_DIRECT) and setting not in ("0", "false", "off", "no")
+
+
+def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False) -> torch.Tensor:
+    """A ``uint8`` CPU tensor of ``nbytes`` whose first byte sits at a multiple of ``alignment``.
+
+    Example::
+
+        buf = aligned_empty(1 << 20)
+        assert buf.data_ptr() % 4096 == 0
+    """
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
+    shift = (-raw.data_ptr()) % alignment
+    return raw[shift : shift + nbytes]
+
+
+def padded_span(entry: TensorEntry, alignment: int = ALIGNMENT) -> tuple[int, int]:
+    """``(first, length)``: the aligned file range covering ``entry``'s bytes (what an O_DIRECT read fetches).
+
+    >>> padded_span(TensorEntry("f", "k", torch.uint8, (10,), 4100, 4110))
+    (4096, 4096)
+    """
+    first = entry.start - entry.start % alignment
+    last = -(-entry.end // alignment) * alignment
+    return first, max(last - first, alignment if entry.end > entry.start else 0)
+
+
+class DirectReader:
+    """Reads tensors' bytes into caller-provided aligned buffers, bypassing (or dropping) the page cache.
+
+    One file descriptor per file is kept open until :meth:`close`. Thread-safe.
+
+    Example::
+
+        reader = DirectReader()
+        buf = aligned_empty(padded_span(entry)[1])
+        data = reader.read_into(entry, buf)   # uint8 view of exactly entry.nbytes bytes
+    """
+
+    def __init__(self, *, direct: bool | None = None) -> None:
+        self.direct = direct_io_enabled() if direct is None else direct
+        self._fds: dict[str, tuple[int, bool]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, path: str) -> tuple[int, bool]:
+        with self._lock:
+            found = self._fds.get(path)
+            if found is not None:
+                return found
+            fd, direct = -1, False
+            if self.direct:
+                try:
+                    fd, direct = os.open(path, os.O_RDONLY | _O_DIRECT), True
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+                    logger.debug("%s does not support O_DIRECT; reading it buffered and dropping its pages", path)
+            if fd < 0:
+                fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = (fd, direct)
+            return fd, direct
+
+    def _buffered(self, path: str, fd: int) -> None:
+        """``O_DIRECT`` was refused at read time: reopen ``path`` buffered for good."""
+        with self._lock:
+            os.close(fd)
+            self._fds[path] = (os.open(path, os.O_RDONLY), False)
+
+    def read_into(self, entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
+        """Read ``entry``'s bytes into ``buffer`` (aligned ``uint8``, at least ``padded_span(entry)[1]`` long).
+
+        Returns the ``uint8`` view of exactly ``entry.nbytes`` bytes inside ``buffer``; it starts
+        ``entry.start % ALIGNMENT`` bytes in, whichever way the bytes were read.
+        """
+        first, length = padded_span(entry)
+        if buffer.numel() < length or buffer.data_ptr() % ALIGNMENT:
+            raise ValueError(f"buffer for {entry.key!r} must be {ALIGNMENT}-aligned and hold {length} bytes")
+        skip = entry.start - first
+        if entry.nbytes == 0:
+            return buffer[skip:skip]
+        fd, direct = self._open(entry.path)
+        view = memoryview(buffer.numpy())
+        if direct:
+            try:
+                self._pread(entry, fd, view[:length], first, need=entry.end - first)
+                return buffer[skip : skip + entry.nbytes]
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                logger.debug("O_DIRECT read of %s refused (%s); falling back to buffered reads", entry.path, err)
+                self._buffered(entry.path, fd)
+                fd, _ = self._open(entry.path)
+        self._pread(entry, fd, view[skip : skip + entry.nbytes], entry.start, need=entry.nbytes)
+        if _FADVISE:
+            os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
+        return buffer[skip : skip + entry.nbytes]
+
+    @staticmethod
+    def _pread(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
+        done = 0
+        while done < need:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"{entry.path!r} ended while reading {entry.key!r} (byte {offset + done} of "
+                    f"{entry.start}..{entry.end}); the file was truncated or replaced after it was opened. "
+                    "Download or write it again.",
+                    path=entry.path,
+                )
+            done += n
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
+            self.close()
+
+
+def drop_page_cache(path: str, start: int = 0, end: int | None = None) -> None:
+    """Drop the page-cache pages of ``path``'s bytes ``start..end`` (the whole file by default).
+
+    For buffered reads whose pages will not be read again soon (streaming a checkpoint under a memory
+    cap). Clean pages only: nothing is lost. A no-op where ``posix_fadvise`` is missing.
+
+    Example::
+
+        tensor = read_tensor(entry)
+        drop_page_cache(entry.path, entry.start, entry.end)
+    """
+    if not _FADVISE:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, 0 if end is None else max(end - start, 0), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,564 @@
+"""Prefetching offloaded weights: the next groups are read while the current one computes.
+
+A :class:`Prefetcher` serves the offloading hooks of one dispatched model (``hook.fetcher``). Hooks are
+cut into *groups* (consecutive hooks of one device-map entry, e.g. a decoder layer), fetched as a
+whole. While a group runs, a background thread reads the next ``depth`` groups (cyclically: after the
+last group of a forward comes the first of the next one):
+
+- disk -> RAM into reusable aligned buffers (a pool of ``depth + 1`` of them, sized for the largest
+  group; ``O_DIRECT`` so the page cache is not filled, see :mod:`hf_bigmodel.diskio`);
+- RAM -> GPU (CUDA execution device) from pinned buffers on a side stream; the compute stream waits on
+  an event (``wait_event``) and the tensors are ``record_stream``-ed, so nothing synchronises the host.
+
+The order starts as model order and is replaced by the order recorded during the first forward. A
+hook that runs out of order falls back to a synchronous fetch of its group (and the prefetcher
+re-aligns behind it); a hook not seen in the first forward is fetched synchronously by the hook itself.
+Values are the very bytes the synchronous path reads, so outputs are bit-identical.
+
+A buffer is reused only when no tensor but the pool's own references its storage; otherwise it is
+abandoned to whoever holds it and a fresh one takes its place. Errors of the reader thread surface in
+the forward that needs the group, naming the file. The thread stops on :meth:`Prefetcher.close`
+(called when hooks are removed) or when the prefetcher is garbage-collected with its model.
+
+``HF_BIGMODEL_PREFETCH`` sets the default depth (``0`` turns prefetching off).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .diskio import ALIGNMENT, DirectReader, aligned_empty, padded_span
+from .errors import BigModelError, OffloadError, summarize
+from .naming import is_within, parent
+from .offload import DiskTensor, WeightsMap
+from .sizes import format_size
+
+__all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "HF_BIGMODEL_PREFETCH"
+DEFAULT_DEPTH = 2
+#: Device-map entries larger than this (e.g. ``{"": "disk"}``) are cut into groups of about this size.
+GROUP_BYTES = 64 * 2**20
+
+
+def prefetch_depth(prefetch: int | None = None) -> int:
+    """The prefetch depth to use: ``prefetch`` if given, else ``$HF_BIGMODEL_PREFETCH``, else 2.
+
+    >>> prefetch_depth(0)
+    0
+    """
+    source, value = "prefetch", prefetch
+    if value is None:
+        raw = os.environ.get(ENV_VAR, "").strip()
+        if not raw:
+            return DEFAULT_DEPTH
+        source = ENV_VAR
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_VAR}={raw!r} is not a whole number; set it to 0 (off), 1, 2...") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {source}: {value!r}; pass a whole number >= 0 (0 turns prefetching off).")
+    return value
+
+
+def prefetcher_of(model: nn.Module) -> Prefetcher | None:
+    """The prefetcher serving ``model``'s offloaded modules (for :meth:`Prefetcher.stats`), if any."""
+    for module in model.modules():
+        hook = module.__dict__.get("_hf_hook")
+        for h in getattr(hook, "hooks", None) or [hook]:
+            fetcher = getattr(h, "fetcher", None)
+            if isinstance(fetcher, Prefetcher):
+                return fetcher
+    return None
+
+
+def _use_count(tensor: torch.Tensor) -> int | None:
+    """References to ``tensor``'s storage (None when this torch cannot tell: buffers are then never reused)."""
+    try:
+        return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+# --- what a group needs, and where each tensor lands in its host buffer --------------------------------
+
+@dataclass
+class _Item:
+    """One distinct tensor of a group: from RAM (``memory``) or a byte range of a file (``ref``)."""
+
+    memory: torch.Tensor | None = None
+    ref: DiskTensor | None = None
+    offset: int = 0  # of the padded span in the host buffer
+    cast_offset: int = -1  # CPU execution with a dtype change: where the cast copy goes
+
+
+@dataclass
+class _Group:
+    """Hooks fetched together. Holds no reference to hooks or modules: the reader thread sees it."""
+
+    index: int
+    prefixes: list[str]  # of its hooks' modules, in order
+    items: list[_Item]
+    slots: dict[int, list[int]]  # id(hook) -> item index per slot
+    host_bytes: int
+
+    @property
+    def names(self) -> str:
+        return summarize([p or "<root>" for p in self.prefixes], 3)
+
+
+def _plan(index: int, hooks: list[Any], on_cpu: bool) -> _Group:
+    items: list[_Item] = []
+    seen: dict[Any, int] = {}
+    slots: dict[int, list[int]] = {}
+    for hook in hooks:
+        weights: WeightsMap = hook.weights_map
+        picks = []
+        for slot in hook.slots:
+            tensor = weights.memory.get(slot.name)
+            if tensor is not None:
+                key: Any = ("m", id(tensor))
+                item = _Item(memory=tensor)
+            else:
+                ref = weights.disk[slot.name]
+                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype)
+                item = _Item(ref=ref)
+            if key not in seen:
+                seen[key] = len(items)
+                items.append(item)
+            picks.append(seen[key])
+        slots[id(hook)] = picks
+    size = 0
+    for item in items:
+        if item.ref is not None:
+            item.offset = size
+            size += padded_span(item.ref.entry)[1]
+    if on_cpu:
+        for item in items:
+            if item.ref is not None and item.ref.dtype != item.ref.entry.dtype:
+                item.cast_offset = size
+                size += -(-item.ref.nbytes // ALIGNMENT) * ALIGNMENT
+    return _Group(index, [h.prefix for h in hooks], items, slots, size)
+
+
+# --- the reader thread ---------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Buffer:
+    tensor: torch.Tensor
+    baseline: int | None
+    job: _Job | None = None
+    copy_done: Any = None  # CUDA event: the last copy out of this (pinned) buffer has finished
+
+
+@dataclass(eq=False)
+class _Job:
+    items: list[_Item]
+    buffer: _Buffer | None
+    group: _Group | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    values: list[torch.Tensor] | None = None
+    error: BaseException | None = None
+    path: str | None = None  # file being read when ``error`` happened
+    event: Any = None
+    stream: Any = None  # compute stream the values were handed to
+    retired: bool = False
+
+
+def _typed(raw: torch.Tensor, ref: DiskTensor) -> torch.Tensor:
+    entry = ref.entry
+    if raw.numel() == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype, device=raw.device)
+    try:
+        return raw.view(entry.dtype).view(entry.shape)
+    except RuntimeError:  # byte offset not a multiple of the element size: copy to aligned memory
+        return raw.clone().view(entry.dtype).view(entry.shape)
+
+
+def _fetch(job: _Job, reader: DirectReader, device: torch.device, stream: Any) -> list[torch.Tensor]:
+    buf = job.buffer.tensor if job.buffer is not None else None
+    values: list[torch.Tensor] = []
+    if device.type != "cuda":
+        for item in job.items:
+            if item.memory is not None:
+                values.append(item.memory)
+                continue
+            ref = item.ref
+            assert ref is not None and buf is not None
+            job.path = ref.entry.path
+            raw = reader.read_into(ref.entry, buf[item.offset :])
+            value = _typed(raw, ref)
+            if item.cast_offset >= 0:
+                out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
+                value = out.copy_(value)
+            values.append(value)
+        return values
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        if job.buffer is not None and job.buffer.copy_done is not None:
+            job.buffer.copy_done.synchronize()  # the previous copy out of this pinned buffer has finished
+        for item in job.items:
+            if item.memory is not None:
+                values.append(item.memory.to(device, non_blocking=True))
+                continue
+            ref = item.ref
+            assert ref is not None and buf is not None
+            job.path = ref.entry.path
+            raw = reader.read_into(ref.entry, buf[item.offset :])
+            on_device = torch.empty(raw.numel(), dtype=torch.uint8, device=device)
+            on_device.copy_(raw, non_blocking=True)
+            value = _typed(on_device, ref)
+            values.append(value if ref.dtype == ref.entry.dtype else value.to(ref.dtype))
+        job.event = torch.cuda.Event()
+        job.event.record(stream)
+        if job.buffer is not None:
+            job.buffer.copy_done = job.event
+    return values
+
+
+def _reader_loop(jobs: queue.SimpleQueue[_Job | None], reader: DirectReader, device: torch.device,
+                 stream: Any) -> None:
+    try:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if not job.retired:
+                try:
+                    job.values = _fetch(job, reader, device, stream)
+                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                    job.error = err
+            job.done.set()
+            del job
+    finally:
+        reader.close()
+
+
+def _stop(jobs: queue.SimpleQueue[_Job | None], thread: threading.Thread) -> None:
+    jobs.put(None)
+    if thread is not threading.current_thread():
+        thread.join(timeout=30)
+
+
+# --- the main-thread side ------------------------------------------------------------------------------
+
+class Prefetcher:
+    """Fetches offloaded hooks' weights ahead of use (see the module docstring).
+
+    ``hooks`` are ``(group_key, AlignDevicesHook)`` pairs in model order; consecutive hooks with one key
+    form a group (cut at :data:`GROUP_BYTES`). Build it with :meth:`create`, which returns None when
+    prefetching cannot help (nothing read from disk on a CPU run) or the device is not CPU/CUDA.
+
+    Example::
+
+        model = load_checkpoint_and_dispatch(model, ckpt, device_map="auto", max_memory={"cpu": "2GiB"})
+        prefetcher_of(model).stats()   # {'hits': ..., 'misses': ..., 'wait_s': ...}
+    """
+
+    @classmethod
+    def create(cls, hooks: Sequence[tuple[str, Any]], *, depth: int, device: torch.device) -> Prefetcher | None:
+        if depth <= 0 or not hooks or device.type not in ("cpu", "cuda"):
+            return None
+        ok = [(k, h) for k, h in hooks if isinstance(h.weights_map, WeightsMap) and h.slots]
+        if device.type == "cpu" and not any(
+            h.weights_map.is_on_disk(s.name) for _, h in ok for s in h.slots
+        ):
+            return None
+        return cls(ok, depth=depth, device=device) if ok else None
+
+    def __init__(self, hooks: Sequence[tuple[str, Any]], *, depth: int, device: torch.device) -> None:
+        self.depth = depth
+        self.device = device
+        self._keys = {id(h): k for k, h in hooks}
+        self._sizes = {id(h): sum(_nbytes(*h.weights_map.spec(s.name)) for s in h.slots) for _, h in hooks}
+        self._hooks = [h for _, h in hooks]
+        self._blocks = _blocks(hooks, self._sizes)
+        self._recording: list[Any] | None = []
+        self._recorded: set[int] = set()
+        self._inflight: deque[_Job] = deque()
+        self._current: _Job | None = None
+        self._buffers: list[_Buffer] = []
+        self._pin = device.type == "cuda"
+        self._closed = False
+        self._lock = threading.RLock()
+        self.hits = self.misses = self.unscheduled = self.abandoned = 0
+        self.wait_s = 0.0
+        self._build(self._hooks)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_reader_loop, args=(self._jobs, DirectReader(), device, stream),
+                                        name="hf_bigmodel-prefetch", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)
+        logger.debug("Prefetching %d group(s) (largest %s) %d ahead to %s", len(self._groups),
+                     format_size(self._capacity), depth, device)
+        for group in self._groups[:depth]:  # the first forward finds its first groups on their way
+            self._inflight.append(self._submit(group))
+
+    def _build(self, order: Sequence[Any]) -> bool:
+        """Cut ``order`` into groups: runs of one block, merged up to ~GROUP_BYTES within a device-map entry.
+
+        Returns False (and keeps the current groups) when the groups and their order are unchanged:
+        the order of hooks inside a group does not matter, the whole group is fetched at once.
+        """
+        runs: list[list[Any]] = []
+        for hook in order:
+            if runs and self._blocks[id(runs[-1][-1])] == self._blocks[id(hook)]:
+                runs[-1].append(hook)
+            else:
+                runs.append([hook])
+        merged: list[list[Any]] = []
+        size = 0
+        for run in runs:
+            run_size = sum(self._sizes[id(h)] for h in run)
+            if merged and self._keys[id(merged[-1][0])] == self._keys[id(run[0])] and size + run_size <= GROUP_BYTES:
+                merged[-1].extend(run)
+                size += run_size
+            else:
+                merged.append(list(run))
+                size = run_size
+        runs = merged
+        existing = getattr(self, "_groups", None)
+        if existing is not None and [set(g.slots) for g in existing] == [{id(h) for h in run} for run in runs]:
+            return False
+        on_cpu = self.device.type == "cpu"
+        self._groups = [_plan(i, run, on_cpu) for i, run in enumerate(runs)]
+        self._group_of = {hook_id: g for g in self._groups for hook_id in g.slots}
+        self._capacity = max((g.host_bytes for g in self._groups), default=0)
+        return True
+
+    # The hook protocol ---------------------------------------------------------------------------------
+
+    def take(self, hook: Any) -> list[torch.Tensor] | None:
+        """``hook``'s tensors on the execution device, in slot order; None: let the hook load them itself."""
+        with self._lock:
+            return None if self._closed else self._take(hook)
+
+    def _take(self, hook: Any) -> list[torch.Tensor] | None:
+        self._learn(hook)
+        current = self._current
+        if current is not None and current.group is not None and id(hook) in current.group.slots:
+            return self._hand_out(current, hook)
+        group = self._group_of.get(id(hook))
+        if group is None:
+            self.unscheduled += 1
+            return None
+        position = next((i for i, job in enumerate(self._inflight) if job.group is group), None)
+        if position is None:  # out of order: fetch this group now, then re-align behind it
+            self.misses += 1
+            self._cancel_inflight()
+            self._inflight.append(self._submit(group))
+            position = 0
+        else:
+            self.hits += 1
+        for _ in range(position):
+            self._retire(self._inflight.popleft())
+        job = self._inflight.popleft()
+        if not job.done.is_set():
+            started = time.perf_counter()
+            job.done.wait()
+            self.wait_s += time.perf_counter() - started
+        if job.error is not None:
+            self._retire(job)
+            self._raise(job, group)
+        if self._current is not None:
+            self._retire(self._current)
+        self._current = job
+        self._top_up()
+        return self._hand_out(job, hook)
+
+    def _hand_out(self, job: _Job, hook: Any) -> list[torch.Tensor]:
+        assert job.values is not None and job.group is not None
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            if job.stream != stream:
+                stream.wait_event(job.event)
+                for value in job.values:
+                    if value.device.type == "cuda":
+                        value.record_stream(stream)
+                job.stream = stream
+        values = job.values
+        return [values[i] for i in job.group.slots[id(hook)]]
+
+    def _raise(self, job: _Job, group: _Group) -> None:
+        err = job.error
+        assert err is not None
+        if isinstance(err, BigModelError):
+            raise err
+        raise OffloadError(
+            f"Reading the offloaded weights of {group.names} from {job.path!r} failed: "
+            f"{type(err).__name__}: {err}. Check that the file is still there and readable (it must not change "
+            "while the model is in use), or dispatch again.",
+            path=job.path,
+        ) from err
+
+    # Order -----------------------------------------------------------------------------------------------
+
+    def _learn(self, hook: Any) -> None:
+        """Record the first forward's order of hooks; once it is complete, re-plan the groups with it."""
+        recording = self._recording
+        if recording is None:
+            return
+        if id(hook) in self._recorded:
+            if hook is not recording[0]:
+                return  # called again within the same forward
+        else:
+            recording.append(hook)
+            self._recorded.add(id(hook))
+            if len(recording) < len(self._hooks):
+                return
+        self._recording = None
+        current, inflight = self._current, list(self._inflight)
+        if self._build(recording):
+            logger.debug("Execution order differs from model order; re-planned %d prefetch group(s)",
+                         len(self._groups))
+            for job in [current, *inflight]:
+                if job is not None:
+                    self._retire(job)
+            self._current = None
+            self._inflight.clear()
+
+    # Jobs and buffers ------------------------------------------------------------------------------------
+
+    def _top_up(self) -> None:
+        if self._current is None or self._current.group is None:
+            return
+        start = self._current.group.index
+        last = self._inflight[-1].group.index if self._inflight else start  # type: ignore[union-attr]
+        count = len(self._groups)
+        while len(self._inflight) < self.depth:
+            nxt = (last + 1) % count
+            if nxt == start:
+                break
+            self._inflight.append(self._submit(self._groups[nxt]))
+            last = nxt
+
+    def _submit(self, group: _Group) -> _Job:
+        buffer = self._acquire(group.host_bytes) if group.host_bytes else None
+        job = _Job(group.items, buffer, group)
+        if buffer is not None:
+            buffer.job = job
+        self._jobs.put(job)
+        return job
+
+    def _acquire(self, nbytes: int) -> _Buffer:
+        """A pool buffer no live tensor uses, of at least ``nbytes`` (pool: depth + 1 buffers)."""
+        def free(buffer: _Buffer) -> bool:
+            owner = buffer.job
+            if owner is not None:
+                if not (owner.retired and owner.done.is_set()):
+                    return False
+                owner.values = None  # the reader may have finished after the job was retired
+            return buffer.baseline is not None and _use_count(buffer.tensor) == buffer.baseline
+
+        for buffer in self._buffers:
+            if free(buffer) and buffer.tensor.numel() >= nbytes:
+                return buffer
+        if len(self._buffers) > self.depth:  # pool full: wait for cancelled reads, else give up a buffer
+            for buffer in self._buffers:
+                if buffer.job is not None and buffer.job.retired and not buffer.job.done.is_set():
+                    buffer.job.done.wait()
+                    if free(buffer) and buffer.tensor.numel() >= nbytes:
+                        return buffer
+            victim = next((b for b in self._buffers if b.job is None or b.job.retired), None)
+            if victim is not None:
+                self._buffers.remove(victim)  # still referenced elsewhere (or too small): left to its holders
+                victim.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
+                self.abandoned += 1
+        tensor = aligned_empty(max(nbytes, self._capacity), pin=self._pin)
+        buffer = _Buffer(tensor, _use_count(tensor))
+        self._buffers.append(buffer)
+        return buffer
+
+    def _retire(self, job: _Job) -> None:
+        job.retired = True
+        job.values = None  # drop our views: the buffer is free once the hooks drop theirs
+
+    def _cancel_inflight(self) -> None:
+        while self._inflight:
+            self._retire(self._inflight.popleft())
+
+    # Lifecycle -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: groups fetched ahead (``hits``), synchronously (``misses``, ``unscheduled``), and waits."""
+        return {
+            "depth": self.depth, "groups": len(self._groups), "hits": self.hits, "misses": self.misses,
+            "unscheduled": self.unscheduled, "wait_s": round(self.wait_s, 4), "buffers": len(self._buffers),
+            "buffer_bytes": sum(b.tensor.numel() for b in self._buffers), "abandoned": self.abandoned,
+        }
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the reader thread and free the buffers; hooks then load their weights themselves."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cancel_inflight()
+            if self._current is not None:
+                self._retire(self._current)
+                self._current = None
+            self._finalizer()
+            for buffer in self._buffers:
+                buffer.job = None
+            self._buffers.clear()
+
+    def __repr__(self) -> str:
+        return (f"Prefetcher(depth={self.depth}, groups={len(self._groups)}, device={self.device}, "
+                f"closed={self._closed})")
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _blocks(hooks: Sequence[tuple[str, Any]], sizes: dict[int, int]) -> dict[int, str]:
+    """id(hook) -> the largest module around it, inside its device-map entry, holding <= GROUP_BYTES.
+
+    A decoder layer mapped as one entry stays one block; ``{"model.layers": "disk"}`` or ``{"": "disk"}``
+    is cut at the layers (or deeper, until a block fits), never in the middle of a small module.
+    """
+    totals: dict[tuple[str, str], int] = {}
+    for key, hook in hooks:
+        prefix = hook.prefix
+        if not is_within(prefix, key):
+            continue
+        probe = prefix
+        while True:
+            totals[key, probe] = totals.get((key, probe), 0) + sizes[id(hook)]
+            if probe == key:
+                break
+            probe = parent(probe)
+    blocks: dict[int, str] = {}
+    for key, hook in hooks:
+        block = key
+        prefix = hook.prefix
+        if is_within(prefix, key):
+            depth = key.count(".") + 1 if key else 0
+            parts = prefix.split(".") if prefix else []
+            while block != prefix and totals[key, block] > GROUP_BYTES:
+                depth += 1
+                block = ".".join(parts[:depth])
+        blocks[id(hook)] = block
+    return blocks

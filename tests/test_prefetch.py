@@ -1,0 +1,354 @@
+"""Prefetching of offloaded weights (hf_bigmodel.prefetch) and page-cache-free reads (hf_bigmodel.diskio).
+
+Every comparison is exact: prefetched weights are the very bytes the synchronous path reads, so logits
+must be bit-identical (``torch.equal``), not merely close.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_bigmodel import (
+    OffloadError,
+    disk_offload,
+    dispatch_model,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    remove_hook_from_submodules,
+)
+from hf_bigmodel import prefetch as prefetch_module
+from hf_bigmodel.diskio import ALIGNMENT, DirectReader, aligned_empty, drop_page_cache, padded_span
+from hf_bigmodel.errors import CheckpointError
+from hf_bigmodel.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
+from hf_bigmodel.safetensors_io import read_header
+
+LAYERS = 4
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A 4-layer bf16 Llama saved as sharded safetensors, and the in-memory reference it came from."""
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(_config()).eval()
+    for param in ref.parameters():  # bf16 weights; buffers (rotary inv_freq) stay float32, as loading leaves them
+        param.data = param.data.to(torch.bfloat16)
+    ref.save_pretrained(path, max_shard_size="60KB")
+    return path, ref
+
+
+def _device_map(disk_layers=range(1, LAYERS)):
+    dm = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    dm.update({f"model.layers.{i}": "disk" if i in disk_layers else "cpu" for i in range(LAYERS)})
+    return dm
+
+
+def _load(path, *, prefetch, dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(_config())
+    return load_checkpoint_and_dispatch(model, path, device_map=_device_map(), dtype=dtype, prefetch=prefetch)
+
+
+def _run(model, ids):
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                min_new_tokens=6, pad_token_id=0)
+    return logits, tokens
+
+
+def test_generation_with_prefetch_is_bit_identical_to_sync_and_reference(llama):
+    path, ref = llama
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_tokens = _run(ref, ids)
+    for depth in (0, 1, 2, 5):
+        model = _load(path, prefetch=depth)
+        logits, tokens = _run(model, ids)
+        assert torch.equal(logits, ref_logits), f"prefetch={depth}: logits differ"
+        assert torch.equal(tokens, ref_tokens), f"prefetch={depth}: tokens differ"
+        fetcher = prefetcher_of(model)
+        if depth == 0:
+            assert fetcher is None
+            continue
+        stats = fetcher.stats()
+        forwards = 1 + 6
+        assert stats["groups"] == LAYERS  # layers 1..3 and lm_head
+        assert stats["hits"] == forwards * LAYERS and stats["misses"] == 0 and stats["unscheduled"] == 0
+        assert stats["buffers"] == min(depth, stats["groups"] - 1) + 1  # one in use, the rest ahead
+        fetcher.close()
+
+
+def test_dtype_cast_on_the_reader_thread_matches_sync_path(llama):
+    path, _ = llama
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    sync = _run(_load(path, prefetch=0, dtype=torch.float32), ids)
+    model = _load(path, prefetch=2, dtype=torch.float32)
+    fetched = _run(model, ids)
+    assert fetched[0].dtype == torch.float32
+    assert torch.equal(sync[0], fetched[0]) and torch.equal(sync[1], fetched[1])
+    assert prefetcher_of(model).stats()["misses"] == 0
+
+
+def test_prefetch_depth_default_argument_and_environment(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert prefetch_depth(None) == prefetch_module.DEFAULT_DEPTH
+    assert prefetch_depth(0) == 0 and prefetch_depth(3) == 3
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert prefetch_depth(None) == 0
+    assert prefetch_depth(1) == 1  # an explicit argument wins
+    monkeypatch.setenv(ENV_VAR, "lots")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        prefetch_depth(None)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="prefetch"):
+            prefetch_depth(bad)
+
+
+class Block(nn.Linear):
+    sink: list[torch.Tensor] | None = None
+
+    def forward(self, x):
+        if self.sink is not None:
+            self.sink.append(self.weight.detach())  # a live view of the (pooled) weights, kept past the forward
+        return super().forward(x)
+
+
+class Chain(nn.Module):
+    """Modules defined in the reverse of the order they run in; ``extra`` runs only when asked."""
+
+    def __init__(self, n=5, width=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, width) for _ in range(n))
+        self.extra = nn.Linear(width, width)
+        self.keep: list[torch.Tensor] = []
+
+    def forward(self, x, use_extra=False, keep=False):
+        for block in reversed(self.blocks):
+            block.sink = self.keep if keep else None
+            x = torch.tanh(block(x))
+        return self.extra(x) if use_extra else x
+
+
+def _chain(tmp_path, prefetch):
+    torch.manual_seed(3)
+    ref = Chain().eval()
+    model = Chain().eval()
+    model.load_state_dict(ref.state_dict())
+    model = disk_offload(model, tmp_path / "offload", execution_device="cpu", prefetch=prefetch)
+    return ref, model
+
+
+def test_order_is_learned_from_the_first_forward(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)  # one group per module
+    ref, model = _chain(tmp_path, prefetch=2)
+    fetcher = prefetcher_of(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(4):
+            assert torch.equal(model(x), ref(x))
+    order = [g.prefixes[0] for g in fetcher._groups]
+    assert order == [f"blocks.{i}" for i in reversed(range(5))]  # the order they ran in, not model order
+    # Model order is wrong for the first forward (misses), and the re-plan costs one more; then all hit.
+    before = fetcher.stats()
+    assert before["misses"] <= 5 + 1, before
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), ref(x))
+    after = fetcher.stats()
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 2 * 5, after
+
+
+def test_conditional_and_out_of_order_modules_fall_back_without_wrong_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
+    ref, model = _chain(tmp_path, prefetch=1)
+    fetcher = prefetcher_of(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for use_extra in (False, False, True, False, True, True, False):
+            assert torch.equal(model(x, use_extra=use_extra), ref(x, use_extra=use_extra))
+        # Out of order: run one block directly, then the whole model again.
+        assert torch.equal(model.blocks[2](x), ref.blocks[2](x))
+        assert torch.equal(model(x), ref(x))
+    stats = fetcher.stats()
+    assert stats["unscheduled"] == 3  # `extra` never ran in the first forward: always fetched by its hook
+    assert stats["hits"] > stats["misses"] > 0
+
+
+def test_a_buffer_still_referenced_is_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
+    ref, model = _chain(tmp_path, prefetch=1)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x, keep=True), ref(x))
+    expected = [b.weight for b in reversed(ref.blocks)] * 3
+    assert len(model.keep) == len(expected)
+    for kept, weight in zip(model.keep, expected):
+        assert torch.equal(kept, weight)  # later reads went into other buffers
+    assert prefetcher_of(model).stats()["abandoned"] > 0
+
+
+def test_reader_errors_surface_in_the_forward_naming_the_file(llama, tmp_path, monkeypatch):
+    path, _ = llama
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    model = _load(path, prefetch=1)
+
+    def fail(self, entry, buffer):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(DirectReader, "read_into", fail)
+    with torch.no_grad(), pytest.raises(OffloadError) as info:
+        for _ in range(3):
+            model(ids)
+    assert ".safetensors" in str(info.value) and "Input/output error" in str(info.value)
+    assert str(info.value.path).endswith(".safetensors")
+    monkeypatch.undo()
+    for module in model.modules():  # weights were released despite the error
+        for p in module.parameters(recurse=False):
+            assert p.device.type in ("cpu", "meta")
+    with torch.no_grad():
+        model(ids)  # the group is fetched again and the model works
+
+
+def test_truncated_file_is_reported_by_name(llama, tmp_path):
+    import shutil
+
+    src, _ = llama
+    path = tmp_path / "copy"
+    shutil.copytree(src, path)
+    model = _load(path, prefetch=1)
+    ids = torch.randint(3, 256, (1, 5))
+    for shard in path.glob("*.safetensors"):
+        os.truncate(shard, 1000)
+    with torch.no_grad(), pytest.raises(CheckpointError, match=r"\.safetensors"):
+        for _ in range(3):
+            model(ids)
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "hf_bigmodel-prefetch" and t.is_alive()]
+
+
+def test_reader_thread_stops_when_hooks_are_removed_or_the_model_is_collected(llama):
+    path, ref = llama
+    ids = torch.randint(3, 256, (1, 5))
+    gc.collect()
+    before = len(_prefetch_threads())
+    model = _load(path, prefetch=2)
+    fetcher = prefetcher_of(model)
+    assert fetcher.running and len(_prefetch_threads()) == before + 1
+    remove_hook_from_submodules(model)
+    assert not fetcher.running and len(_prefetch_threads()) == before
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # a plain model again
+
+    model = _load(path, prefetch=2)
+    with torch.no_grad():
+        model(ids)
+    thread = prefetcher_of(model)._thread
+    del model
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_nothing_to_prefetch_means_no_thread(llama):
+    path, _ = llama
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(_config())
+    model = load_checkpoint_and_dispatch(model, path, device_map={"": "cpu"}, prefetch=2)
+    assert prefetcher_of(model) is None and "_hf_hook" not in model.model.layers[0].self_attn.q_proj.__dict__
+    cpu = Chain()
+    dispatch_model(cpu, {"": "cpu"}, main_device="cpu", force_hooks=True, prefetch=2)
+    assert prefetcher_of(cpu) is None  # weights already in RAM on a CPU run
+
+
+# --- diskio --------------------------------------------------------------------------------------------
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
+    from hf_bigmodel.safetensors_io import TensorEntry
+
+    data = torch.randint(0, 256, (3 * ALIGNMENT + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    file = tmp_path / "blob.bin"
+    _write(file, data.numpy().tobytes())
+    reader = DirectReader(direct=direct)
+    cases = [(0, 10), (5, 4096), (4095, 4097), (100, data.numel()), (data.numel() - 3, data.numel()), (7, 7)]
+    for start, end in cases:
+        entry = TensorEntry(str(file), "k", torch.uint8, (end - start,), start, end)
+        buf = aligned_empty(padded_span(entry)[1] or 1)
+        view = reader.read_into(entry, buf)
+        assert torch.equal(view, data[start:end]), (start, end)
+    reader.close()
+
+
+def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):
+    from hf_bigmodel import diskio
+
+    header = None
+    torch.manual_seed(6)
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(700).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    header = read_header(tmp_path / "t.safetensors")
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & diskio._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(diskio.os, "open", refuse_direct)
+    reader = DirectReader(direct=True)
+    for key, tensor in tensors.items():
+        entry = header.entries[key]
+        raw = reader.read_into(entry, aligned_empty(padded_span(entry)[1]))
+        assert torch.equal(raw.view(entry.dtype).view(entry.shape), tensor)
+    assert all(not direct for _, direct in reader._fds.values())
+    reader.close()
+
+
+def test_padded_span_and_alignment():
+    from hf_bigmodel.safetensors_io import TensorEntry
+
+    entry = TensorEntry("f", "k", torch.uint8, (10,), 4100, 4110)
+    assert padded_span(entry) == (4096, 4096)
+    entry = TensorEntry("f", "k", torch.uint8, (4096,), 4000, 8096)
+    assert padded_span(entry) == (0, 2 * 4096)
+    assert aligned_empty(12345).data_ptr() % ALIGNMENT == 0
+
+
+def test_drop_page_cache_accepts_ranges_and_whole_files(tmp_path):
+    file = tmp_path / "x.bin"
+    _write(file, os.urandom(3 * ALIGNMENT))
+    drop_page_cache(str(file), 10, 5000)
+    drop_page_cache(str(file))
+    with pytest.raises(FileNotFoundError):
+        drop_page_cache(str(tmp_path / "missing.bin"))
