@@ -158,8 +158,13 @@ def _chain(tmp_path, prefetch):
     return ref, model
 
 
-def test_order_is_learned_from_the_first_forward(tmp_path, monkeypatch):
-    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)  # one group per module
+@pytest.fixture
+def one_group_per_module(monkeypatch):
+    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
+    monkeypatch.setattr(prefetch_module, "MERGE_BYTES", 0)
+
+
+def test_order_is_learned_from_the_first_forward(tmp_path, one_group_per_module):
     ref, model = _chain(tmp_path, prefetch=2)
     fetcher = prefetcher_of(model)
     x = torch.randn(3, 8)
@@ -178,8 +183,7 @@ def test_order_is_learned_from_the_first_forward(tmp_path, monkeypatch):
     assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 2 * 5, after
 
 
-def test_conditional_and_out_of_order_modules_fall_back_without_wrong_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
+def test_conditional_and_out_of_order_modules_fall_back_without_wrong_results(tmp_path, one_group_per_module):
     ref, model = _chain(tmp_path, prefetch=1)
     fetcher = prefetcher_of(model)
     x = torch.randn(2, 8)
@@ -194,8 +198,7 @@ def test_conditional_and_out_of_order_modules_fall_back_without_wrong_results(tm
     assert stats["hits"] > stats["misses"] > 0
 
 
-def test_a_buffer_still_referenced_is_never_overwritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
+def test_a_buffer_still_referenced_is_never_overwritten(tmp_path, one_group_per_module):
     ref, model = _chain(tmp_path, prefetch=1)
     x = torch.randn(2, 8)
     with torch.no_grad():
@@ -311,7 +314,6 @@ def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
 def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):
     from hf_bigmodel import diskio
 
-    header = None
     torch.manual_seed(6)
     from safetensors.torch import save_file
 
@@ -352,3 +354,49 @@ def test_drop_page_cache_accepts_ranges_and_whole_files(tmp_path):
     drop_page_cache(str(file))
     with pytest.raises(FileNotFoundError):
         drop_page_cache(str(tmp_path / "missing.bin"))
+
+
+class _CpuStaging:
+    """Stands in for the pinned staging ring of CUDA runs (same protocol, plain aligned CPU chunks)."""
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+        self.buffers = [aligned_empty(chunk) for _ in range(2)]
+        self.index = self.releases = 0
+
+    def acquire(self):
+        return self.buffers[self.index]
+
+    def release(self, stream):
+        self.releases += 1
+        self.index = (self.index + 1) % 2
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, direct):
+    from safetensors.torch import save_file
+
+    from hf_bigmodel.offload import DiskTensor
+    from hf_bigmodel.prefetch_reader import _to_device
+    from hf_bigmodel.safetensors_io import read_tensor
+
+    generator = torch.Generator().manual_seed(7)
+    tensors = {
+        "odd": torch.randn(3, 7, generator=generator).to(torch.bfloat16),  # leaves the next one unaligned
+        "big": torch.randn(5000, generator=generator),  # 20000 bytes: spans several 8 KiB chunks
+        "tiny": torch.randn(1, generator=generator),
+        "empty": torch.empty(0, 4),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    header = read_header(tmp_path / "t.safetensors")
+    reader = DirectReader(direct=direct)
+    staging = _CpuStaging(2 * ALIGNMENT)
+    for key, tensor in tensors.items():
+        entry = header.entries[key]
+        for dtype in (entry.dtype, torch.float16):
+            value = _to_device(DiskTensor(entry, dtype), reader, staging, torch.device("cpu"), None)
+            assert value.dtype == dtype and torch.equal(value, tensor.to(dtype)), (key, dtype)
+            assert torch.equal(value, read_tensor(entry).to(dtype))  # what the synchronous path reads
+    # "big" crosses chunk boundaries: more pieces than tensors were staged.
+    assert staging.releases > 2 * (len(tensors) - 1)
+    reader.close()

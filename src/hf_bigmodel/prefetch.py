@@ -1,14 +1,16 @@
 """Prefetching offloaded weights: the next groups are read while the current one computes.
 
 A :class:`Prefetcher` serves the offloading hooks of one dispatched model (``hook.fetcher``). Hooks are
-cut into *groups* (consecutive hooks of one device-map entry, e.g. a decoder layer), fetched as a
-whole. While a group runs, a background thread reads the next ``depth`` groups (cyclically: after the
-last group of a forward comes the first of the next one):
+cut into *groups*, each fetched as a whole: a device-map entry such as a decoder layer (an entry over
+:data:`GROUP_BYTES` is cut into its children, e.g. ``{"": "disk"}`` into layers; small neighbours are
+merged up to :data:`MERGE_BYTES`). While a group runs, a background thread (:mod:`.prefetch_reader`)
+fetches the next ``depth`` groups, cyclically (after the last group of a forward, the first of the next):
 
-- disk -> RAM into reusable aligned buffers (a pool of ``depth + 1`` of them, sized for the largest
-  group; ``O_DIRECT`` so the page cache is not filled, see :mod:`hf_bigmodel.diskio`);
-- RAM -> GPU (CUDA execution device) from pinned buffers on a side stream; the compute stream waits on
-  an event (``wait_event``) and the tensors are ``record_stream``-ed, so nothing synchronises the host.
+- CPU runs: disk -> RAM into reusable aligned buffers (a pool of ``depth + 1``, sized for the largest
+  group) whose views the modules use; ``O_DIRECT`` keeps the page cache empty (:mod:`.diskio`);
+- CUDA runs: disk -> a few pinned staging chunks -> GPU, and pinned RAM -> GPU, with copies on a side
+  stream; the compute stream waits on an event (``wait_event``) and the tensors are ``record_stream``-ed,
+  so nothing synchronises the host.
 
 The order starts as model order and is replaced by the order recorded during the first forward. A
 hook that runs out of order falls back to a synchronous fetch of its group (and the prefetcher
@@ -33,26 +35,29 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .diskio import ALIGNMENT, DirectReader, aligned_empty, padded_span
-from .errors import BigModelError, OffloadError, summarize
+from .diskio import DirectReader, aligned_empty
+from .errors import BigModelError, OffloadError
 from .naming import is_within, parent
-from .offload import DiskTensor, WeightsMap
+from .offload import WeightsMap
+from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
 from .sizes import format_size
 
-__all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
+__all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "MERGE_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_BIGMODEL_PREFETCH"
 DEFAULT_DEPTH = 2
-#: Device-map entries larger than this (e.g. ``{"": "disk"}``) are cut into groups of about this size.
-GROUP_BYTES = 64 * 2**20
+#: A device-map entry (or module) holding more than this is cut into its children (``{"": "disk"}``
+#: into layers); a decoder layer below it stays whole, so its inner execution order never matters.
+GROUP_BYTES = 128 * 2**20
+#: Consecutive small blocks of one entry (norms, small layers) are fetched together up to this size.
+MERGE_BYTES = 32 * 2**20
 
 
 def prefetch_depth(prefetch: int | None = None) -> int:
@@ -87,181 +92,12 @@ def prefetcher_of(model: nn.Module) -> Prefetcher | None:
     return None
 
 
-def _use_count(tensor: torch.Tensor) -> int | None:
-    """References to ``tensor``'s storage (None when this torch cannot tell: buffers are then never reused)."""
-    try:
-        return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-
-
-# --- what a group needs, and where each tensor lands in its host buffer --------------------------------
-
-@dataclass
-class _Item:
-    """One distinct tensor of a group: from RAM (``memory``) or a byte range of a file (``ref``)."""
-
-    memory: torch.Tensor | None = None
-    ref: DiskTensor | None = None
-    offset: int = 0  # of the padded span in the host buffer
-    cast_offset: int = -1  # CPU execution with a dtype change: where the cast copy goes
-
-
-@dataclass
-class _Group:
-    """Hooks fetched together. Holds no reference to hooks or modules: the reader thread sees it."""
-
-    index: int
-    prefixes: list[str]  # of its hooks' modules, in order
-    items: list[_Item]
-    slots: dict[int, list[int]]  # id(hook) -> item index per slot
-    host_bytes: int
-
-    @property
-    def names(self) -> str:
-        return summarize([p or "<root>" for p in self.prefixes], 3)
-
-
-def _plan(index: int, hooks: list[Any], on_cpu: bool) -> _Group:
-    items: list[_Item] = []
-    seen: dict[Any, int] = {}
-    slots: dict[int, list[int]] = {}
-    for hook in hooks:
-        weights: WeightsMap = hook.weights_map
-        picks = []
-        for slot in hook.slots:
-            tensor = weights.memory.get(slot.name)
-            if tensor is not None:
-                key: Any = ("m", id(tensor))
-                item = _Item(memory=tensor)
-            else:
-                ref = weights.disk[slot.name]
-                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype)
-                item = _Item(ref=ref)
-            if key not in seen:
-                seen[key] = len(items)
-                items.append(item)
-            picks.append(seen[key])
-        slots[id(hook)] = picks
-    size = 0
-    for item in items:
-        if item.ref is not None:
-            item.offset = size
-            size += padded_span(item.ref.entry)[1]
-    if on_cpu:
-        for item in items:
-            if item.ref is not None and item.ref.dtype != item.ref.entry.dtype:
-                item.cast_offset = size
-                size += -(-item.ref.nbytes // ALIGNMENT) * ALIGNMENT
-    return _Group(index, [h.prefix for h in hooks], items, slots, size)
-
-
-# --- the reader thread ---------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class _Buffer:
-    tensor: torch.Tensor
-    baseline: int | None
-    job: _Job | None = None
-    copy_done: Any = None  # CUDA event: the last copy out of this (pinned) buffer has finished
-
-
-@dataclass(eq=False)
-class _Job:
-    items: list[_Item]
-    buffer: _Buffer | None
-    group: _Group | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    values: list[torch.Tensor] | None = None
-    error: BaseException | None = None
-    path: str | None = None  # file being read when ``error`` happened
-    event: Any = None
-    stream: Any = None  # compute stream the values were handed to
-    retired: bool = False
-
-
-def _typed(raw: torch.Tensor, ref: DiskTensor) -> torch.Tensor:
-    entry = ref.entry
-    if raw.numel() == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype, device=raw.device)
-    try:
-        return raw.view(entry.dtype).view(entry.shape)
-    except RuntimeError:  # byte offset not a multiple of the element size: copy to aligned memory
-        return raw.clone().view(entry.dtype).view(entry.shape)
-
-
-def _fetch(job: _Job, reader: DirectReader, device: torch.device, stream: Any) -> list[torch.Tensor]:
-    buf = job.buffer.tensor if job.buffer is not None else None
-    values: list[torch.Tensor] = []
-    if device.type != "cuda":
-        for item in job.items:
-            if item.memory is not None:
-                values.append(item.memory)
-                continue
-            ref = item.ref
-            assert ref is not None and buf is not None
-            job.path = ref.entry.path
-            raw = reader.read_into(ref.entry, buf[item.offset :])
-            value = _typed(raw, ref)
-            if item.cast_offset >= 0:
-                out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
-                value = out.copy_(value)
-            values.append(value)
-        return values
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        if job.buffer is not None and job.buffer.copy_done is not None:
-            job.buffer.copy_done.synchronize()  # the previous copy out of this pinned buffer has finished
-        for item in job.items:
-            if item.memory is not None:
-                values.append(item.memory.to(device, non_blocking=True))
-                continue
-            ref = item.ref
-            assert ref is not None and buf is not None
-            job.path = ref.entry.path
-            raw = reader.read_into(ref.entry, buf[item.offset :])
-            on_device = torch.empty(raw.numel(), dtype=torch.uint8, device=device)
-            on_device.copy_(raw, non_blocking=True)
-            value = _typed(on_device, ref)
-            values.append(value if ref.dtype == ref.entry.dtype else value.to(ref.dtype))
-        job.event = torch.cuda.Event()
-        job.event.record(stream)
-        if job.buffer is not None:
-            job.buffer.copy_done = job.event
-    return values
-
-
-def _reader_loop(jobs: queue.SimpleQueue[_Job | None], reader: DirectReader, device: torch.device,
-                 stream: Any) -> None:
-    try:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            if not job.retired:
-                try:
-                    job.values = _fetch(job, reader, device, stream)
-                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
-                    job.error = err
-            job.done.set()
-            del job
-    finally:
-        reader.close()
-
-
-def _stop(jobs: queue.SimpleQueue[_Job | None], thread: threading.Thread) -> None:
-    jobs.put(None)
-    if thread is not threading.current_thread():
-        thread.join(timeout=30)
-
-
-# --- the main-thread side ------------------------------------------------------------------------------
-
 class Prefetcher:
     """Fetches offloaded hooks' weights ahead of use (see the module docstring).
 
-    ``hooks`` are ``(group_key, AlignDevicesHook)`` pairs in model order; consecutive hooks with one key
-    form a group (cut at :data:`GROUP_BYTES`). Build it with :meth:`create`, which returns None when
-    prefetching cannot help (nothing read from disk on a CPU run) or the device is not CPU/CUDA.
+    ``hooks`` are ``(device_map_key, AlignDevicesHook)`` pairs in model order. Build it with
+    :meth:`create`, which returns None when prefetching cannot help (nothing read from disk on a CPU
+    run) or the device is neither CPU nor CUDA. Call from one thread at a time (as forwards are).
 
     Example::
 
@@ -271,6 +107,7 @@ class Prefetcher:
 
     @classmethod
     def create(cls, hooks: Sequence[tuple[str, Any]], *, depth: int, device: torch.device) -> Prefetcher | None:
+        """A prefetcher for ``hooks`` (those with a :class:`WeightsMap` and tensors), or None (see above)."""
         if depth <= 0 or not hooks or device.type not in ("cpu", "cuda"):
             return None
         ok = [(k, h) for k, h in hooks if isinstance(h.weights_map, WeightsMap) and h.slots]
@@ -289,28 +126,27 @@ class Prefetcher:
         self._blocks = _blocks(hooks, self._sizes)
         self._recording: list[Any] | None = []
         self._recorded: set[int] = set()
-        self._inflight: deque[_Job] = deque()
-        self._current: _Job | None = None
-        self._buffers: list[_Buffer] = []
-        self._pin = device.type == "cuda"
+        self._inflight: deque[Job] = deque()
+        self._current: Job | None = None
+        self._buffers: list[Buffer] = []
         self._closed = False
         self._lock = threading.RLock()
         self.hits = self.misses = self.unscheduled = self.abandoned = 0
         self.wait_s = 0.0
         self._build(self._hooks)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_reader_loop, args=(self._jobs, DirectReader(), device, stream),
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=reader_loop, args=(self._jobs, DirectReader(), device, stream),
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)
+        self._finalizer = weakref.finalize(self, stop_reader, self._jobs, self._thread)
         logger.debug("Prefetching %d group(s) (largest %s) %d ahead to %s", len(self._groups),
                      format_size(self._capacity), depth, device)
         for group in self._groups[:depth]:  # the first forward finds its first groups on their way
             self._inflight.append(self._submit(group))
 
     def _build(self, order: Sequence[Any]) -> bool:
-        """Cut ``order`` into groups: runs of one block, merged up to ~GROUP_BYTES within a device-map entry.
+        """Cut ``order`` into groups: runs of one block, small ones merged up to MERGE_BYTES within an entry.
 
         Returns False (and keeps the current groups) when the groups and their order are unchanged:
         the order of hooks inside a group does not matter, the whole group is fetched at once.
@@ -325,7 +161,7 @@ class Prefetcher:
         size = 0
         for run in runs:
             run_size = sum(self._sizes[id(h)] for h in run)
-            if merged and self._keys[id(merged[-1][0])] == self._keys[id(run[0])] and size + run_size <= GROUP_BYTES:
+            if merged and self._keys[id(merged[-1][0])] == self._keys[id(run[0])] and size + run_size <= MERGE_BYTES:
                 merged[-1].extend(run)
                 size += run_size
             else:
@@ -336,7 +172,7 @@ class Prefetcher:
         if existing is not None and [set(g.slots) for g in existing] == [{id(h) for h in run} for run in runs]:
             return False
         on_cpu = self.device.type == "cpu"
-        self._groups = [_plan(i, run, on_cpu) for i, run in enumerate(runs)]
+        self._groups = [plan_group(i, run, on_cpu) for i, run in enumerate(runs)]
         self._group_of = {hook_id: g for g in self._groups for hook_id in g.slots}
         self._capacity = max((g.host_bytes for g in self._groups), default=0)
         return True
@@ -381,7 +217,7 @@ class Prefetcher:
         self._top_up()
         return self._hand_out(job, hook)
 
-    def _hand_out(self, job: _Job, hook: Any) -> list[torch.Tensor]:
+    def _hand_out(self, job: Job, hook: Any) -> list[torch.Tensor]:
         assert job.values is not None and job.group is not None
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
@@ -394,7 +230,7 @@ class Prefetcher:
         values = job.values
         return [values[i] for i in job.group.slots[id(hook)]]
 
-    def _raise(self, job: _Job, group: _Group) -> None:
+    def _raise(self, job: Job, group: Group) -> None:
         err = job.error
         assert err is not None
         if isinstance(err, BigModelError):
@@ -447,23 +283,23 @@ class Prefetcher:
             self._inflight.append(self._submit(self._groups[nxt]))
             last = nxt
 
-    def _submit(self, group: _Group) -> _Job:
+    def _submit(self, group: Group) -> Job:
         buffer = self._acquire(group.host_bytes) if group.host_bytes else None
-        job = _Job(group.items, buffer, group)
+        job = Job(group.items, buffer, group)
         if buffer is not None:
             buffer.job = job
         self._jobs.put(job)
         return job
 
-    def _acquire(self, nbytes: int) -> _Buffer:
+    def _acquire(self, nbytes: int) -> Buffer:
         """A pool buffer no live tensor uses, of at least ``nbytes`` (pool: depth + 1 buffers)."""
-        def free(buffer: _Buffer) -> bool:
+        def free(buffer: Buffer) -> bool:
             owner = buffer.job
             if owner is not None:
                 if not (owner.retired and owner.done.is_set()):
                     return False
                 owner.values = None  # the reader may have finished after the job was retired
-            return buffer.baseline is not None and _use_count(buffer.tensor) == buffer.baseline
+            return buffer.baseline is not None and use_count(buffer.tensor) == buffer.baseline
 
         for buffer in self._buffers:
             if free(buffer) and buffer.tensor.numel() >= nbytes:
@@ -479,12 +315,12 @@ class Prefetcher:
                 self._buffers.remove(victim)  # still referenced elsewhere (or too small): left to its holders
                 victim.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
                 self.abandoned += 1
-        tensor = aligned_empty(max(nbytes, self._capacity), pin=self._pin)
-        buffer = _Buffer(tensor, _use_count(tensor))
+        tensor = aligned_empty(max(nbytes, self._capacity))
+        buffer = Buffer(tensor, use_count(tensor))
         self._buffers.append(buffer)
         return buffer
 
-    def _retire(self, job: _Job) -> None:
+    def _retire(self, job: Job) -> None:
         job.retired = True
         job.values = None  # drop our views: the buffer is free once the hooks drop theirs
 

@@ -1,0 +1,256 @@
+"""The prefetcher's reader thread and what it works on: group plans, host buffers, jobs.
+
+A :class:`Group` lists the distinct tensors some hooks need and, on CPU runs, where each lands in a host
+buffer (the aligned span an ``O_DIRECT`` read fetches, plus room for a dtype cast). A :class:`Job` asks
+the reader thread to fetch one group: on CPU into one :class:`Buffer` whose views the hooks use; on
+CUDA through a few pinned :class:`Staging` chunks into GPU memory, with copies on a side stream and
+an event the compute stream waits on. Nothing here references hooks or modules, so the thread never
+keeps a model alive.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .diskio import ALIGNMENT, DirectReader, aligned_empty, padded_span
+from .errors import summarize
+from .offload import DiskTensor, WeightsMap
+
+__all__ = ["Buffer", "Group", "Item", "Job", "Staging", "fetch", "plan_group", "reader_loop", "stop_reader",
+           "use_count"]
+
+#: CUDA runs stage disk reads through this many pinned chunks of this size (64 MiB of pinned RAM).
+STAGING_CHUNK = 16 * 2**20
+STAGING_COUNT = 4
+
+
+def use_count(tensor: torch.Tensor) -> int | None:
+    """References to ``tensor``'s storage (None when this torch cannot tell: buffers are then never reused)."""
+    try:
+        return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+@dataclass
+class Item:
+    """One distinct tensor of a group: from RAM (``memory``) or a byte range of a file (``ref``)."""
+
+    memory: torch.Tensor | None = None
+    ref: DiskTensor | None = None
+    offset: int = 0  # of the padded span in the host buffer
+    cast_offset: int = -1  # CPU execution with a dtype change: where the cast copy goes
+
+
+@dataclass
+class Group:
+    """Hooks fetched together. Holds no reference to hooks or modules: the reader thread sees it."""
+
+    index: int
+    prefixes: list[str]  # of its hooks' modules, in order
+    items: list[Item]
+    slots: dict[int, list[int]]  # id(hook) -> item index per slot
+    host_bytes: int
+
+    @property
+    def names(self) -> str:
+        return summarize([p or "<root>" for p in self.prefixes], 3)
+
+
+def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
+    """The tensors ``hooks`` (offloading ``AlignDevicesHook`` s) need, deduplicated, and their buffer layout.
+
+    A tensor several hooks share (tied weights) is read once. ``on_cpu``: the group runs on the CPU and
+    its disk tensors live in a host buffer (a tensor cast to another dtype gets room for its cast copy);
+    otherwise they stream to the device through the reader's staging chunks and need no buffer.
+    """
+    items: list[Item] = []
+    seen: dict[Any, int] = {}
+    slots: dict[int, list[int]] = {}
+    for hook in hooks:
+        weights: WeightsMap = hook.weights_map
+        picks = []
+        for slot in hook.slots:
+            tensor = weights.memory.get(slot.name)
+            if tensor is not None:
+                key: Any = ("m", id(tensor))
+                item = Item(memory=tensor)
+            else:
+                ref = weights.disk[slot.name]
+                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype)
+                item = Item(ref=ref)
+            if key not in seen:
+                seen[key] = len(items)
+                items.append(item)
+            picks.append(seen[key])
+        slots[id(hook)] = picks
+    size = 0
+    if on_cpu:
+        for item in items:
+            if item.ref is not None:
+                item.offset = size
+                size += padded_span(item.ref.entry)[1]
+        for item in items:
+            if item.ref is not None and item.ref.dtype != item.ref.entry.dtype:
+                item.cast_offset = size
+                size += -(-item.ref.nbytes // ALIGNMENT) * ALIGNMENT
+    return Group(index, [h.prefix for h in hooks], items, slots, size)
+
+
+@dataclass(eq=False)
+class Buffer:
+    """A reusable aligned host buffer (CPU runs); ``baseline`` is its storage's use count when idle."""
+
+    tensor: torch.Tensor
+    baseline: int | None
+    job: Job | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One group to fetch (into one buffer on CPU runs); ``done`` is set when ``values`` or ``error`` is."""
+
+    items: list[Item]
+    buffer: Buffer | None
+    group: Group | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    values: list[torch.Tensor] | None = None
+    error: BaseException | None = None
+    path: str | None = None  # file being read when ``error`` happened
+    event: Any = None  # CUDA: recorded on the side stream after the group's copies
+    stream: Any = None  # CUDA: the compute stream the values were last handed to
+    retired: bool = False
+
+
+class Staging:
+    """Pinned host chunks a CUDA reader cycles through: disk -> chunk -> GPU, never a whole group in RAM.
+
+    A chunk is reused only once the copy out of it has finished (its event), which blocks the reader
+    thread alone. ``count`` chunks let the disk run ``count`` chunks ahead of the PCIe copies.
+    """
+
+    def __init__(self, chunk: int = STAGING_CHUNK, count: int = STAGING_COUNT) -> None:
+        self.chunk = chunk
+        self.buffers = [_pinned(chunk) for _ in range(count)]
+        self.events: list[Any] = [None] * count
+        self.index = 0
+
+    def acquire(self) -> torch.Tensor:
+        event = self.events[self.index]
+        if event is not None:
+            event.synchronize()
+        return self.buffers[self.index]
+
+    def release(self, stream: Any) -> None:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self.events[self.index] = event
+        self.index = (self.index + 1) % len(self.buffers)
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """Pinned and ALIGNMENT-aligned (a power-of-two size: torch's pinned allocator rounds sizes up to one)."""
+    tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else aligned_empty(nbytes, pin=True)
+
+
+def _typed(raw: torch.Tensor, ref: DiskTensor) -> torch.Tensor:
+    entry = ref.entry
+    if raw.numel() == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype, device=raw.device)
+    try:
+        return raw.view(entry.dtype).view(entry.shape)
+    except RuntimeError:  # byte offset not a multiple of the element size: copy to aligned memory
+        return raw.clone().view(entry.dtype).view(entry.shape)
+
+
+def _to_device(ref: DiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
+               stream: Any) -> torch.Tensor:
+    """Stream one disk tensor to ``device`` chunk by chunk (on ``stream``, the current stream)."""
+    entry = ref.entry
+    out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+    first = entry.start - entry.start % ALIGNMENT
+    low = entry.start
+    while low < entry.end:  # each piece's aligned span lies within one chunk-sized window of the file
+        high = min(entry.end, first + ((low - first) // staging.chunk + 1) * staging.chunk)
+        piece = replace(entry, dtype=torch.uint8, shape=(high - low,), start=low, end=high)
+        raw = reader.read_into(piece, staging.acquire())
+        out[low - entry.start : high - entry.start].copy_(raw, non_blocking=True)
+        staging.release(stream)
+        low = high
+    value = _typed(out, ref)
+    return value if ref.dtype == entry.dtype else value.to(ref.dtype)
+
+
+def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
+          staging: Staging | None = None) -> list[torch.Tensor]:
+    """Run ``job`` on the calling (reader) thread: one value per item, on ``device``.
+
+    CPU: disk tensors are views into the job's buffer (cast in place when needed), RAM tensors as they
+    are. CUDA: everything is copied on ``stream`` (disk bytes through ``staging``), and ``job.event``
+    marks the end of those copies for the compute stream to wait on.
+    """
+    values: list[torch.Tensor] = []
+    if device.type != "cuda":
+        buf = job.buffer.tensor if job.buffer is not None else None
+        for item in job.items:
+            if item.memory is not None:
+                values.append(item.memory)
+                continue
+            ref = item.ref
+            assert ref is not None and buf is not None
+            job.path = ref.entry.path
+            raw = reader.read_into(ref.entry, buf[item.offset :])
+            value = _typed(raw, ref)
+            if item.cast_offset >= 0:
+                out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
+                value = out.copy_(value)
+            values.append(value)
+        return values
+    assert staging is not None
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        for item in job.items:
+            if item.memory is not None:  # pinned by dispatch: an asynchronous copy
+                values.append(item.memory.to(device, non_blocking=True))
+                continue
+            assert item.ref is not None
+            job.path = item.ref.entry.path
+            values.append(_to_device(item.ref, reader, staging, device, stream))
+        job.event = torch.cuda.Event()
+        job.event.record(stream)
+    return values
+
+
+def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, device: torch.device,
+                stream: Any) -> None:
+    """The reader thread: run jobs (skipping retired ones) until ``None`` arrives; errors go to the job."""
+    staging: Staging | None = None
+    try:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if not job.retired:
+                try:
+                    if device.type == "cuda" and staging is None:
+                        with torch.cuda.device(device):
+                            staging = Staging()
+                    job.values = fetch(job, reader, device, stream, staging)
+                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                    job.error = err
+            job.done.set()
+            del job
+    finally:
+        reader.close()
+
+
+def stop_reader(jobs: queue.SimpleQueue[Job | None], thread: threading.Thread) -> None:
+    """Ask the reader thread to finish and wait for it (unless called from it, e.g. by the GC there)."""
+    jobs.put(None)
+    if thread is not threading.current_thread():
+        thread.join(timeout=30)
