@@ -148,7 +148,8 @@ def _dispatch(
     if offload_index is not None:
         weights.disk.update(offload_index)
     elif recorded is None and offload_dir is not None and (Path(offload_dir) / INDEX_NAME).is_file():
-        for name, ref in load_offload_index(offload_dir).items():
+        shapes = {n: tuple(s.tensor.shape) for n, s in model_tensors(model, persistent_only=False).items()}
+        for name, ref in load_offload_index(offload_dir, expected=shapes).items():
             weights.disk.setdefault(name, ref)
     if state_dict:
         weights.memory.update(state_dict)
@@ -173,7 +174,7 @@ def _dispatch(
         if empty:
             raise _no_data_error(empty)
         for name, slot in slots.items():
-            if slot.tensor.device.type == "meta":
+            if slot.tensor.device.type == "meta" or (state_dict and name in state_dict):
                 _fill_from_weights(name, slot, weights, target)
         model.to(target)
         _finish(model, dm, main)
@@ -216,7 +217,7 @@ def _dispatch(
         # Resident tensors go to their device now.
         for name, slot in slots.items():
             if name not in streamed:
-                if slot.tensor.device.type == "meta":
+                if slot.tensor.device.type == "meta" or (state_dict and name in state_dict):
                     _fill_from_weights(name, slot, weights, torch_device(execution(where[name])))
                 else:
                     _move(slot, torch_device(execution(where[name])))
