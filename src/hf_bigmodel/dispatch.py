@@ -8,6 +8,7 @@ just before the module runs. When the whole model sits on one device, no hook is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -145,14 +146,19 @@ def _dispatch(
     _check_present(set(dm.values()))
     recorded = getattr(model, OFFLOAD_ATTR, None)
     weights: WeightsMap = recorded if recorded is not None else WeightsMap()
+    # Values the caller hands over win over what the model holds (e.g. buffers built in __init__).
+    given: set[str] = set()
     if offload_index is not None:
         weights.disk.update(offload_index)
+        given.update(offload_index)
     elif recorded is None and offload_dir is not None and (Path(offload_dir) / INDEX_NAME).is_file():
         shapes = {n: tuple(s.tensor.shape) for n, s in model_tensors(model, persistent_only=False).items()}
         for name, ref in load_offload_index(offload_dir, expected=shapes).items():
             weights.disk.setdefault(name, ref)
+            given.add(name)
     if state_dict:
         weights.memory.update(state_dict)
+        given.update(state_dict)
 
     accelerators = sorted({d for d in dm.values() if not is_offload_target(d)}, key=device_rank)
     main: Device = normalize_device(main_device) if main_device is not None else (accelerators[0] if accelerators else "cpu")
@@ -174,7 +180,7 @@ def _dispatch(
         if empty:
             raise _no_data_error(empty)
         for name, slot in slots.items():
-            if slot.tensor.device.type == "meta" or (state_dict and name in state_dict):
+            if slot.tensor.device.type == "meta" or name in given:
                 _fill_from_weights(name, slot, weights, target)
         model.to(target)
         _finish(model, dm, main)
@@ -217,7 +223,7 @@ def _dispatch(
         # Resident tensors go to their device now.
         for name, slot in slots.items():
             if name not in streamed:
-                if slot.tensor.device.type == "meta" or (state_dict and name in state_dict):
+                if slot.tensor.device.type == "meta" or name in given:
                     _fill_from_weights(name, slot, weights, torch_device(execution(where[name])))
                 else:
                     _move(slot, torch_device(execution(where[name])))
@@ -383,8 +389,9 @@ def disk_offload(
     """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
 
     Weights are written module by module and dropped from RAM as they are written, so RAM never holds
-    a second copy. An ``offload_dir`` that already holds a matching index is re-used after its files
-    are checked.
+    a second copy. Files are named by their content: offloading the same weights again writes nothing,
+    and other weights never take the place of old ones. An empty model (built with
+    ``init_empty_weights``) is instead served from the folder's index, after its files are checked.
 
     Example::
 
@@ -394,44 +401,54 @@ def disk_offload(
         execution_device = 0 if torch.cuda.is_available() else "cpu"
     slots = model_tensors(model)
     weights: WeightsMap = getattr(model, OFFLOAD_ATTR, None) or WeightsMap()
-    folder = OffloadFolder(offload_dir)
-    existing: dict[str, DiskTensor] = {}
-    if (Path(offload_dir) / INDEX_NAME).is_file():
-        try:
-            existing = load_offload_index(offload_dir)
-        except OffloadError as err:
-            logger.warning("Not re-using %s: %s", offload_dir, err)
-    wanted = [n for n, s in slots.items() if not s.is_buffer or offload_buffers]
-    if all(n in existing and existing[n].shape == tuple(slots[n].tensor.shape) for n in wanted):
-        weights.disk.update(existing)
+    to_store = [n for n, s in slots.items() if s.tensor.device.type != "meta" and n not in weights]
+    index: dict[str, DiskTensor] | None = None
+    if not any(not slots[n].is_buffer for n in to_store):
+        # An empty model: the folder is where its weights are (a previous disk_offload wrote them).
+        shapes = {n: tuple(s.tensor.shape) for n, s in slots.items()}
+        index = load_offload_index(offload_dir, expected=shapes)
     else:
+        folder = OffloadFolder(offload_dir)
         folder.prepare()
         by_module: dict[str, list[str]] = {}
-        for name in wanted:
-            if name not in weights and slots[name].tensor.device.type != "meta":
-                by_module.setdefault(parent(name), []).append(name)
+        for name in to_store:
+            by_module.setdefault(parent(name), []).append(name)
         written: dict[int, DiskTensor] = {}
         for names in by_module.values():
             fresh = {n: slots[n].tensor.detach().to("cpu") for n in names if id(slots[n].tensor) not in written}
-            refs = folder.write(fresh)
+            # Named by content: the same weights are written once, other weights never collide.
+            refs = folder.write(fresh, source_id=_content_id(fresh)) if fresh else {}
             for n in names:
                 key = id(slots[n].tensor)
                 ref = refs.get(n) or written[key]
                 written.setdefault(key, ref)
                 weights.disk[n] = ref
-            for n in names:  # free RAM as we go: the hook only needs meta placeholders
+            for n in names:  # free RAM as we go: the hooks only need meta placeholders
                 slot = slots[n]
+                if slot.is_buffer and not offload_buffers:
+                    continue  # stored for a later run, but kept here: it travels with its module
                 meta = slot.tensor.to("meta")
                 if slot.is_buffer:
                     slot.module._buffers[slot.leaf] = meta
                 else:
                     slot.module._parameters[slot.leaf] = nn.Parameter(meta, requires_grad=slot.tensor.requires_grad)
         folder.write_index(weights.disk)
-    setattr(model, OFFLOAD_ATTR, weights)
+        setattr(model, OFFLOAD_ATTR, weights)
     return _dispatch(
-        model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers,
+        model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers, offload_index=index,
         preload_module_classes=preload_module_classes, force_hooks=True, prefetch=prefetch,
     )
+
+
+def _content_id(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A digest of the tensors' bytes, names, dtypes and shapes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return "content:" + digest.hexdigest()
 
 
 def load_checkpoint_and_dispatch(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .devices import Device, normalize_device, torch_device
-from .diskio import drop_page_cache
+from .diskio import read_shard
 from .dtypes import resolve_dtype, target_dtype
 from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
 from .naming import lookup
@@ -267,18 +267,15 @@ def load_checkpoint(
                     weights.disk[name] = DiskTensor(info.entry, final_dtype)
                 else:
                     to_read.add(key)
-            for key, value in ckpt.iter_shard(file, to_read):
+            # An offloading plan means RAM is short: read around the page cache (diskio.read_shard).
+            for key, value in read_shard(ckpt, file, to_read, uncached=bool(to_disk)):
                 name = wanted[key]
-                if to_disk and infos[key].entry is not None:  # offloading plan: RAM is short, drop read pages
-                    drop_page_cache(file, infos[key].entry.start, infos[key].entry.end)
                 final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
                 if dest[name] == "disk":
                     pending_disk[name] = value.to(final_dtype)
                     continue
                 value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
                 loaded[name] = set_tensor(slots[name], value)
-            if to_disk:
-                drop_page_cache(file)  # and what readahead brought in around those ranges
             if pending_disk:
                 weights.disk.update(folder.write(pending_disk, source_id=_source_id(file)))  # type: ignore[union-attr]
                 del pending_disk
@@ -297,6 +294,7 @@ def load_checkpoint(
                 # either keeps one copy (same execution device) or streams a copy to the other device.
                 slots[name].module._parameters[slots[name].leaf] = loaded[source]  # type: ignore[assignment]
                 loaded[name] = loaded[source]
+        _retype_placeholders(slots, weights)
         if folder is not None and weights.disk:
             folder.write_index(weights.disk)
     except BaseException:
@@ -324,6 +322,27 @@ def _check_devices_present(dest: Mapping[str, Device]) -> None:
             "that exist, or plan with device_map='auto'.",
             modules=[n for names in absent.values() for n in names],
         )
+
+
+def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) -> None:
+    """Give the meta placeholders of disk tensors the dtype they will be read in.
+
+    Forward code inspects them before the hooks bring the weights (T5 casts its activations to
+    ``wo.weight.dtype``, which is float32 when ``wo`` is kept in fp32). Tied placeholders stay shared.
+    """
+    made: dict[int, torch.Tensor] = {}
+    for name, ref in weights.disk.items():
+        slot = slots.get(name)
+        if slot is None:
+            continue
+        old = slot.tensor
+        if old.device.type != "meta" or old.dtype == ref.dtype:
+            continue
+        new = made.get(id(old))
+        if new is None:
+            new = made[id(old)] = set_tensor(slot, torch.empty(old.shape, dtype=ref.dtype, device="meta"))
+        else:
+            (slot.module._buffers if slot.is_buffer else slot.module._parameters)[slot.leaf] = new  # type: ignore[assignment]
 
 
 def _source_id(file: str) -> str:

@@ -357,7 +357,6 @@ def load_pretrained_dispatched(
     )
     if report.weights:
         setattr(model, OFFLOAD_ATTR, report.weights)
-        _sync_placeholders(model, report.weights)
     chosen.after_load(ctx)
     # Newly initialised tensors planned on disk stay in RAM unless an offload folder can receive them.
     in_ram = {} if offload_folder is not None else {
@@ -388,16 +387,6 @@ def _swap(model: nn.Module, names: Sequence[str],
         store[slot.leaf] = new  # type: ignore[assignment]
         modules[parent(name)] = slot.module
     return modules
-
-
-def _sync_placeholders(model: nn.Module, weights: WeightsMap) -> None:
-    """Give meta placeholders of offloaded tensors their loaded dtype (float32 for fp32-kept modules...).
-
-    Forward code reads them before the hooks bring the weights (T5 casts its input to ``wo.weight.dtype``).
-    """
-    stale = [n for n, slot in model_tensors(model).items() if slot.tensor.device.type == "meta"
-             and n in weights and slot.tensor.dtype != weights.spec(n)[1]]
-    _swap(model, stale, lambda name, old: torch.empty(old.shape, dtype=weights.spec(name)[1], device="meta"))
 
 
 def _merge_dtype(torch_dtype: DtypeArg, dtype: DtypeArg) -> DtypeArg:
