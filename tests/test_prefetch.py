@@ -400,3 +400,32 @@ def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, d
     # "big" crosses chunk boundaries: more pieces than tensors were staged.
     assert staging.releases > 2 * (len(tensors) - 1)
     reader.close()
+
+
+@pytest.mark.parametrize("mode", ["mmap", "chunked", "uncached"])
+def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
+    from safetensors.torch import save_file
+
+    from hf_bigmodel import diskio
+    from hf_bigmodel.diskio import read_shard
+    from hf_bigmodel.sources import find_checkpoint
+
+    generator = torch.Generator().manual_seed(8)
+    tensors = {
+        "a": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
+        "b": torch.randn(4000, generator=generator),  # 16000 bytes: several 4 KiB chunks
+        "c": torch.randint(0, 9, (5,), generator=generator),
+        "d": torch.empty(0),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    monkeypatch.setattr(diskio, "READ_CHUNK", ALIGNMENT)
+    monkeypatch.setenv("HF_BIGMODEL_MMAP", "1" if mode == "mmap" else "0")
+    ckpt = find_checkpoint(tmp_path)
+    got = dict(read_shard(ckpt, ckpt.files[0], {"a", "b", "c", "d"}, uncached=mode == "uncached"))
+    assert got.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    got["b"].mul_(2)  # writes stay in the process, whatever the reading mode
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert dict(read_shard(ckpt, ckpt.files[0], {"c"})).keys() == {"c"}
