@@ -42,6 +42,7 @@ __all__ = [
     "drop_page_cache",
     "padded_span",
     "read_shard",
+    "read_uncached",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,21 @@ def _as_tensor(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
         return raw.view(entry.dtype).view(entry.shape)
     except RuntimeError:  # byte offset not a multiple of the element size
         return raw.clone().view(entry.dtype).view(entry.shape)
+
+
+def read_uncached(entry: TensorEntry) -> torch.Tensor:
+    """One tensor into fresh memory, around the page cache (O_DIRECT, else buffered and dropped).
+
+    Example::
+
+        tensor = read_uncached(read_header("model.safetensors").entries["lm_head.weight"])
+    """
+    reader = DirectReader()
+    try:
+        raw = reader.read_into(entry, aligned_empty(padded_span(entry)[1]))
+    finally:
+        reader.close()
+    return _as_tensor(raw, entry)
 
 
 def _read_chunked(entry: TensorEntry, fd: int) -> torch.Tensor:
