@@ -429,3 +429,21 @@ def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
     got["b"].mul_(2)  # writes stay in the process, whatever the reading mode
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert dict(read_shard(ckpt, ckpt.files[0], {"c"})).keys() == {"c"}
+
+
+def test_read_shard_reads_when_the_file_cannot_be_mapped(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from hf_bigmodel.diskio import read_shard
+    from hf_bigmodel.sources import find_checkpoint
+
+    tensors = {"w": torch.arange(12.0).view(3, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mmap not supported on this filesystem")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", refuse)
+    ckpt = find_checkpoint(tmp_path)
+    got = dict(read_shard(ckpt, ckpt.files[0]))
+    assert torch.equal(got["w"], tensors["w"])

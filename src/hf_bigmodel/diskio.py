@@ -288,11 +288,8 @@ def read_shard(checkpoint: Checkpoint, file: str, keys: set[str] | None = None, 
             reader.close()
             drop_page_cache(file)  # what readahead around buffered fallback reads brought in
         return
-    if entries and _mmap_enabled():
-        # Zero-copy: views of a private (copy-on-write) mapping of the shard; pages come from the page
-        # cache when first touched, and writes to the tensors never reach the file.
-        whole = torch.empty(0, dtype=torch.uint8).set_(
-            torch.UntypedStorage.from_file(file, shared=False, nbytes=os.path.getsize(file)))
+    whole = _map(file) if entries and _mmap_enabled() else None
+    if whole is not None:
         for entry in entries:
             yield entry.key, _as_tensor(whole[entry.start : entry.end], entry)
         return
@@ -302,6 +299,19 @@ def read_shard(checkpoint: Checkpoint, file: str, keys: set[str] | None = None, 
             yield entry.key, _read_chunked(entry, fd)
     finally:
         os.close(fd)
+
+
+def _map(file: str) -> torch.Tensor | None:
+    """The whole file as a ``uint8`` tensor over a private (copy-on-write) memory map, or None if it cannot be.
+
+    Zero-copy: pages come from the page cache when first touched; writes to the tensors stay private.
+    """
+    try:
+        storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=os.path.getsize(file))
+    except (RuntimeError, OSError) as err:
+        logger.debug("Cannot memory-map %s (%s); reading it instead", file, err)
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _mmap_enabled() -> bool:
