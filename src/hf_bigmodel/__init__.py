@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .devices import get_max_memory
+from .dispatch import cpu_offload, cpu_offload_with_hook, disk_offload, dispatch_model, load_checkpoint_and_dispatch
 from .empty import init_empty_weights, init_on_device
 from .errors import (
     BigModelError,
@@ -18,14 +20,18 @@ from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DeviceMapError,
+    GatedModelError,
+    HubError,
     InvalidIndexError,
     InvalidMaxMemoryError,
     ModelClassNotFoundError,
+    ModelFileNotFoundError,
+    ModelNotFoundError,
+    OfflineCacheMissError,
     OffloadError,
+    RevisionNotFoundError,
     UnsafeCheckpointError,
 )
-from .devices import get_max_memory
-from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
 from .hooks import (
     AlignDevicesHook,
     CpuOffload,
@@ -36,8 +42,62 @@ from .hooks import (
     remove_hook_from_module,
     remove_hook_from_submodules,
 )
-from .loading import load_checkpoint_in_model
-from .dispatch import cpu_offload, cpu_offload_with_hook, disk_offload, dispatch_model, load_checkpoint_and_dispatch
-from .planning import get_balanced_memory, infer_auto_device_map
-from .pretrained import PretrainedLoader, load_pretrained_dispatched
 from .integrations import register_loader
+from .loading import load_checkpoint_in_model
+from .planning import check_device_map, get_balanced_memory, infer_auto_device_map, resolve_device_map
+from .pretrained import PretrainedLoader, load_pretrained_dispatched
+from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
+
+__all__ = [
+    # empty skeletons
+    "init_empty_weights",
+    "init_on_device",
+    # sizes and planning
+    "compute_module_sizes",
+    "find_tied_parameters",
+    "format_size",
+    "parse_size",
+    "get_max_memory",
+    "get_balanced_memory",
+    "infer_auto_device_map",
+    "resolve_device_map",
+    "check_device_map",
+    # loading and dispatch
+    "load_checkpoint_in_model",
+    "load_checkpoint_and_dispatch",
+    "dispatch_model",
+    "cpu_offload",
+    "cpu_offload_with_hook",
+    "disk_offload",
+    # hooks
+    "ModelHook",
+    "SequentialHook",
+    "AlignDevicesHook",
+    "CpuOffload",
+    "UserCpuOffloadHook",
+    "add_hook_to_module",
+    "remove_hook_from_module",
+    "remove_hook_from_submodules",
+    # the Hugging Face adapter
+    "load_pretrained_dispatched",
+    "PretrainedLoader",
+    "register_loader",
+    # errors
+    "BigModelError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DeviceMapError",
+    "GatedModelError",
+    "HubError",
+    "InvalidIndexError",
+    "InvalidMaxMemoryError",
+    "ModelClassNotFoundError",
+    "ModelFileNotFoundError",
+    "ModelNotFoundError",
+    "OfflineCacheMissError",
+    "OffloadError",
+    "RevisionNotFoundError",
+    "UnsafeCheckpointError",
+]
