@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from hf_bigmodel import compute_module_sizes, init_empty_weights, load_checkpoint_and_dispatch, remove_hook_from_submodules
+from hf_bigmodel import (
+    compute_module_sizes,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    remove_hook_from_submodules,
+)
 
 transformers = pytest.importorskip("transformers")
 

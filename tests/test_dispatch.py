@@ -1,5 +1,6 @@
 import pytest
 import torch
+from core_models import SeedModel, TinyLM, reference_tiny_lm, save_state
 from torch import nn
 
 from hf_bigmodel import (
@@ -17,8 +18,6 @@ from hf_bigmodel import (
     remove_hook_from_submodules,
 )
 from hf_bigmodel.hooks import ModelHook, send_to_device
-
-from core_models import SeedModel, TinyLM, reference_tiny_lm, save_state
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 MIXED = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk", "blocks.3": "cpu",

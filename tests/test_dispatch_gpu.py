@@ -5,6 +5,7 @@ Marked ``gpu``: skipped on machines without CUDA (conftest.py).
 
 import pytest
 import torch
+from core_models import TinyLM, reference_tiny_lm, save_state
 
 from hf_bigmodel import (
     cpu_offload,
@@ -13,8 +14,6 @@ from hf_bigmodel import (
     load_checkpoint_and_dispatch,
     remove_hook_from_submodules,
 )
-
-from core_models import TinyLM, reference_tiny_lm, save_state
 
 pytestmark = pytest.mark.gpu
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])

@@ -1,9 +1,8 @@
 import torch
+from core_models import TinyLM
 from torch import nn
 
 from hf_bigmodel import init_empty_weights, init_on_device
-
-from core_models import TinyLM
 
 
 def test_init_empty_weights_puts_parameters_on_meta_and_keeps_buffers():

@@ -2,6 +2,7 @@ import logging
 
 import pytest
 import torch
+from core_models import TinyLM, reference_tiny_lm, save_state
 
 from hf_bigmodel import (
     CheckpointMismatchError,
@@ -9,8 +10,6 @@ from hf_bigmodel import (
     load_checkpoint_in_model,
 )
 from hf_bigmodel.loading import OFFLOAD_ATTR
-
-from core_models import TinyLM, reference_tiny_lm, save_state
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 

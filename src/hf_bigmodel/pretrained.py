@@ -27,7 +27,6 @@ from .errors import CheckpointMismatchError, summarize
 from .hub import DEFAULT_WEIGHT_NAMES, ModelFiles, resolve_config, resolve_model_files
 from .loading import OFFLOAD_ATTR, load_checkpoint, model_tensors
 from .naming import lookup, parent
-from .offload import WeightsMap
 from .sources import Checkpoint, TensorInfo, find_checkpoint
 
 __all__ = ["LoadContext", "PretrainedLoader", "load_pretrained_dispatched"]
