@@ -161,7 +161,8 @@ def _dispatch(
         given.update(state_dict)
 
     accelerators = sorted({d for d in dm.values() if not is_offload_target(d)}, key=device_rank)
-    main: Device = normalize_device(main_device) if main_device is not None else (accelerators[0] if accelerators else "cpu")
+    default_main: Device = accelerators[0] if accelerators else "cpu"
+    main: Device = normalize_device(main_device) if main_device is not None else default_main
     _check_present({main})
     if offload_cpu is None:
         offload_cpu = main != "cpu"

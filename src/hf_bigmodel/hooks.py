@@ -401,7 +401,8 @@ class CpuOffload(ModelHook):
 
 
 class UserCpuOffloadHook:
-    """Handle returned by ``cpu_offload_with_hook``: ``offload()`` sends the model back to CPU, ``remove()`` unhooks it."""
+    """Handle returned by ``cpu_offload_with_hook``: ``offload()`` sends the model back to CPU, ``remove()``
+    unhooks it."""
 
     def __init__(self, model: nn.Module, hook: CpuOffload) -> None:
         self.model = model
