@@ -25,13 +25,8 @@ from hf_bigmodel.errors import (
     OfflineCacheMissError,
     RevisionNotFoundError,
 )
-from hf_bigmodel.hub import (
-    ModelFiles,
-    check_weight_file_sizes,
-    resolve_config,
-    resolve_model_files,
-    verify_cached_file,
-)
+from hf_bigmodel.hub import ModelFiles, resolve_config, resolve_model_files
+from hf_bigmodel.integrity import check_weight_file_sizes, verify_cached_file
 
 REPO = "tiny-org/llama"
 

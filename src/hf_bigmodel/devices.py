@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Union
 
 import torch
 
@@ -25,7 +24,7 @@ __all__ = [
     "get_max_memory",
 ]
 
-Device = Union[int, str]
+Device = int | str
 
 
 def normalize_device(device: int | str | torch.device, *, what: str = "device") -> Device:

@@ -8,7 +8,6 @@ just before the module runs. When the whole model sits on one device, no hook is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -21,8 +20,6 @@ from .devices import Device, device_rank, is_offload_target, normalize_device, t
 from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
 from .hooks import (
     AlignDevicesHook,
-    CpuOffload,
-    UserCpuOffloadHook,
     add_hook_to_module,
     remove_hook_from_module,
 )
@@ -33,9 +30,6 @@ from .prefetch import Prefetcher, prefetch_depth
 from .sizes import find_tied_parameters
 
 __all__ = [
-    "cpu_offload",
-    "cpu_offload_with_hook",
-    "disk_offload",
     "dispatch_model",
     "load_checkpoint_and_dispatch",
 ]
@@ -335,121 +329,6 @@ def _units(
             probe = parent(probe)
         units.setdefault(unit, []).append(name)
     return units
-
-
-def cpu_offload(
-    model: nn.Module,
-    execution_device: int | str | torch.device | None = None,
-    offload_buffers: bool = False,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-    preload_module_classes: Sequence[str] | None = None,
-    *,
-    prefetch: int | None = None,
-) -> nn.Module:
-    """Keep every weight in RAM and bring each module's weights to ``execution_device`` only while it runs.
-
-    Example::
-
-        model = cpu_offload(model, execution_device=0)   # GPU memory: one layer at a time
-    """
-    if execution_device is None:
-        execution_device = 0 if torch.cuda.is_available() else "cpu"
-    return _dispatch(
-        model, {"": "cpu"}, main_device=execution_device, state_dict=state_dict, offload_buffers=offload_buffers,
-        preload_module_classes=preload_module_classes, force_hooks=True, offload_cpu=True, prefetch=prefetch,
-    )
-
-
-def cpu_offload_with_hook(
-    model: nn.Module,
-    execution_device: int | str | torch.device | None = None,
-    prev_module_hook: UserCpuOffloadHook | None = None,
-) -> tuple[nn.Module, UserCpuOffloadHook]:
-    """Move the whole model to ``execution_device`` when it runs, and back to CPU when told to.
-
-    Chain models run one after the other (a pipeline's text encoder, then UNet, then VAE)::
-
-        enc, h1 = cpu_offload_with_hook(enc, 0)
-        unet, h2 = cpu_offload_with_hook(unet, 0, prev_module_hook=h1)  # running unet offloads enc
-        ...; h2.offload()
-    """
-    hook = CpuOffload(execution_device=execution_device, prev_module_hook=prev_module_hook)
-    add_hook_to_module(model, hook, append=True)
-    return model, UserCpuOffloadHook(model, hook)
-
-
-def disk_offload(
-    model: nn.Module,
-    offload_dir: str | os.PathLike[str],
-    execution_device: int | str | torch.device | None = None,
-    offload_buffers: bool = False,
-    preload_module_classes: Sequence[str] | None = None,
-    *,
-    prefetch: int | None = None,
-) -> nn.Module:
-    """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
-
-    Weights are written module by module and dropped from RAM as they are written, so RAM never holds
-    a second copy. Files are named by their content: offloading the same weights again writes nothing,
-    and other weights never take the place of old ones. An empty model (built with
-    ``init_empty_weights``) is instead served from the folder's index, after its files are checked.
-
-    Example::
-
-        model = disk_offload(model, "offload", execution_device="cpu")
-    """
-    if execution_device is None:
-        execution_device = 0 if torch.cuda.is_available() else "cpu"
-    slots = model_tensors(model)
-    weights: WeightsMap = getattr(model, OFFLOAD_ATTR, None) or WeightsMap()
-    to_store = [n for n, s in slots.items() if s.tensor.device.type != "meta" and n not in weights]
-    index: dict[str, DiskTensor] | None = None
-    if not any(not slots[n].is_buffer for n in to_store):
-        # An empty model: the folder is where its weights are (a previous disk_offload wrote them).
-        shapes = {n: tuple(s.tensor.shape) for n, s in slots.items()}
-        index = load_offload_index(offload_dir, expected=shapes)
-    else:
-        folder = OffloadFolder(offload_dir)
-        folder.prepare()
-        by_module: dict[str, list[str]] = {}
-        for name in to_store:
-            by_module.setdefault(parent(name), []).append(name)
-        written: dict[int, DiskTensor] = {}
-        for names in by_module.values():
-            fresh = {n: slots[n].tensor.detach().to("cpu") for n in names if id(slots[n].tensor) not in written}
-            # Named by content: the same weights are written once, other weights never collide.
-            refs = folder.write(fresh, source_id=_content_id(fresh)) if fresh else {}
-            for n in names:
-                key = id(slots[n].tensor)
-                ref = refs.get(n) or written[key]
-                written.setdefault(key, ref)
-                weights.disk[n] = ref
-            for n in names:  # free RAM as we go: the hooks only need meta placeholders
-                slot = slots[n]
-                if slot.is_buffer and not offload_buffers:
-                    continue  # stored for a later run, but kept here: it travels with its module
-                meta = slot.tensor.to("meta")
-                if slot.is_buffer:
-                    slot.module._buffers[slot.leaf] = meta
-                else:
-                    slot.module._parameters[slot.leaf] = nn.Parameter(meta, requires_grad=slot.tensor.requires_grad)
-        folder.write_index(weights.disk)
-        setattr(model, OFFLOAD_ATTR, weights)
-    return _dispatch(
-        model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers, offload_index=index,
-        preload_module_classes=preload_module_classes, force_hooks=True, prefetch=prefetch,
-    )
-
-
-def _content_id(tensors: Mapping[str, torch.Tensor]) -> str:
-    """A digest of the tensors' bytes, names, dtypes and shapes."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return "content:" + digest.hexdigest()
 
 
 def load_checkpoint_and_dispatch(

@@ -14,18 +14,15 @@ without a single request.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from .errors import (
-    CorruptCheckpointError,
     GatedModelError,
     HubError,
     InvalidIndexError,
@@ -42,10 +39,8 @@ __all__ = [
     "DIFFUSERS_WEIGHT_NAMES",
     "TRANSFORMERS_WEIGHT_NAMES",
     "ModelFiles",
-    "check_weight_file_sizes",
     "resolve_config",
     "resolve_model_files",
-    "verify_cached_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,7 +62,6 @@ DEFAULT_WEIGHT_NAMES = (*TRANSFORMERS_WEIGHT_NAMES[:2], *DIFFUSERS_WEIGHT_NAMES[
                         *TRANSFORMERS_WEIGHT_NAMES[2:], *DIFFUSERS_WEIGHT_NAMES[2:])
 _INDEX = ".index.json"
 _GO_ONLINE = "Load the model once online (unset HF_HUB_OFFLINE, local_files_only=False) or pass a folder"
-_HASH_RE = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -293,7 +287,7 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
         listing = _list_files(repo, commit)
     except Exception as err:  # noqa: BLE001 - any HTTP client's transport errors; the rest is re-raised
         if not _is_connection_error(err):
-            raise _translate(err, repo, None) or err
+            raise (_translate(err, repo, None) or err) from None
         logger.warning("Could not list the files of %s (%s); resolving from the cache instead.", repo, err)
         return _resolve_cached(repo, names, config_name, "the Hub could not be reached")
     prefix, sizes = repo.path(""), dict[str, int]()
@@ -494,78 +488,3 @@ def _index_shards(index_file: Path, name: str) -> list[str]:
             path=where,
         )
     return shards
-
-
-# -- integrity checks ------------------------------------------------------------------------------
-def verify_cached_file(path: str | os.PathLike[str]) -> bool:
-    """Hash a file of the Hub cache and compare it with its blob's name, which is its ETag (sha256
-    for LFS files, the git blob sha1 otherwise). ``False`` when ``path`` is no cache blob.
-
-    Raises :class:`~hf_bigmodel.errors.CorruptCheckpointError` naming the file and the fix.
-
-    >>> verify_cached_file(files.weight_files[0])  # doctest: +SKIP
-    True
-    """
-    link = Path(path)
-    blob = link.resolve()
-    if not _HASH_RE.match(blob.name):
-        return False
-    size = blob.stat().st_size
-    digest = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(b"blob %d\0" % size)
-    with open(blob, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            digest.update(chunk)
-    if digest.hexdigest() != blob.name:
-        raise CorruptCheckpointError(
-            f"Cached file {str(link)!r} is corrupt: its content ({format_size(size)}) hashes to "
-            f"{digest.hexdigest()[:16]}… but the cache stored it as {blob.name[:16]}… (blob {str(blob)!r}). "
-            "Download it again with force_download=True, or delete the blob and load again.",
-            path=str(link),
-        )
-    return True
-
-
-def _is_truncated_zip(file: str) -> bool:
-    """A torch file (a zip since torch 1.6) that lost its central directory; legacy pickles pass."""
-    import zipfile
-
-    with open(file, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    return is_zip and not zipfile.is_zipfile(file)
-
-
-def check_weight_file_sizes(
-    files: Iterable[str | os.PathLike[str]], *, expected_sizes: Mapping[str, int] | None = None
-) -> None:
-    """A check cheap enough for every load: each size matches what the Hub listed (``expected_sizes``,
-    e.g. ``ModelFiles.expected_sizes``), each safetensors file holds every byte its header names and
-    each torch zip keeps its end record. All problems are raised at once (``CorruptCheckpointError``).
-
-    >>> check_weight_file_sizes(files.weight_files, expected_sizes=files.expected_sizes)  # doctest: +SKIP
-    """
-    from .safetensors_io import read_header
-
-    expected_sizes = expected_sizes or {}
-    problems: dict[str, str] = {}
-    for file in [os.fspath(f) for f in files]:
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            problems[file] = f"{file!r} does not exist"
-            continue
-        want = expected_sizes.get(file)
-        if want is not None and want != size:
-            problems[file] = f"{file!r} holds {format_size(size)} ({size} B), the Hub lists {want} B"
-        elif file.endswith(".safetensors"):
-            try:
-                read_header(file)
-            except CorruptCheckpointError as err:
-                problems[file] = str(err).split(". The file")[0]
-        elif _is_truncated_zip(file):
-            problems[file] = f"{file!r} is a torch zip archive without its end record (truncated)"
-    if problems:
-        raise CorruptCheckpointError(
-            f"{len(problems)} weight file(s) are incomplete or corrupt: {summarize(problems.values())}. "
-            "Download them again with force_download=True, or delete them and load again.",
-            path=next(iter(problems)),
-        )

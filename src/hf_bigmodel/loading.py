@@ -219,7 +219,8 @@ def load_checkpoint(
             hint=hint.rstrip("\n"),
         )
     if unexpected:
-        logger.warning("Ignored %d checkpoint key(s) the model does not have: %s", len(unexpected), summarize(unexpected))
+        logger.warning("Ignored %d checkpoint key(s) the model does not have: %s",
+                       len(unexpected), summarize(unexpected))
     if missing_kept:
         logger.warning("%d model tensor(s) are not in the checkpoint and keep their current values: %s",
                        len(missing_kept), summarize(missing_kept))

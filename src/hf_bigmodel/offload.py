@@ -264,7 +264,8 @@ class OffloadFolder:
             if not isinstance(err, OSError):
                 raise
             raise OffloadError(
-                f"Could not write {str(index)!r}: {err.strerror or err}. Free some space or pass another offload_folder.",
+                f"Could not write {str(index)!r}: {err.strerror or err}. "
+                "Free some space or pass another offload_folder.",
                 path=str(index),
             ) from None
         return index

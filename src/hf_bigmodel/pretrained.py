@@ -346,8 +346,8 @@ def load_pretrained_dispatched(
     from .planning import resolve_device_map
 
     plan = resolve_device_map(
-        model, "cpu" if device_map is None else device_map, max_memory=max_memory, no_split_module_classes=no_split, dtype=ctx.dtype,
-        special_dtypes=special, offload_buffers=offload_buffers,
+        model, "cpu" if device_map is None else device_map, max_memory=max_memory,
+        no_split_module_classes=no_split, dtype=ctx.dtype, special_dtypes=special, offload_buffers=offload_buffers,
     )
     report = load_checkpoint(
         model, checkpoint, device_map=plan, offload_folder=offload_folder, dtype=ctx.dtype,

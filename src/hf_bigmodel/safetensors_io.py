@@ -137,7 +137,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             numel *= d
         expected = numel * dtype.itemsize
         if end < begin or end - begin != expected:
-            raise _corrupt(path, f"{key!r} spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {expected}")
+            raise _corrupt(
+                path, f"{key!r} spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {expected}"
+            )
         entries[key] = TensorEntry(path, key, dtype, shape, data_start + begin, data_start + end)
     cut = sorted((e for e in entries.values() if e.end > file_size), key=lambda e: e.start)
     if cut:

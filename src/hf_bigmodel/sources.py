@@ -173,9 +173,10 @@ def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
     except (CorruptCheckpointError, MemoryError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001  (untrusted bytes fail inside torch/zip/pickle in many ways)
+        detail = type(err).__name__ + (f": {_first_line(err)}" if str(err).strip() else "")
         raise CorruptCheckpointError(
-            f"{path!r} is not a readable torch checkpoint ({type(err).__name__}{': ' + _first_line(err) if str(err).strip() else ''}). It is "
-            f"truncated or corrupt. {refetch_advice(path)}",
+            f"{path!r} is not a readable torch checkpoint ({detail}). It is truncated or corrupt. "
+            f"{refetch_advice(path)}",
             path=path,
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -313,8 +314,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointNotFoundError(
             f"{str(p)!r} is not a checkpoint: expected .safetensors, .bin/.pt/.pth, or a *.index.json.", path=str(p)
         )
-    for names, kind in ((_INDEX_PREFERENCE, "index"), (_SINGLE_PREFERENCE, "file"),
-                        (_TORCH_INDEX_PREFERENCE, "index"), (_TORCH_SINGLE_PREFERENCE, "file")):
+    for names in (_INDEX_PREFERENCE, _SINGLE_PREFERENCE, _TORCH_INDEX_PREFERENCE, _TORCH_SINGLE_PREFERENCE):
         for name in names:
             if (p / name).is_file():
                 return find_checkpoint(p / name)
