@@ -160,6 +160,9 @@ def get_max_memory(
     Otherwise every key is normalised (``"cuda:1"`` -> ``1``) and every value parsed (``"10GiB"``); a
     negative or unreadable value, an unknown device or (with ``check_devices``) one this machine lacks
     raises :class:`InvalidMaxMemoryError` naming it. ``HF_BIGMODEL_MAX_CPU_MEMORY`` caps the default RAM.
+
+    >>> get_max_memory({"cuda:1": "10GiB", "cpu": "500MB"}, check_devices=False)
+    {1: 10737418240, 'cpu': 500000000}
     """
     if max_memory is None:
         budgets: dict[Device, int] = {d: available_memory(d) for d in _local_devices()}

@@ -53,6 +53,24 @@ def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) ->
     model.hf_device_map = dict(device_map)
     if not hasattr(model, "device"):
         model.device = torch_device(main)  # lets plain modules do input.to(model.device)
+    _hook_encoder_outputs(model)
+
+
+def _hook_encoder_outputs(model: nn.Module) -> None:
+    """Give the encoder of an encoder-decoder model the hook transformers' ``generate`` expects.
+
+    Seeing ``hf_device_map``, ``generate`` wants the encoder to return its outputs on the inputs' device:
+    it sets ``encoder._hf_hook.io_same_device`` if the encoder has a hook, and otherwise attaches
+    accelerate's own hook (or fails with a NameError when accelerate is not installed). Attaching ours
+    here keeps accelerate out; it moves nothing but the encoder's outputs, once per ``generate``.
+    """
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or not callable(get_encoder):
+        return
+    encoder = get_encoder()
+    if isinstance(encoder, nn.Module) and encoder is not model and "_hf_hook" not in encoder.__dict__:
+        add_hook_to_module(encoder, AlignDevicesHook(io_same_device=True))
 
 
 def _fill_from_weights(name: str, slot: ModelTensor, weights: WeightsMap, device: torch.device) -> None:

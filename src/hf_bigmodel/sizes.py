@@ -77,7 +77,11 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
 
 
 def format_size(num_bytes: int | float) -> str:
-    """``1610612736`` -> ``"1.50 GiB"``: binary units, as memory is measured."""
+    """``1610612736`` -> ``"1.50 GiB"``: binary units, as memory is measured.
+
+    >>> format_size(1610612736)
+    '1.50 GiB'
+    """
     size = float(num_bytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(size) < 1024 or unit == "TiB":
@@ -129,6 +133,10 @@ def compute_module_sizes(
 
     ``dtype`` is the dtype floating-point tensors will be cast to; ``special_dtypes`` overrides it per
     tensor name (e.g. modules kept in float32). A tied tensor is counted once, under its first name.
+
+    >>> sizes = compute_module_sizes(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), dtype=torch.float16)
+    >>> sizes[""], sizes["0"], sizes["1.weight"]
+    (60, 40, 16)
     """
     from .dtypes import resolve_dtype
 
@@ -153,6 +161,11 @@ def find_tied_parameters(model: nn.Module) -> list[list[str]]:
     """Groups of parameter names that share one tensor, e.g. ``[["lm_head.weight", "wte.weight"]]``.
 
     Works on meta models: ties are found by identity of the ``Parameter`` objects.
+
+    >>> model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+    >>> model["head"].weight = model["embed"].weight
+    >>> find_tied_parameters(model)
+    [['embed.weight', 'head.weight']]
     """
     groups: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
