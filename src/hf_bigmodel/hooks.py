@@ -149,9 +149,19 @@ def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Modu
 
 
 def remove_hook_from_submodules(module: nn.Module) -> None:
-    """Detach every hook below ``module`` (not ``module``'s own). Offloaded weights come back to CPU."""
+    """Detach every hook below ``module`` (not ``module``'s own). Offloaded weights come back to CPU.
+
+    The model is then plain, so its ``hf_device_map`` (which no longer describes it) is dropped too:
+    transformers' ``generate`` would otherwise go looking for the hooks it implies.
+
+    Example::
+
+        model = load_checkpoint_and_dispatch(model, "ckpt/", device_map={"": "disk"})
+        remove_hook_from_submodules(model)   # every weight in RAM, forward untouched
+    """
     for child in module.children():
         remove_hook_from_module(child, recurse=True)
+    module.__dict__.pop("hf_device_map", None)
 
 
 def send_to_device(obj: Any, device: torch.device, skip_keys: Sequence[str] | str | None = None,
