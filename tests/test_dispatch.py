@@ -98,6 +98,7 @@ def test_remove_hooks_leaves_a_plain_working_model(ckpt):
     ref, path = ckpt
     model = loaded(path, MIXED)
     remove_hook_from_submodules(model)
+    assert not hasattr(model, "hf_device_map")  # it no longer describes the model
     remove_hook_from_module(model)
     assert hooked(model) == []
     assert all(p.device.type == "cpu" for p in model.parameters())
