@@ -84,6 +84,7 @@ def hermetic_hf(
         "default_assets_cache_path": str(home / "assets"),
         "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
         "CHECK_FOR_UPDATE_DONE_PATH": str(home / ".check_for_update_done"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
         "HF_HUB_OFFLINE": False,
         "HF_HUB_DISABLE_TELEMETRY": True,
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": False,
@@ -107,6 +108,11 @@ def hermetic_hf(
         for name, value in attrs.items():
             if module is not None and hasattr(module, name):
                 monkeypatch.setattr(module, name, value)
+    # huggingface_hub fetches its agent-harness registry once per process, from whichever endpoint is
+    # set then: an extra GET in the log of whichever test comes first. Every test sees none instead.
+    detect = sys.modules.get("huggingface_hub.utils._detect_agent")
+    if detect is not None and hasattr(detect, "_registry") and hasattr(detect, "_EMPTY_REGISTRY"):
+        monkeypatch.setattr(detect, "_registry", detect._EMPTY_REGISTRY)
     # No real Hub: stray requests go to a closed local port and fail fast.
     monkeypatch.setattr(constants, "ENDPOINT", _nowhere_url)
     monkeypatch.setattr(

@@ -5,6 +5,10 @@ headers the client reads (``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``/``X-Lin
 ``X-Error-Code``), records every request, and can cut a download short once to exercise resuming.
 No xet headers are ever sent, so the client always downloads over plain HTTP.
 
+A request is logged just before its answer is sent, never after: once a client has its answer,
+the log already holds the request, so a test may read ``requests`` right after a download returns
+(logging after the last byte left would race the client, and a slow server thread would miss it).
+
     with HubServer() as server:
         server.add_repo("org/tiny", folder)
         point_hub_client_at(monkeypatch, server.url)
@@ -14,6 +18,7 @@ No xet headers are ever sent, so the client always downloads over plain HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -64,7 +69,11 @@ _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request the server answered. ``path`` is the raw URL path (quoted, no query string)."""
+    """One request the server answered (logged just before the answer left).
+
+    ``path`` is the raw URL path (quoted, no query string). ``interrupted``: the answer was not all
+    sent, because ``fail_next_download`` cut it on purpose or the client went away mid-answer.
+    """
 
     method: str
     path: str
@@ -74,7 +83,7 @@ class RecordedRequest:
     repo_id: str | None = None
     revision: str | None = None
     filename: str | None = None  # the repo file, for /resolve/ requests
-    interrupted: bool = False  # the connection was cut on purpose (fail_next_download)
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,8 +266,15 @@ class HubServer:
             return next(self._arrivals)
 
     def _record(self, arrival: int, request: RecordedRequest) -> None:
-        with self._lock:  # logged when answered, listed in arrival order
+        with self._lock:  # logged as the answer leaves, listed in arrival order
             self._requests.append((arrival, request))
+
+    def _mark_interrupted(self, arrival: int) -> None:
+        """The answer to request ``arrival``, already logged, could not be sent in full."""
+        with self._lock:
+            for i, (number, request) in enumerate(self._requests):
+                if number == arrival:
+                    self._requests[i] = (number, dataclasses.replace(request, interrupted=True))
 
     # -- lookups used by the handler --------------------------------------------------------------
     def _repo(self, repo_id: str, authorization: str | None) -> Repo:
@@ -315,64 +331,82 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _dispatch(self, *, head: bool) -> None:
-        arrival = self.hub._arrival()
+        self._arrival_number = self.hub._arrival()
+        self._logged = False
         split = urlsplit(self.path)
         auth = self.headers.get("Authorization")
         rng = self.headers.get("Range")
-        info: dict[str, Any] = {"repo_id": None, "revision": None, "filename": None}
-        status, interrupted = 500, False
+        self._entry = RecordedRequest(self.command, split.path, 500, rng, auth)  # what _send logs
         try:
             if m := _RESOLVE_RE.match(split.path):
                 info = {"repo_id": m["repo"], "revision": unquote(m["rev"]), "filename": unquote(m["file"])}
-                status, interrupted = self._resolve(head=head, range_header=rng, auth=auth, **info)
+                self._entry = dataclasses.replace(self._entry, **info)
+                self._resolve(head=head, range_header=rng, auth=auth, **info)
             elif not head and (m := _TREE_RE.match(split.path)):
-                info["repo_id"], info["revision"] = m["repo"], unquote(m["rev"])
+                revision = unquote(m["rev"])
+                self._entry = dataclasses.replace(self._entry, repo_id=m["repo"], revision=revision)
                 query = parse_qs(split.query)
                 recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
                 path = unquote(m["path"]).strip("/") if m["path"] else ""
-                status = self._tree(m["repo"], info["revision"], path, recursive=recursive, auth=auth)
+                self._tree(m["repo"], revision, path, recursive=recursive, auth=auth)
             elif not head and (m := _INFO_RE.match(split.path)):
-                info["repo_id"], info["revision"] = m["repo"], unquote(m["rev"]) if m["rev"] else None
+                revision = unquote(m["rev"]) if m["rev"] else None
+                self._entry = dataclasses.replace(self._entry, repo_id=m["repo"], revision=revision)
                 blobs = parse_qs(split.query).get("blobs", ["false"])[0].lower() in ("1", "true")
-                status = self._info(m["repo"], info["revision"], blobs=blobs, auth=auth)
+                self._info(m["repo"], revision, blobs=blobs, auth=auth)
             else:
                 raise _Abort(404, None, f"Sorry, we can't find the page you are looking for: {split.path}")
         except _Abort as err:
-            status = err.status
             self._send_error(err, head=head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+            if self._logged:
+                self.hub._mark_interrupted(self._arrival_number)
         finally:
-            self.hub._record(
-                arrival,
-                RecordedRequest(self.command, split.path, status, rng, auth, interrupted=interrupted, **info),
-            )
+            if not self._logged:  # failed before answering (a bug in a route): logged as a 500
+                self._log(500, interrupted=False)
+
+    def _log(self, status: int, *, interrupted: bool) -> None:
+        self._logged = True
+        request = dataclasses.replace(self._entry, status=status, interrupted=interrupted)
+        self.hub._record(self._arrival_number, request)
+
+    def _send(
+        self, status: int, headers: dict[str, str], body: bytes, *, head: bool = False, cut: int | None = None
+    ) -> None:
+        """Answer with ``status``, ``headers`` and ``body`` (not sent for HEAD); ``cut``: stop after that
+        many body bytes and close the connection. The request is logged first (see the module docstring).
+        """
+        interrupted = not head and cut is not None and cut < len(body)
+        self._log(status, interrupted=interrupted)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if head:
+            return
+        if not interrupted:
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[:cut])
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _send_error(self, err: _Abort, *, head: bool) -> None:
-        body = json.dumps({"error": err.message}).encode()
-        self.send_response(err.status)
-        if err.code:
-            self.send_header("X-Error-Code", err.code)
-        self.send_header("X-Error-Message", err.message)
-        for k, v in err.headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+        headers = {"X-Error-Code": err.code} if err.code else {}
+        headers |= {"X-Error-Message": err.message, **err.headers, "Content-Type": "application/json"}
+        self._send(err.status, headers, json.dumps({"error": err.message}).encode(), head=head)
 
-    def _send_json(self, payload: Any) -> int:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        return 200
+    def _send_json(self, payload: Any) -> None:
+        self._send(200, {"Content-Type": "application/json"}, json.dumps(payload).encode())
 
     # -- routes -----------------------------------------------------------------------------------
-    def _info(self, repo_id: str, revision: str | None, *, blobs: bool, auth: str | None) -> int:
+    def _info(self, repo_id: str, revision: str | None, *, blobs: bool, auth: str | None) -> None:
         repo = self.hub._repo(repo_id, auth)
         rev = self.hub._revision(repo, revision or "main")
         siblings = []
@@ -383,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if f.lfs:
                     entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(entry)
-        return self._send_json(
+        self._send_json(
             {
                 "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
                 "id": repo_id,
@@ -403,7 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
         )
 
-    def _tree(self, repo_id: str, revision: str, path: str, *, recursive: bool, auth: str | None) -> int:
+    def _tree(self, repo_id: str, revision: str, path: str, *, recursive: bool, auth: str | None) -> None:
         repo = self.hub._repo(repo_id, auth)
         rev = self.hub._revision(repo, revision)
         prefix = f"{path}/" if path else ""
@@ -433,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
             {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
             for d in sorted(folders)
         ]
-        return self._send_json(sorted(entries, key=lambda e: e["path"]))
+        self._send_json(sorted(entries, key=lambda e: e["path"]))
 
     def _resolve(
         self,
@@ -444,7 +478,7 @@ class _Handler(BaseHTTPRequestHandler):
         head: bool,
         range_header: str | None,
         auth: str | None,
-    ) -> tuple[int, bool]:
+    ) -> None:
         repo = self.hub._repo(repo_id, auth)
         rev = self.hub._revision(repo, revision)
         self.hub._check_gate(repo, auth)
@@ -474,33 +508,14 @@ class _Handler(BaseHTTPRequestHandler):
                         {"Content-Range": f"bytes */{f.size}"},
                     )
                 status = 206
-        body = f.data[start : end + 1]
-        self.send_response(status)
-        self.send_header("X-Repo-Commit", rev.commit_sha)
-        self.send_header("ETag", f'"{f.etag}"')
+        headers = {"X-Repo-Commit": rev.commit_sha, "ETag": f'"{f.etag}"'}
         if f.lfs:
-            self.send_header("X-Linked-Etag", f'"{f.sha256}"')
-            self.send_header("X-Linked-Size", str(f.size))
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Type", "application/octet-stream")
+            headers |= {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)}
+        headers |= {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{f.size}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if head:
-            return status, False
-        cut = self.hub._take_fault(repo_id, filename)
-        if cut is not None and cut < len(body):
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return status, True
-        self.wfile.write(body)
-        return status, False
+            headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
+        cut = None if head else self.hub._take_fault(repo_id, filename)
+        self._send(status, headers, f.data[start : end + 1], head=head, cut=cut)
 
 
 # -- pointing huggingface_hub (and the libraries that copied its settings) at a server -------------

@@ -8,6 +8,7 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -353,6 +354,51 @@ def test_server_ranges_tree_and_errors(hub: HubServer, llama_sharded: Path) -> N
     assert {e["path"] for e in json.loads(body)} == {p.name for p in llama_sharded.iterdir()}
     assert get(f"/{REPO}/resolve/main/nope")[1]["X-Error-Code"] == "EntryNotFound"
     assert get("/tiny-org/none/resolve/main/config.json")[1]["X-Error-Code"] == "RepoNotFound"
+
+
+def test_server_logs_each_request_before_its_answer_leaves(
+    hub: HubServer, llama_sharded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import hub_server
+
+    hub.add_repo(REPO, llama_sharded)
+
+    class StallingWriter:  # the server thread stalls after every write, as under heavy CPU load
+        def __init__(self, raw: Any) -> None:
+            self.raw = raw
+
+        def write(self, data: bytes) -> int:
+            written = self.raw.write(data)
+            time.sleep(0.1)
+            return written
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.raw, name)
+
+    setup = hub_server._Handler.setup
+
+    def stalling_setup(handler: Any) -> None:
+        setup(handler)
+        handler.wfile = StallingWriter(handler.wfile)
+
+    monkeypatch.setattr(hub_server._Handler, "setup", stalling_setup)
+    asked = [
+        ("HEAD", f"/{REPO}/resolve/main/config.json", 200),
+        ("GET", f"/{REPO}/resolve/main/config.json", 200),
+        ("GET", f"/api/models/{REPO}", 200),
+        ("GET", f"/{REPO}/resolve/main/nope.json", 404),
+    ]
+    for method, path, status in asked:
+        hub.clear_requests()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(hub.url + path, method=method)) as response:
+                response.read()
+        except urllib.error.HTTPError as err:
+            err.read()
+        # The client holds the whole answer: the request must be in the log now, not a moment later.
+        assert [(r.method, r.path, r.status) for r in hub.requests] == [(method, path, status)]
 
 
 def test_unreachable_hub_falls_back_to_the_cache(
