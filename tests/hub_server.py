@@ -339,9 +339,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._entry = RecordedRequest(self.command, split.path, 500, rng, auth)  # what _send logs
         try:
             if m := _RESOLVE_RE.match(split.path):
-                info = {"repo_id": m["repo"], "revision": unquote(m["rev"]), "filename": unquote(m["file"])}
-                self._entry = dataclasses.replace(self._entry, **info)
-                self._resolve(head=head, range_header=rng, auth=auth, **info)
+                repo_id, revision, filename = m["repo"], unquote(m["rev"]), unquote(m["file"])
+                self._entry = dataclasses.replace(self._entry, repo_id=repo_id, revision=revision, filename=filename)
+                self._resolve(
+                    repo_id=repo_id, revision=revision, filename=filename, head=head, range_header=rng, auth=auth
+                )
             elif not head and (m := _TREE_RE.match(split.path)):
                 revision = unquote(m["rev"])
                 self._entry = dataclasses.replace(self._entry, repo_id=m["repo"], revision=revision)
@@ -350,10 +352,10 @@ class _Handler(BaseHTTPRequestHandler):
                 path = unquote(m["path"]).strip("/") if m["path"] else ""
                 self._tree(m["repo"], revision, path, recursive=recursive, auth=auth)
             elif not head and (m := _INFO_RE.match(split.path)):
-                revision = unquote(m["rev"]) if m["rev"] else None
-                self._entry = dataclasses.replace(self._entry, repo_id=m["repo"], revision=revision)
+                pinned = unquote(m["rev"]) if m["rev"] else None
+                self._entry = dataclasses.replace(self._entry, repo_id=m["repo"], revision=pinned)
                 blobs = parse_qs(split.query).get("blobs", ["false"])[0].lower() in ("1", "true")
-                self._info(m["repo"], revision, blobs=blobs, auth=auth)
+                self._info(m["repo"], pinned, blobs=blobs, auth=auth)
             else:
                 raise _Abort(404, None, f"Sorry, we can't find the page you are looking for: {split.path}")
         except _Abort as err:
