@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -152,7 +152,7 @@ class DirectReader:
         if entry.nbytes == 0:
             return buffer[skip:skip]
         fd, direct = self._open(entry.path)
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data
         if direct:
             try:
                 self._pread(entry, fd, view[:length], first, need=entry.end - first)
@@ -246,7 +246,7 @@ def read_uncached(entry: TensorEntry) -> torch.Tensor:
 
 def _read_chunked(entry: TensorEntry, fd: int) -> torch.Tensor:
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()) if entry.nbytes else memoryview(b"")
+    view = buffer.numpy().data if entry.nbytes else memoryview(b"")
     spans = [(a, min(a + READ_CHUNK, entry.nbytes)) for a in range(0, entry.nbytes, READ_CHUNK)]
     if len(spans) <= 1:
         _pread_exact(entry, fd, view, entry.start, need=entry.nbytes)
@@ -311,7 +311,8 @@ def _map(file: str) -> torch.Tensor | None:
     except (RuntimeError, OSError) as err:
         logger.debug("Cannot memory-map %s (%s); reading it instead", file, err)
         return None
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+    # from_file is typed on the storage base class; called on UntypedStorage it returns an UntypedStorage.
+    return torch.empty(0, dtype=torch.uint8).set_(cast(torch.UntypedStorage, storage))
 
 
 def _mmap_enabled() -> bool:

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -36,6 +37,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+
+    class _DispatchedModel(nn.Module):
+        """For the type checker: the attributes ``_finish`` sets on a dispatched model."""
+
+        hf_device_map: dict[str, Device]
+        device: torch.device
+
 
 def _check_present(devices: set[Device]) -> None:
     from .devices import _present
@@ -50,9 +59,10 @@ def _check_present(devices: set[Device]) -> None:
 
 
 def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) -> None:
-    model.hf_device_map = dict(device_map)
+    dispatched = cast("_DispatchedModel", model)
+    dispatched.hf_device_map = dict(device_map)
     if not hasattr(model, "device"):
-        model.device = torch_device(main)  # lets plain modules do input.to(model.device)
+        dispatched.device = torch_device(main)  # lets plain modules do input.to(model.device)
     _hook_encoder_outputs(model)
 
 
@@ -258,8 +268,8 @@ def _dispatch(
             if tensor.device.type == "meta":
                 partner = next((p for p in partners[name] if p in weights), None)
                 if partner is None:  # tied to a tensor resident on another device: copy it from there
-                    resident = next(p for p in partners[name] if slots[p].tensor.device.type != "meta")
-                    weights.memory[name] = slots[resident].tensor.detach()
+                    holder = next(p for p in partners[name] if slots[p].tensor.device.type != "meta")
+                    weights.memory[name] = slots[holder].tensor.detach()
                 elif weights.is_on_disk(partner):
                     weights.disk[name] = weights.disk[partner]
                 else:

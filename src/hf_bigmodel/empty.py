@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -61,9 +61,11 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
         if tensor is not None and tensor.device != device:
             module._buffers[name] = tensor.to(device)
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    replacements: dict[str, Callable[..., None]] = {"register_parameter": register_parameter}
     if include_buffers:
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        replacements["register_buffer"] = register_buffer
+    for method, replacement in replacements.items():  # setattr: mypy cannot type a function put over a method
+        setattr(nn.Module, method, replacement)
     try:
         if include_buffers:
             with device:

@@ -12,8 +12,8 @@ offloaded modules, brings their weights there just before forward and releases t
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,15 @@ from torch import nn
 from .devices import Device, torch_device
 from .diskio import read_uncached
 from .offload import DiskTensor, WeightsMap
+
+if TYPE_CHECKING:
+
+    class _HookedModule(nn.Module):
+        """For the type checker: the attributes ``add_hook_to_module`` keeps on a module."""
+
+        _hf_hook: ModelHook
+        _hf_hook_had_instance_forward: bool
+        _old_forward: Callable[..., Any]
 
 __all__ = [
     "AlignDevicesHook",
@@ -103,16 +112,17 @@ def add_hook_to_module(module: nn.Module, hook: ModelHook, append: bool = False)
         if append:
             module = hook.init_hook(module)
             chain = existing.hooks if isinstance(existing, SequentialHook) else [existing]
-            module._hf_hook = SequentialHook(*chain, hook)
+            cast("_HookedModule", module)._hf_hook = SequentialHook(*chain, hook)
             return module
         remove_hook_from_module(module)
-    module._hf_hook_had_instance_forward = "forward" in module.__dict__
+    hooked = cast("_HookedModule", module)
+    hooked._hf_hook_had_instance_forward = "forward" in module.__dict__
     old_forward = module.forward
-    module._old_forward = old_forward
+    hooked._old_forward = old_forward
     module = hook.init_hook(module)
-    module._hf_hook = hook
+    cast("_HookedModule", module)._hf_hook = hook
 
-    def new_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def new_forward(module: _HookedModule, *args: Any, **kwargs: Any) -> Any:
         active = module._hf_hook
         args, kwargs = active.pre_forward(module, *args, **kwargs)
         try:
@@ -126,7 +136,9 @@ def add_hook_to_module(module: nn.Module, hook: ModelHook, append: bool = False)
             raise
         return active.post_forward(module, output)
 
-    module.forward = functools.update_wrapper(functools.partial(new_forward, module), old_forward)
+    module.forward = functools.update_wrapper(
+        functools.partial(new_forward, cast("_HookedModule", module)), old_forward
+    )
     return module
 
 
@@ -138,7 +150,7 @@ def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Modu
         del module._hf_hook
     if "_old_forward" in module.__dict__:
         if module.__dict__.pop("_hf_hook_had_instance_forward", False):
-            module.forward = module._old_forward
+            module.forward = cast("_HookedModule", module)._old_forward
         else:
             module.__dict__.pop("forward", None)
         del module._old_forward
@@ -185,8 +197,9 @@ def send_to_device(obj: Any, device: torch.device, skip_keys: Sequence[str] | st
     if isinstance(obj, Mapping):
         items = {k: (v if skip_keys and k in skip_keys else send_to_device(v, device, skip_keys, non_blocking))
                  for k, v in obj.items()}
+        mapping_type: Any = type(obj)  # a concrete mapping class; the abstract Mapping takes no arguments
         try:
-            return type(obj)(items)
+            return mapping_type(items)
         except TypeError:
             return items
     return obj
@@ -225,7 +238,8 @@ class _Slot:
             self.module._parameters[self.leaf] = param
 
     def release(self) -> None:
-        store = self.module._buffers if self.is_buffer else self.module._parameters
+        # A parameter's meta placeholder is a plain tensor (what Parameter.to returns), kept as it is.
+        store: dict[str, Any] = self.module._buffers if self.is_buffer else self.module._parameters
         store[self.leaf] = self.placeholder
 
 

@@ -134,5 +134,5 @@ def _content_id(tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[name].contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
         if t.numel():
-            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return "content:" + digest.hexdigest()
