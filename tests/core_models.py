@@ -95,3 +95,22 @@ def save_state(model: nn.Module, path, *, shards: int = 1, fmt: str = "safetenso
         write({n: state[n] for n in part}, path / file)
         weight_map.update({n: file for n in part})
     (path / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def dispatched_tiny_lm(path, device_map, **kwargs) -> TinyLM:
+    """An empty :class:`TinyLM` loaded from ``path`` and dispatched with ``load_checkpoint_and_dispatch``."""
+    from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+
+    with init_empty_weights():
+        model = TinyLM()
+    return load_checkpoint_and_dispatch(model, path, device_map=device_map, **kwargs)
+
+
+def saved_tiny_lm(folder):
+    """The reference :class:`TinyLM` and the folder it was saved to in two safetensors shards."""
+    from pathlib import Path
+
+    ref = reference_tiny_lm()
+    save_state(ref, Path(folder), shards=2)
+    return ref, Path(folder)
+

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from core_models import SeedModel, TinyLM, reference_tiny_lm, save_state
+from core_models import SeedModel, TinyLM, dispatched_tiny_lm, reference_tiny_lm, save_state, saved_tiny_lm
 from torch import nn
 
 from hf_bigmodel import (
@@ -28,17 +28,12 @@ def hooked(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if "_hf_hook" in m.__dict__]
 
 
-def loaded(path, device_map, **kwargs) -> TinyLM:
-    with init_empty_weights():
-        model = TinyLM()
-    return load_checkpoint_and_dispatch(model, path, device_map=device_map, **kwargs)
+loaded = dispatched_tiny_lm
 
 
 @pytest.fixture()
 def ckpt(tmp_path):
-    ref = reference_tiny_lm()
-    save_state(ref, tmp_path / "ckpt", shards=2)
-    return ref, tmp_path / "ckpt"
+    return saved_tiny_lm(tmp_path / "ckpt")
 
 
 def test_seed_example_runs_as_written(tmp_path):

@@ -5,13 +5,11 @@ Marked ``gpu``: skipped on machines without CUDA (conftest.py).
 
 import pytest
 import torch
-from core_models import TinyLM, reference_tiny_lm, save_state
+from core_models import dispatched_tiny_lm, reference_tiny_lm, saved_tiny_lm
 
 from hf_bigmodel import (
     cpu_offload,
     disk_offload,
-    init_empty_weights,
-    load_checkpoint_and_dispatch,
     remove_hook_from_submodules,
 )
 
@@ -19,17 +17,12 @@ pytestmark = pytest.mark.gpu
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 
 
-def dispatched(path, device_map, **kwargs):
-    with init_empty_weights():
-        model = TinyLM()
-    return load_checkpoint_and_dispatch(model, path, device_map=device_map, **kwargs)
+dispatched = dispatched_tiny_lm
 
 
 @pytest.fixture()
 def ckpt(tmp_path):
-    ref = reference_tiny_lm()
-    save_state(ref, tmp_path / "ckpt", shards=2)
-    return ref, tmp_path / "ckpt"
+    return saved_tiny_lm(tmp_path / "ckpt")
 
 
 def test_gpu_cpu_disk_map_runs_on_the_gpu(ckpt):

@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import SMALL_LLAMA_LAYERS, save_small_bf16_llama, small_llama_config
 
 from hf_bigmodel import cpu_offload, init_empty_weights, load_checkpoint_and_dispatch
 from hf_bigmodel.prefetch import prefetcher_of
 
 pytestmark = pytest.mark.gpu
 
-LAYERS = 4
-
-
-def _config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LAYERS = SMALL_LLAMA_LAYERS
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama_gpu")
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(_config()).eval()
-    for param in ref.parameters():
-        param.data = param.data.to(torch.bfloat16)
-    ref.save_pretrained(path, max_shard_size="60KB")
-    return path, ref.to("cuda:0")
+    saved = save_small_bf16_llama(tmp_path_factory.mktemp("llama_gpu"))
+    return saved.path, saved.model.to("cuda:0")
 
 
 def _device_map():
@@ -48,7 +34,7 @@ def _load(path, prefetch):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(_config())
+        model = AutoModelForCausalLM.from_config(small_llama_config())
     return load_checkpoint_and_dispatch(model, path, device_map=_device_map(), dtype=torch.bfloat16,
                                         prefetch=prefetch)
 

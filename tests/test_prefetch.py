@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import SMALL_LLAMA_LAYERS, save_small_bf16_llama, small_llama_config
 from torch import nn
 
 from hf_bigmodel import (
@@ -30,29 +31,14 @@ from hf_bigmodel.errors import CheckpointError
 from hf_bigmodel.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
 from hf_bigmodel.safetensors_io import read_header
 
-LAYERS = 4
-
-
-def _config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LAYERS = SMALL_LLAMA_LAYERS
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A 4-layer bf16 Llama saved as sharded safetensors, and the in-memory reference it came from."""
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(_config()).eval()
-    for param in ref.parameters():  # bf16 weights; buffers (rotary inv_freq) stay float32, as loading leaves them
-        param.data = param.data.to(torch.bfloat16)
-    ref.save_pretrained(path, max_shard_size="60KB")
-    return path, ref
+    saved = save_small_bf16_llama(tmp_path_factory.mktemp("llama"))
+    return saved.path, saved.model
 
 
 def _device_map(disk_layers=range(1, LAYERS)):
@@ -65,7 +51,7 @@ def _load(path, *, prefetch, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(_config())
+        model = AutoModelForCausalLM.from_config(small_llama_config())
     return load_checkpoint_and_dispatch(model, path, device_map=_device_map(), dtype=dtype, prefetch=prefetch)
 
 
@@ -280,7 +266,7 @@ def test_nothing_to_prefetch_means_no_thread(llama):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(_config())
+        model = AutoModelForCausalLM.from_config(small_llama_config())
     model = load_checkpoint_and_dispatch(model, path, device_map={"": "cpu"}, prefetch=2)
     assert prefetcher_of(model) is None and "_hf_hook" not in model.model.layers[0].self_attn.q_proj.__dict__
     cpu = Chain()

@@ -348,3 +348,31 @@ def write_junk_files(directory: str | Path, names: tuple[str, ...] = JUNK_FILES)
     for i, name in enumerate(names):
         (path / name).write_bytes(f"not for pytorch #{i} ".encode() * 64)
     return list(names)
+
+
+SMALL_LLAMA_LAYERS = 4
+
+
+def small_llama_config() -> Any:
+    """A 4-layer Llama (hidden 64, vocab 256): big enough for several prefetch groups, still tiny."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=SMALL_LLAMA_LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def save_small_bf16_llama(directory: str | Path, *, seed: int = 0) -> SavedModel:
+    """:func:`small_llama_config` with bf16 weights, saved as ~60 KB safetensors shards.
+
+    Buffers (rotary ``inv_freq``) stay float32, as loading leaves them.
+    """
+    from transformers import LlamaForCausalLM
+
+    _seeded(seed)
+    ref = LlamaForCausalLM(small_llama_config()).eval()
+    for param in ref.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    ref.save_pretrained(directory, max_shard_size="60KB")
+    return SavedModel(Path(directory), ref)
+
