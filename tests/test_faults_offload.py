@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -237,6 +238,28 @@ def test_stale_temporary_files_are_never_used(ckpt, tmp_path):
         (planted / f".{name}.4242.deadbeef.tmp").write_bytes(b"\x00" * 40)
     assert torch.equal(load(path, planted)(IDS), ref(IDS))
     assert weight_files(planted) == weight_files(good)
+
+
+def test_temporary_files_of_dead_writers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_bigmodel.offload import OffloadFolder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    folder = tmp_path / "off"
+    folder.mkdir()
+    old = time.time() - 3600
+    orphan = folder / f".w-1.safetensors.{dead.pid}.deadbeef.tmp"
+    busy = folder / f".w-2.safetensors.{os.getpid()}.deadbeef.tmp"  # a live writer, even if slow
+    fresh = folder / f".index.json.{dead.pid}.cafebabe.tmp"  # too recent to judge
+    for file in (orphan, busy, fresh):
+        file.write_bytes(b"\x00" * 8)
+    os.utime(orphan, (old, old))
+    os.utime(busy, (old, old))
+    OffloadFolder(folder).prepare()
+    assert not orphan.exists() and busy.exists() and fresh.exists()
 
 
 # --- damaged index.json -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -143,6 +144,16 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -172,6 +183,27 @@ class OffloadFolder:
                 "Pass an offload_folder on a writable disk.",
                 path=str(self.path),
             ) from None
+        self._sweep_orphans()
+
+    def _sweep_orphans(self) -> None:
+        """Delete temporary files whose writer died before renaming them (killed outright, say).
+
+        Their names carry the writer's pid (``.<name>.<pid>.<id>.tmp``): a file is removed only when that
+        process no longer exists and the file has not changed for a minute, so writers still at work,
+        here or in another process, are never disturbed.
+        """
+        now = time.time()
+        for tmp in self.path.glob(".*.tmp"):
+            parts = tmp.name.rsplit(".", 3)
+            if len(parts) != 4 or not parts[1].isdigit():
+                continue
+            try:
+                if now - tmp.stat().st_mtime < 60 or _process_alive(int(parts[1])):
+                    continue
+                tmp.unlink()
+                logger.info("Removed %s, left by a writer that died before finishing it.", tmp)
+            except OSError:
+                continue
 
     def content_path(self, source_id: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> Path:
         """The file :meth:`write` uses for tensors ``{name: (dtype, shape)}`` taken from ``source_id``."""
