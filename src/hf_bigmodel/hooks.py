@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from .devices import Device, torch_device
-from .diskio import read_uncached
-from .offload import DiskTensor, WeightsMap
 
 if TYPE_CHECKING:
 
@@ -333,12 +331,7 @@ class AlignDevicesHook(ModelHook):
             if key is not None and key in seen:
                 values.append(seen[key])
                 continue
-            if isinstance(source, DiskTensor) and isinstance(self.weights_map, WeightsMap):
-                tensor = read_uncached(source.entry)  # the page cache of a memory-capped run stays empty
-                tensor = tensor if tensor.dtype == source.dtype else tensor.to(source.dtype)
-            else:
-                tensor = self.weights_map[slot.name]
-            value = tensor.to(self.execution_device, non_blocking=True)
+            value = self.weights_map[slot.name].to(self.execution_device, non_blocking=True)
             if key is not None:
                 seen[key] = value
             values.append(value)

@@ -300,7 +300,6 @@ def load_checkpoint(
             folder.write_index(weights.disk)
     except BaseException:
         _restore(slots, before)  # a failed load leaves the model as it found it
-        weights.close()
         raise
     finally:
         ckpt.release()

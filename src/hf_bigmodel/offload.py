@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -27,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from .diskio import read_uncached
 from .dtypes import resolve_dtype
 from .errors import CheckpointError, OffloadError, summarize
-from .safetensors_io import TensorEntry, read_header, read_tensor
+from .safetensors_io import TensorEntry, read_header
 from .sizes import format_size
 
 __all__ = ["INDEX_NAME", "DiskTensor", "OffloadFolder", "WeightsMap", "load_offload_index"]
@@ -75,8 +75,6 @@ class WeightsMap(Mapping[str, torch.Tensor]):
     ) -> None:
         self.memory: dict[str, torch.Tensor] = dict(memory or {})
         self.disk: dict[str, DiskTensor] = dict(disk or {})
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.memory.get(name)
@@ -108,34 +106,19 @@ class WeightsMap(Mapping[str, torch.Tensor]):
         ref = self.disk[name]
         return ref.shape, ref.dtype
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
-                    self._fds[path] = fd
-        return fd
+    def read(self, ref: DiskTensor) -> torch.Tensor:
+        """Read one disk tensor into fresh memory and cast it to its target dtype.
 
-    def read(self, ref: DiskTensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one disk tensor (into ``out``'s bytes when given) and cast it to its target dtype."""
-        tensor = read_tensor(ref.entry, fd=self._fd(ref.entry.path), out=out)
+        The read goes around the page cache (:func:`~hf_bigmodel.diskio.read_uncached`), so streaming
+        offloaded weights never fills the memory of a process that offloads because RAM is short.
+        """
+        tensor = read_uncached(ref.entry)
         return tensor if tensor.dtype == ref.dtype else tensor.to(ref.dtype)
 
     def update(self, other: WeightsMap) -> None:
         self.memory.update(other.memory)
         self.disk.update(other.disk)
 
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
-            self.close()
 
 
 def _discard(path: Path) -> None:
