@@ -268,3 +268,31 @@ def test_tied_alias_of_a_resident_tensor_shares_it(ckpt):
     assert model.head.weight is model.embed.weight
     assert "head" not in hooked(model)
     assert torch.equal(model(IDS), ref(IDS))
+
+
+
+def test_offloaded_module_gets_its_input_with_packed_strides(tmp_path):
+    # hidden[:, -1:, :] (what generate hands the head) is contiguous but keeps a size-1 dimension's stride;
+    # torch's bfloat16 CPU linear copies the whole weight for such an input, a transient the budget lacks.
+    import copy
+
+    seen = []
+
+    class Head(nn.Linear):
+        def forward(self, x):
+            seen.append(x.stride())
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    ref = Head(16, 40).to(torch.bfloat16)
+    model = disk_offload(copy.deepcopy(ref), tmp_path / "off", execution_device="cpu")
+    hidden = torch.randn(1, 5, 16, dtype=torch.bfloat16)
+    x = hidden[:, -1:, :]
+    assert x.stride() == (80, 16, 1)
+    expected = ref(x)
+    out = model(x)
+    assert seen[-1] == (16, 16, 1)
+    assert torch.equal(out, expected)
+    assert x.stride() == (80, 16, 1)  # the caller's tensor is untouched
+    model(hidden.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :16])  # non-contiguous: passed as it is
+    assert seen[-1] == (80, 1, 5)
