@@ -294,3 +294,22 @@ def test_gpu_cpu_disk_split_matches_from_pretrained_on_the_gpu(saved):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(PROMPT.to("cuda:0"), max_new_tokens=6, do_sample=False),
                        reference.generate(PROMPT.to("cuda:0"), max_new_tokens=6, do_sample=False))
+
+
+def test_building_skips_init_of_modules_that_are_all_meta(tmp_path, monkeypatch):
+    # post_init would run _init_weights on every module; on meta tensors that computes nothing, slowly.
+    llama = save_tiny_llama(tmp_path / "llama").path
+    initialised: list[str] = []
+    original = transformers.LlamaPreTrainedModel._init_weights
+
+    def spy(self, module):
+        initialised.append(type(module).__name__)
+        return original(self, module)
+
+    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_init_weights", spy)
+    model = load_pretrained_dispatched(llama)
+    assert "LlamaRotaryEmbedding" in initialised  # real buffers built in __init__: initialised as usual
+    assert not {"Linear", "Embedding", "LlamaRMSNorm"} & set(initialised), initialised
+    assert transformers.PreTrainedModel._initialize_weights.__name__ == "_initialize_weights"  # restored
+    torch.testing.assert_close(outputs(model), outputs(transformers.AutoModelForCausalLM.from_pretrained(llama)),
+                               rtol=0, atol=0)

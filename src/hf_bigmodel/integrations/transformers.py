@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +42,39 @@ def _transformers_version() -> str:
     import transformers
 
     return str(transformers.__version__)
+
+
+@contextmanager
+def _no_init_of_empty_modules() -> Iterator[None]:
+    """Skip ``_init_weights`` on modules whose tensors are all on the meta device while a model is built.
+
+    ``post_init`` initialises every module, and initialising meta tensors computes nothing but costs
+    torch's slow meta path (~0.4 ms a tensor: 60 ms for a 1B Llama, 0.3 s for a 70B one). Every such
+    value comes from the checkpoint; one it lacks is initialised later by ``init_missing``. Modules with
+    real tensors (buffers built in ``__init__``) are initialised as usual, and so is everything where
+    transformers has no ``_initialize_weights``.
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        yield
+        return
+    original = PreTrainedModel.__dict__.get("_initialize_weights")
+    if original is None:
+        yield
+        return
+
+    def initialize(self: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if tensors and all(t.device.type == "meta" for t in tensors):
+            return None
+        return original(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = initialize  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original  # type: ignore[method-assign]
 
 
 class TransformersLoader(PretrainedLoader):
@@ -157,7 +191,8 @@ class TransformersLoader(PretrainedLoader):
     # -- build and plan ----------------------------------------------------------------------------
     def build_model(self, ctx: LoadContext) -> nn.Module:
         assert ctx.model_class is not None  # set by model_class(), which always returns a class here
-        return ctx.model_class(ctx.config)
+        with _no_init_of_empty_modules():
+            return ctx.model_class(ctx.config)
 
     def keep_in_fp32_modules(self, ctx: LoadContext) -> list[str]:
         assert ctx.model is not None
