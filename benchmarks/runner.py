@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import threading
@@ -98,13 +99,17 @@ def placement_summary(model: Any) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, result: Result) -> None:
+    config = json.loads((args.checkpoint / "config.json").read_text())
     started = time.perf_counter()
     import torch
     import transformers  # noqa: F401  (import cost is the same for every loader; keep it out of load time)
     from loaders import LOADERS
 
+    # transformers imports a family's modules lazily, on first use: ~1.6 s for Llama here, paid by every
+    # loader alike. Importing them now keeps load s to what the loaders themselves do.
+    family = config["model_type"]
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     result.update(import_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
-    config = json.loads((args.checkpoint / "config.json").read_text())
     input_ids = prompt_ids(config["vocab_size"])
     max_memory = {"cpu": args.max_memory_cpu} if args.max_memory_cpu else None
 
