@@ -54,3 +54,28 @@ def test_init_on_device_cpu_and_parameter_attributes():
     with init_on_device(torch.device("cpu")):
         layer = nn.Linear(2, 2)
     assert layer.weight.device.type == "cpu"
+
+
+def test_transformers_models_skip_init_of_all_meta_modules(monkeypatch):
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import record_llama_inits, small_llama_config
+
+    config = small_llama_config()
+    initialised = record_llama_inits(monkeypatch)
+    initialize = transformers.PreTrainedModel._initialize_weights
+    with pytest.raises(RuntimeError, match="boom"), init_empty_weights():
+        assert transformers.PreTrainedModel._initialize_weights is not initialize
+        raise RuntimeError("boom")
+    assert transformers.PreTrainedModel._initialize_weights is initialize  # restored, even after an error
+    with init_empty_weights():
+        model = transformers.LlamaForCausalLM(config)
+    assert "LlamaRotaryEmbedding" in initialised  # real buffers built in __init__: initialised as usual
+    assert not {"Linear", "Embedding", "LlamaRMSNorm"} & set(initialised), initialised
+    reference = transformers.LlamaForCausalLM(config)
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    initialised.clear()
+    with init_on_device("cpu"):  # real tensors: transformers initialises everything
+        transformers.LlamaForCausalLM(config)
+    assert "Linear" in initialised

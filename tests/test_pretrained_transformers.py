@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import save_tiny_bert, save_tiny_gpt2, save_tiny_llama, save_tiny_t5
+from tiny_models import record_llama_inits, save_tiny_bert, save_tiny_gpt2, save_tiny_llama, save_tiny_t5
 
 from hf_bigmodel import load_pretrained_dispatched
 from hf_bigmodel.errors import ModelClassNotFoundError
@@ -299,17 +299,9 @@ def test_gpu_cpu_disk_split_matches_from_pretrained_on_the_gpu(saved):
 def test_building_skips_init_of_modules_that_are_all_meta(tmp_path, monkeypatch):
     # post_init would run _init_weights on every module; on meta tensors that computes nothing, slowly.
     llama = save_tiny_llama(tmp_path / "llama").path
-    initialised: list[str] = []
-    original = transformers.LlamaPreTrainedModel._init_weights
-
-    def spy(self, module):
-        initialised.append(type(module).__name__)
-        return original(self, module)
-
-    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_init_weights", spy)
+    initialised = record_llama_inits(monkeypatch)
     model = load_pretrained_dispatched(llama)
     assert "LlamaRotaryEmbedding" in initialised  # real buffers built in __init__: initialised as usual
     assert not {"Linear", "Embedding", "LlamaRMSNorm"} & set(initialised), initialised
-    assert transformers.PreTrainedModel._initialize_weights.__name__ == "_initialize_weights"  # restored
     torch.testing.assert_close(outputs(model), outputs(transformers.AutoModelForCausalLM.from_pretrained(llama)),
                                rtol=0, atol=0)

@@ -376,3 +376,18 @@ def save_small_bf16_llama(directory: str | Path, *, seed: int = 0) -> SavedModel
     ref.save_pretrained(directory, max_shard_size="60KB")
     return SavedModel(Path(directory), ref)
 
+
+
+def record_llama_inits(monkeypatch: Any) -> list[str]:
+    """Class names of the modules transformers' Llama ``_init_weights`` is called on, from now on."""
+    import transformers
+
+    initialised: list[str] = []
+    original = transformers.LlamaPreTrainedModel._init_weights
+
+    def spy(self: Any, module: Any) -> Any:
+        initialised.append(type(module).__name__)
+        return original(self, module)
+
+    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_init_weights", spy)
+    return initialised

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
     """Create every parameter (and, with ``include_buffers``, every buffer) registered inside on ``device``.
 
     With ``include_buffers=True`` the device also becomes torch's default device, so intermediate
-    tensors built in ``__init__`` are created there directly.
+    tensors built in ``__init__`` are created there directly. On the meta device, transformers models
+    skip their weight initialisation of modules that hold only meta tensors (it would compute nothing).
 
     Example::
 
@@ -67,10 +69,13 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
     for method, replacement in replacements.items():  # setattr: mypy cannot type a function put over a method
         setattr(nn.Module, method, replacement)
     try:
-        if include_buffers:
-            with device:
-                yield
-        else:
+        with ExitStack() as stack:
+            if include_buffers:
+                stack.enter_context(device)
+            if device.type == "meta" and "transformers" in sys.modules:
+                from .integrations.transformers import no_init_of_meta_modules
+
+                stack.enter_context(no_init_of_meta_modules())
             yield
     finally:
         nn.Module.register_parameter = original_register_parameter  # type: ignore[method-assign]
