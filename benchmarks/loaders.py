@@ -96,5 +96,13 @@ LOADERS: dict[str, LoaderFn] = {
     "hf_bigmodel_pretrained": load_hf_bigmodel_pretrained,
 }
 
+#: Libraries each loader uses, imported before its load is timed (transformers dispatches with accelerate).
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "transformers": ("accelerate",),
+    "accelerate": ("accelerate",),
+    "hf_bigmodel": ("hf_bigmodel",),
+    "hf_bigmodel_pretrained": ("hf_bigmodel",),
+}
+
 #: The loaders hf_bigmodel is measured against (ratios are taken to the best of these).
 ANCHORS = ("transformers", "accelerate")

@@ -16,6 +16,7 @@ confined to a 1.3 GB memory cgroup when this process may create one). Results go
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.metadata
 import json
 import logging
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("building the checkpoint (once; ~1 min)")
         subprocess.run([sys.executable, str(HERE / "build_checkpoint.py"), "--work-dir", str(args.work_dir),
                         *(["--force"] if args.rebuild else [])], check=True)
+    # Byte-compile hf_bigmodel as pip does when it installs a package: an editable checkout on a machine
+    # with PYTHONDONTWRITEBYTECODE set would otherwise compile its sources in every run's load.
+    compileall.compile_dir(str(REPO / "src" / "hf_bigmodel"), quiet=1)
     harness = Harness(args, checkpoint)
     harness.ensure_reference()
     baseline = harness.baseline()

@@ -103,12 +103,17 @@ def measure(args: argparse.Namespace, result: Result) -> None:
     started = time.perf_counter()
     import torch
     import transformers  # noqa: F401  (import cost is the same for every loader; keep it out of load time)
-    from loaders import LOADERS
+    from loaders import LIBRARIES, LOADERS
 
     # transformers imports a family's modules lazily, on first use: ~1.6 s for Llama here, paid by every
-    # loader alike. Importing them now keeps load s to what the loaders themselves do.
+    # loader alike. Importing them (and the loader's own libraries) now keeps load s to what the loaders do.
     family = config["model_type"]
     importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    for library in LIBRARIES.get(args.loader, ()):
+        try:
+            importlib.import_module(library)
+        except ImportError:
+            pass  # the load itself fails and is reported
     result.update(import_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
     input_ids = prompt_ids(config["vocab_size"])
     max_memory = {"cpu": args.max_memory_cpu} if args.max_memory_cpu else None
