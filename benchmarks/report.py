@@ -56,7 +56,30 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         (r["largest_block_per_device"]["disk"] for r in ok if "disk" in (r.get("largest_block_per_device") or {})),
         None,
     )
+    summary["disk_bytes"] = next(
+        ((r.get("bytes_per_device") or {}).get("disk") for r in ok if (r.get("bytes_per_device") or {}).get("disk")),
+        None,
+    )
     return summary
+
+
+def disk_floor(summary: dict[str, Any], *, bandwidth: float | None, forwards: int) -> dict[str, Any] | None:
+    """Compare generation time with reading the disk-offloaded bytes once per forward at ``bandwidth``.
+
+    Nothing that reads its offloaded weights from this disk on every forward can beat the floor; a
+    loader near 1.0x is limited by the disk, not by its own work.
+    """
+    seconds, disk = summary.get("generate_s"), summary.get("disk_bytes")
+    if not seconds or not disk or not bandwidth:
+        return None
+    floor = forwards * disk / bandwidth
+    return {
+        "floor_s": floor,
+        "ratio": seconds / floor,
+        "text": (f"{forwards} tokens {seconds:.2f} s = {seconds / floor:.2f}x the disk floor of {floor:.2f} s "
+                 f"({forwards} forwards x {format_size(disk)} on disk / {bandwidth / 1e9:.2f} GB/s, one "
+                 "O_DIRECT reader)"),
+    }
 
 
 def best_anchor(summaries: dict[str, dict[str, Any]], key: str) -> tuple[str, float] | None:

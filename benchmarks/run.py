@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import build_checkpoint
 import report
+import runner
 import system
 from loaders import LOADERS
 
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['ram']} "
           f"RAM, Linux {results['machine']['kernel']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
+    disk_bandwidth: float | None = None  # measured once, before the first cold scenario's checks
     for scenario in args.scenario_list:
         logger.info("scenario %s: %s", scenario, SCENARIOS[scenario])
         harness.cgroup_note = ""
@@ -282,6 +284,15 @@ def main(argv: list[str] | None = None) -> None:
                 if check:
                     checks[loader] = check
             entry["memory_formula"] = checks
+            if disk_bandwidth is None:
+                disk_bandwidth = system.direct_read_bandwidth([checkpoint])
+                results["disk_read_bytes_per_s"] = disk_bandwidth
+            floors = {}
+            for loader, summary in summaries.items():
+                floor = report.disk_floor(summary, bandwidth=disk_bandwidth, forwards=runner.NEW_TOKENS)
+                if floor:
+                    floors[loader] = floor
+            entry["disk_floor"] = floors
         entry["notes"] = notes
         results["scenarios"][scenario] = entry
         title = f"{scenario}: {SCENARIOS[scenario].replace('<budget>', args.cpu_budget)}"
@@ -291,9 +302,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"note: {note}")
         for loader, check in entry.get("memory_formula", {}).items():
             print(f"memory formula, {loader}: {check['text']}")
+        for loader, floor in entry.get("disk_floor", {}).items():
+            print(f"disk floor, {loader}: {floor['text']}")
         md += [f"\n### {title} (median of {args.repeat})\n", report.table(summaries, markdown=True)]
         md += [f"\n{note}" for note in notes]
         md += [f"\nMemory formula, {loader}: {c['text']}" for loader, c in entry.get("memory_formula", {}).items()]
+        md += [f"\nDisk floor, {loader}: {f['text']}" for loader, f in entry.get("disk_floor", {}).items()]
 
     (args.work_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (args.work_dir / "results.md").write_text("\n".join(md) + "\n")
