@@ -1,4 +1,5 @@
-"""Device-map planning: exact maps for hand-built models, budgets, ties, errors, tiny transformers models."""
+"""Device-map planning and the device_map argument (planning, device_maps): exact maps for hand-built models,
+budgets, ties, errors, tiny transformers models."""
 
 from __future__ import annotations
 
@@ -8,17 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from hf_bigmodel.device_maps import check_device_map, resolve_device_map
 from hf_bigmodel.devices import get_max_memory
 from hf_bigmodel.empty import init_empty_weights
 from hf_bigmodel.errors import DeviceMapError, InvalidMaxMemoryError
 from hf_bigmodel.naming import is_within, lookup
-from hf_bigmodel.planning import (
-    check_device_map,
-    get_balanced_memory,
-    get_max_layer_size,
-    infer_auto_device_map,
-    resolve_device_map,
-)
+from hf_bigmodel.planning import get_balanced_memory, get_max_layer_size, infer_auto_device_map
 from hf_bigmodel.sizes import compute_module_sizes
 
 

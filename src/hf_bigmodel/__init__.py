@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .device_maps import check_device_map, resolve_device_map
 from .devices import get_max_memory
 from .dispatch import dispatch_model, load_checkpoint_and_dispatch
 from .empty import init_empty_weights, init_on_device
@@ -45,7 +46,7 @@ from .hooks import (
 from .integrations import register_loader
 from .loading import load_checkpoint_in_model
 from .offload_model import cpu_offload, cpu_offload_with_hook, disk_offload
-from .planning import check_device_map, get_balanced_memory, infer_auto_device_map, resolve_device_map
+from .planning import get_balanced_memory, infer_auto_device_map
 from .pretrained import PretrainedLoader, load_pretrained_dispatched
 from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
 

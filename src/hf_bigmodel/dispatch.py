@@ -161,7 +161,7 @@ def _dispatch(
     offload_cpu: bool | None = None,
     prefetch: int | None = None,
 ) -> nn.Module:
-    from .planning import check_device_map
+    from .device_maps import check_device_map
 
     depth = prefetch_depth(prefetch)
     dm = check_device_map(model, device_map)
@@ -394,7 +394,7 @@ def load_checkpoint_and_dispatch(
     if broadcast_from_rank0:
         raise ValueError("broadcast_from_rank0 is not supported by hf_bigmodel; leave it False.")
     if isinstance(device_map, str) or (device_map is not None and not isinstance(device_map, Mapping)):
-        from .planning import resolve_device_map
+        from .device_maps import resolve_device_map
 
         device_map = resolve_device_map(
             model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,

@@ -170,7 +170,7 @@ def load_checkpoint(
     keep = list(keep_in_fp32_modules or [])
     dm: dict[str, Device] | None = None
     if device_map is not None:
-        from .planning import check_device_map
+        from .device_maps import check_device_map
 
         dm = check_device_map(model, device_map)
     slots = model_tensors(model)

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import TypeVar
 
-__all__ = ["owner", "lookup", "is_within", "parent"]
+__all__ = ["owner", "lookup", "is_within", "join", "parent"]
 
 T = TypeVar("T")
+
+
+def join(prefix: str, name: str) -> str:
+    """``("a.b", "c")`` -> ``"a.b.c"``; ``("", "c")`` -> ``"c"``."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 def parent(name: str) -> str:

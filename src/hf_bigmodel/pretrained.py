@@ -343,7 +343,7 @@ def load_pretrained_dispatched(
 
     special = {name: torch.float32 for name, slot in model_tensors(model).items()
                if keep and slot.tensor.is_floating_point() and matches_module(name, keep)}
-    from .planning import resolve_device_map
+    from .device_maps import resolve_device_map
 
     plan = resolve_device_map(
         model, "cpu" if device_map is None else device_map, max_memory=max_memory,

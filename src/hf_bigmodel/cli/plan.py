@@ -233,7 +233,7 @@ def plan_empty(
 
     Devices in ``budgets`` need not exist here; planning is pure.
     """
-    from ..planning import resolve_device_map
+    from ..device_maps import resolve_device_map
 
     _check_no_split(empty.model, no_split)
     classes = list(dict.fromkeys([*sorted(empty.no_split), *no_split]))  # sorted: the model may give a set

@@ -1,0 +1,134 @@
+"""The ``device_map`` argument: a strategy name, one device or a dict, turned into a checked plan.
+
+:func:`resolve_device_map` accepts every form the public calls take (``"auto"``, ``"balanced"``,
+``"balanced_low_0"``, ``"sequential"``, ``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``, ``torch.device``, or
+``{module name: device}``); strategies are planned by :mod:`.planning`, dicts are validated against the
+model by :func:`check_device_map`, which reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .devices import Device, get_max_memory, normalize_device
+from .errors import DeviceMapError, summarize
+from .naming import join, owner, parent
+from .planning import get_balanced_memory, infer_auto_device_map
+
+__all__ = ["STRATEGIES", "check_device_map", "resolve_device_map"]
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(
+    model: nn.Module,
+    device_map: str | int | torch.device | Mapping[str, int | str | torch.device],
+    *,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    offload_buffers: bool = False,
+    check_devices: bool = True,
+) -> dict[str, Device]:
+    """Turn any accepted ``device_map`` into a validated ``{name: device}`` dict.
+
+    ``"auto"`` (same as ``"balanced"``), ``"balanced_low_0"`` and ``"sequential"`` plan with
+    :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`); a single device
+    (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
+    with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
+
+    >>> resolve_device_map(nn.Linear(2, 2), "cuda:1")
+    {'': 1}
+    """
+    if isinstance(device_map, Mapping):
+        return check_device_map(model, device_map)
+    if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
+        strategy = device_map.strip().lower()
+        budgets: Mapping[Device, int] = get_max_memory(max_memory, check_devices=check_devices)
+        if strategy != "sequential":
+            budgets = get_balanced_memory(
+                model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0"
+            )
+        return infer_auto_device_map(
+            model, budgets, no_split_module_classes, dtype, special_dtypes, offload_buffers=offload_buffers
+        )
+    if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
+        try:
+            return {"": normalize_device(device_map, what="device_map")}
+        except DeviceMapError:
+            if not isinstance(device_map, str):
+                raise
+    raise DeviceMapError(
+        f"Unknown device_map {device_map!r}. Use one of {', '.join(map(repr, STRATEGIES))}, a single device "
+        "(0, 'cuda:1', 'mps', 'cpu', 'disk'), or a dict mapping module names to devices."
+    )
+
+
+def check_device_map(model: nn.Module, device_map: Mapping[str, int | str | torch.device]) -> dict[str, Device]:
+    """Validate a user device map against ``model`` and return it with normalised values.
+
+    Every key must name a module, parameter or buffer; every parameter and persistent buffer must be
+    covered by a key (the most specific one wins); every value must be a device. All problems are
+    reported in one :class:`DeviceMapError`.
+
+    >>> check_device_map(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), {"0": "cuda:0", "1": "cpu"})
+    {'0': 0, '1': 'cpu'}
+    """
+    if not isinstance(device_map, Mapping):
+        raise DeviceMapError(f"device_map must be a dict of module name -> device, got {type(device_map).__name__}.")
+    names: set[str] = set()
+    required: list[str] = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        names.add(prefix)
+        for key, tensor in module._parameters.items():
+            if tensor is not None:
+                names.add(join(prefix, key))
+                required.append(join(prefix, key))
+        for key, tensor in module._buffers.items():
+            if tensor is not None:
+                names.add(join(prefix, key))
+                if key not in module._non_persistent_buffers_set:
+                    required.append(join(prefix, key))
+    problems: list[str] = []
+    culprits: list[str] = []
+    unknown: list[str] = []
+    normalized: dict[str, Device] = {}
+    for key, value in device_map.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is a {type(key).__name__}; keys are module names such as 'model.layers.0'.")
+            culprits.append(str(key))
+            continue
+        if key not in names:
+            unknown.append(key)
+        try:
+            normalized[key] = normalize_device(value, what=f"device for {key!r}")
+        except DeviceMapError as err:
+            problems.append(str(err))
+            culprits.append(key)
+    if unknown:
+        shown: list[str] = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1) if len(shown) < 10 else []
+            shown.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        problems.append(
+            f"{len(unknown)} key(s) name no module, parameter or buffer of {type(model).__name__}: "
+            f"{summarize(shown)}. Keys are names from model.named_modules() or model.named_parameters()."
+        )
+        culprits.extend(unknown)
+    covered = {k for k in device_map if isinstance(k, str)}
+    uncovered = [t for t in required if owner(t, covered) is None]
+    if uncovered:
+        homes = list(dict.fromkeys(parent(t) or "''" for t in uncovered))
+        problems.append(
+            f"{len(uncovered)} tensor(s) have no device: {summarize(uncovered)}. Add their module(s) "
+            f"({summarize(homes)}) to the device map, or a '' entry as the default for everything else."
+        )
+        culprits.extend(uncovered)
+    if problems:
+        raise DeviceMapError("Invalid device_map:\n  - " + "\n  - ".join(problems), modules=culprits)
+    return normalized
