@@ -296,3 +296,11 @@ def test_offloaded_module_gets_its_input_with_packed_strides(tmp_path):
     assert x.stride() == (80, 16, 1)  # the caller's tensor is untouched
     model(hidden.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :16])  # non-contiguous: passed as it is
     assert seen[-1] == (80, 1, 5)
+
+
+def test_cpu_offload_keeps_one_ram_copy_of_tied_weights():
+    ref = reference_tiny_lm()
+    model = cpu_offload(reference_tiny_lm(), execution_device="cpu")
+    memory = model._hf_bigmodel_weights.memory
+    assert memory["head.weight"] is memory["embed.weight"]  # one tensor: read (and pinned, on CUDA) once
+    assert torch.equal(model(IDS), ref(IDS))

@@ -78,3 +78,12 @@ def test_remove_hooks_brings_weights_back_to_ram(ckpt):
     model = dispatched(path, {"embed": 0, "blocks": "disk", "norm": 0, "head": 0})
     remove_hook_from_submodules(model)
     assert all(p.device.type != "meta" for p in model.parameters())
+
+
+def test_tied_weights_streamed_from_ram_share_one_pinned_copy(ckpt):
+    ref, path = ckpt  # TinyLM ties head.weight to embed.weight
+    model = dispatched(path, {"embed": "cpu", "blocks": 0, "norm": 0, "head": "cpu"})
+    memory = model._hf_bigmodel_weights.memory
+    assert memory["embed.weight"].is_pinned()
+    assert memory["head.weight"] is memory["embed.weight"]  # one page-locked copy, not one per name
+    torch.testing.assert_close(model(IDS), ref(IDS), rtol=1e-4, atol=1e-5)

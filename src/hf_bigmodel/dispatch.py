@@ -261,6 +261,7 @@ def _dispatch(
                             s.module._parameters[s.leaf] = slots[name].tensor  # type: ignore[assignment]
         # Streamed tensors must be in the weights map (in RAM or on disk).
         pending: dict[str, dict[str, torch.Tensor]] = {}
+        in_ram: dict[int, torch.Tensor] = {}  # id(resident tensor) -> its RAM copy: tied names share one
         for name in streamed:
             if name in weights:
                 continue
@@ -277,16 +278,21 @@ def _dispatch(
             elif name in to_write:
                 pending.setdefault(parent(name), {})[name] = tensor.detach().to("cpu")
             else:
-                weights.memory[name] = tensor.detach().to("cpu")
+                if id(tensor) not in in_ram:
+                    in_ram[id(tensor)] = tensor.detach().to("cpu")
+                weights.memory[name] = in_ram[id(tensor)]
         if folder is not None:
             for group_tensors in pending.values():
                 weights.disk.update(folder.write(group_tensors))
             folder.write_index(weights.disk)
-        if pin:
+        if pin:  # page-locked RAM copies to the GPU asynchronously; tied names keep sharing one copy
+            pinned: dict[int, torch.Tensor] = {}
             for name in streamed:
                 t = weights.memory.get(name)
                 if t is not None and not t.is_pinned():
-                    weights.memory[name] = t.pin_memory()
+                    if id(t) not in pinned:
+                        pinned[id(t)] = t.pin_memory()
+                    weights.memory[name] = pinned[id(t)]
 
         root_hook = AlignDevicesHook(main, io_same_device=True, skip_keys=skip_keys)
         add_hook_to_module(model, root_hook, append=True)
