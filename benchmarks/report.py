@@ -8,7 +8,7 @@ from typing import Any
 
 from loaders import ANCHORS
 
-from hf_bigmodel.sizes import format_size
+from hf_bigmodel.model.sizes import format_size
 
 #: (result key, column title, is a byte count). Lower is better in every column.
 COLUMNS: list[tuple[str, str, bool]] = [

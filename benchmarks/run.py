@@ -38,7 +38,7 @@ import runner
 import system
 from loaders import LOADERS
 
-from hf_bigmodel.sizes import format_size, parse_size
+from hf_bigmodel.model.sizes import format_size, parse_size
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.prefetch_depth is None:
-        from hf_bigmodel.prefetch import prefetch_depth
+        from hf_bigmodel.runtime.prefetch import prefetch_depth
 
         args.prefetch_depth = prefetch_depth(None)
     os.environ["HF_BIGMODEL_PREFETCH"] = str(args.prefetch_depth)  # the runners inherit it

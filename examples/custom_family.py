@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_bigmodel import load_pretrained_dispatched
-from hf_bigmodel.pretrained import LoadContext, PretrainedLoader
+from hf_bigmodel.hf.loader import LoadContext, PretrainedLoader
 
 logger = logging.getLogger("custom_family")
 

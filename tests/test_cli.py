@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hf_bigmodel.cli import main
-from hf_bigmodel.sizes import parse_size
+from hf_bigmodel.model.sizes import parse_size
 
 pytest.importorskip("transformers")
 
@@ -67,7 +67,7 @@ def test_plan_json_covers_every_weight_and_respects_the_budget(capsys, llama: Pa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hf_bigmodel import init_empty_weights
-    from hf_bigmodel.naming import owner
+    from hf_bigmodel.model.naming import owner
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama))
@@ -169,7 +169,7 @@ def test_verbose_logs_planning_decisions(capsys, llama: Path) -> None:
     assert code == 0 and err == ""
     code, _, err = run_main(capsys, "-v", "plan", llama, "--max-memory", "cpu=20KB")
     assert code == 0
-    assert "hf-bigmodel: [planning] Placing model.embed_tokens" in err
+    assert "hf-bigmodel: [plan.planner] Placing model.embed_tokens" in err
     assert "hf-bigmodel: [cli.model]" in err
     package = logging.getLogger("hf_bigmodel")
     assert package.propagate and not package.handlers  # main() leaves the caller's logging as it was

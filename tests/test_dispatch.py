@@ -17,7 +17,7 @@ from hf_bigmodel import (
     remove_hook_from_module,
     remove_hook_from_submodules,
 )
-from hf_bigmodel.hooks import ModelHook, send_to_device
+from hf_bigmodel.runtime.hooks import ModelHook, send_to_device
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 MIXED = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk", "blocks.3": "cpu",

@@ -23,7 +23,7 @@ from hf_bigmodel import (
     init_empty_weights,
     load_checkpoint_and_dispatch,
 )
-from hf_bigmodel.loading import OFFLOAD_ATTR
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="absent-device cases assume a CPU-only machine")
 

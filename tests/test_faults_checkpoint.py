@@ -31,9 +31,9 @@ from hf_bigmodel import (
     load_checkpoint_and_dispatch,
     load_checkpoint_in_model,
 )
-from hf_bigmodel.loading import OFFLOAD_ATTR
-from hf_bigmodel.safetensors_io import read_header
-from hf_bigmodel.sources import find_checkpoint, load_torch_file, read_index
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
+from hf_bigmodel.storage.checkpoint import find_checkpoint, load_torch_file, read_index
+from hf_bigmodel.storage.safetensors_io import read_header
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 MAP = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "disk",

@@ -17,8 +17,9 @@ import torch
 from core_models import TinyLM, reference_tiny_lm, save_state
 
 from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
-from hf_bigmodel.offload import WeightsMap, load_offload_index
-from hf_bigmodel.safetensors_io import read_header
+from hf_bigmodel.storage.offload_folder import load_offload_index
+from hf_bigmodel.storage.safetensors_io import read_header
+from hf_bigmodel.storage.weights_map import WeightsMap
 
 IDS = [[1, 5, 9, 3], [7, 2, 0, 4]]
 DIM = 32

@@ -30,9 +30,9 @@ from hf_bigmodel import (
     load_checkpoint_and_dispatch,
 )
 from hf_bigmodel.errors import CheckpointError
-from hf_bigmodel.loading import OFFLOAD_ATTR
-from hf_bigmodel.offload import load_offload_index
-from hf_bigmodel.safetensors_io import read_header
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
+from hf_bigmodel.storage.offload_folder import load_offload_index
+from hf_bigmodel.storage.safetensors_io import read_header
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 MAP = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "disk",
@@ -178,7 +178,7 @@ Usage = namedtuple("Usage", "total used free")
 def test_too_little_free_space_is_refused_before_writing(ckpt, tmp_path, monkeypatch):
     ref, path = ckpt
     offload = tmp_path / "offload"
-    monkeypatch.setattr("hf_bigmodel.offload.shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr("hf_bigmodel.storage.offload_folder.shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 100, 100))
     err = load_fails(path, offload, OffloadError)
     text = str(err)
     needed = sum(t.numel() * 4 for n, t in ref.state_dict().items() if n.startswith(("blocks.1.fc", "blocks.3.fc")))
@@ -187,7 +187,7 @@ def test_too_little_free_space_is_refused_before_writing(ckpt, tmp_path, monkeyp
     assert weight_files(offload) == {}
     monkeypatch.undo()
     load(path, offload)  # now the converted files exist: a full disk no longer matters, they are re-used
-    monkeypatch.setattr("hf_bigmodel.offload.shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr("hf_bigmodel.storage.offload_folder.shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 100, 100))
     assert torch.equal(load(path, offload)(IDS), ref(IDS))
 
 
@@ -244,7 +244,7 @@ def test_temporary_files_of_dead_writers_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from hf_bigmodel.offload import OffloadFolder
+    from hf_bigmodel.storage.offload_folder import OffloadFolder
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid now names no process

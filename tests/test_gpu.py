@@ -11,7 +11,7 @@ import torch
 from tiny_models import SMALL_LLAMA_LAYERS, save_small_bf16_llama, small_llama_config
 
 from hf_bigmodel import cpu_offload, init_empty_weights, load_checkpoint_and_dispatch
-from hf_bigmodel.prefetch import prefetcher_of
+from hf_bigmodel.runtime.prefetch import prefetcher_of
 
 pytestmark = pytest.mark.gpu
 

@@ -26,8 +26,8 @@ from hf_bigmodel.errors import (
     OfflineCacheMissError,
     RevisionNotFoundError,
 )
-from hf_bigmodel.hub import ModelFiles, resolve_config, resolve_model_files
-from hf_bigmodel.integrity import check_weight_file_sizes, verify_cached_file
+from hf_bigmodel.hf.hub import ModelFiles, resolve_config, resolve_model_files
+from hf_bigmodel.storage.integrity import check_weight_file_sizes, verify_cached_file
 
 REPO = "tiny-org/llama"
 

@@ -9,7 +9,7 @@ from hf_bigmodel import (
     init_empty_weights,
     load_checkpoint_in_model,
 )
-from hf_bigmodel.loading import OFFLOAD_ATTR
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
 

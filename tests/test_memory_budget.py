@@ -31,7 +31,7 @@ CHILD = r"""
 import json, sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
-from hf_bigmodel.prefetch import prefetch_depth, prefetcher_of
+from hf_bigmodel.runtime.prefetch import prefetch_depth, prefetcher_of
 
 def status():
     out = {}

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from hf_bigmodel.device_maps import check_device_map, resolve_device_map
-from hf_bigmodel.devices import get_max_memory
-from hf_bigmodel.empty import init_empty_weights
 from hf_bigmodel.errors import DeviceMapError, InvalidMaxMemoryError
-from hf_bigmodel.naming import is_within, lookup
-from hf_bigmodel.planning import get_balanced_memory, get_max_layer_size, infer_auto_device_map
-from hf_bigmodel.sizes import compute_module_sizes
+from hf_bigmodel.model.empty import init_empty_weights
+from hf_bigmodel.model.naming import is_within, lookup
+from hf_bigmodel.model.sizes import compute_module_sizes
+from hf_bigmodel.plan.device_map import check_device_map, resolve_device_map
+from hf_bigmodel.plan.memory import get_max_memory
+from hf_bigmodel.plan.planner import get_balanced_memory, get_max_layer_size, infer_auto_device_map
 
 
 class Leaf(nn.Module):
@@ -200,14 +200,14 @@ def test_impossible_reservation_warns():
 
 
 def test_verbose_logs_decisions_and_never_prints(toy, caplog, capsys):
-    with caplog.at_level(logging.INFO, logger="hf_bigmodel.planning"):
+    with caplog.at_level(logging.INFO, logger="hf_bigmodel.plan.planner"):
         plan(toy, {0: 1000, "cpu": 10_000}, verbose=True)
     text = caplog.text
     assert "Splitting stack" in text
     assert "re-planning with 500 B kept free on 0" in text
     assert capsys.readouterr().out == ""
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hf_bigmodel.planning"):
+    with caplog.at_level(logging.INFO, logger="hf_bigmodel.plan.planner"):
         plan(toy, {0: 1000, "cpu": 10_000})
     assert caplog.text == ""
 
@@ -382,7 +382,7 @@ def assert_sound(model: nn.Module, device_map: dict, max_memory: dict) -> None:
 
 
 def transformers_ties(model):
-    from hf_bigmodel.sizes import find_tied_parameters
+    from hf_bigmodel.model.sizes import find_tied_parameters
 
     return find_tied_parameters(model)
 

@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hf_bigmodel.devices import get_max_memory
-from hf_bigmodel.empty import init_empty_weights
-from hf_bigmodel.naming import lookup, owner, parent
-from hf_bigmodel.planning import infer_auto_device_map
-from hf_bigmodel.sizes import compute_module_sizes, find_tied_parameters
+from hf_bigmodel.model.empty import init_empty_weights
+from hf_bigmodel.model.naming import lookup, owner, parent
+from hf_bigmodel.model.sizes import compute_module_sizes, find_tied_parameters
+from hf_bigmodel.plan.memory import get_max_memory
+from hf_bigmodel.plan.placement import Placement
+from hf_bigmodel.plan.planner import infer_auto_device_map
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NO_SPLIT = ["NoSplit"]
@@ -112,9 +113,8 @@ def check_plan(model: nn.Module, device_map: dict, max_memory: dict, *, dtype, o
         assert len({lookup(name, device_map) for name in group}) == 1, group
 
     memory = get_max_memory(max_memory, check_devices=False)
-    accelerators = [d for d in memory if d not in ("cpu", "disk")]
-    executor = accelerators[0] if accelerators else "cpu"
-    offloaded = {"disk", "cpu"} if accelerators else {"disk"}
+    placement = Placement.of(device_map)  # the one rule dispatch uses: first accelerator the map uses, else cpu
+    executor, offloaded = placement.main, placement.offload_targets
     used: dict = defaultdict(int)
     layers: dict = defaultdict(dict)
     seen: set[int] = set()

@@ -1,4 +1,4 @@
-"""Prefetching of offloaded weights (hf_bigmodel.prefetch) and page-cache-free reads (hf_bigmodel.diskio).
+"""Prefetching of offloaded weights (hf_bigmodel.runtime.prefetch) and page-cache-free reads (hf_bigmodel.storage.direct_io).
 
 Every comparison is exact: prefetched weights are the very bytes the synchronous path reads, so logits
 must be bit-identical (``torch.equal``), not merely close.
@@ -25,11 +25,11 @@ from hf_bigmodel import (
     load_checkpoint_and_dispatch,
     remove_hook_from_submodules,
 )
-from hf_bigmodel import prefetch as prefetch_module
-from hf_bigmodel.diskio import ALIGNMENT, DirectReader, aligned_empty, drop_page_cache, padded_span
 from hf_bigmodel.errors import CheckpointError
-from hf_bigmodel.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
-from hf_bigmodel.safetensors_io import read_header
+from hf_bigmodel.runtime import prefetch as prefetch_module
+from hf_bigmodel.runtime.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
+from hf_bigmodel.storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, drop_page_cache, padded_span
+from hf_bigmodel.storage.safetensors_io import read_header
 
 LAYERS = SMALL_LLAMA_LAYERS
 
@@ -282,7 +282,7 @@ def _write(path: Path, data: bytes) -> None:
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
-    from hf_bigmodel.safetensors_io import TensorEntry
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
 
     data = torch.randint(0, 256, (3 * ALIGNMENT + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     file = tmp_path / "blob.bin"
@@ -298,7 +298,7 @@ def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
 
 
 def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):
-    from hf_bigmodel import diskio
+    from hf_bigmodel.storage import direct_io as diskio
 
     torch.manual_seed(6)
     from safetensors.torch import save_file
@@ -324,7 +324,7 @@ def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch
 
 
 def test_padded_span_and_alignment():
-    from hf_bigmodel.safetensors_io import TensorEntry
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
 
     entry = TensorEntry("f", "k", torch.uint8, (10,), 4100, 4110)
     assert padded_span(entry) == (4096, 4096)
@@ -362,9 +362,9 @@ class _CpuStaging:
 def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, direct):
     from safetensors.torch import save_file
 
-    from hf_bigmodel.offload import DiskTensor
-    from hf_bigmodel.prefetch_reader import _to_device
-    from hf_bigmodel.safetensors_io import read_tensor
+    from hf_bigmodel.runtime.prefetch_reader import _to_device
+    from hf_bigmodel.storage.safetensors_io import read_tensor
+    from hf_bigmodel.storage.weights_map import DiskTensor
 
     generator = torch.Generator().manual_seed(7)
     tensors = {
@@ -392,9 +392,9 @@ def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, d
 def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
     from safetensors.torch import save_file
 
-    from hf_bigmodel import diskio
-    from hf_bigmodel.diskio import read_shard
-    from hf_bigmodel.sources import find_checkpoint
+    from hf_bigmodel.storage import direct_io as diskio
+    from hf_bigmodel.storage.checkpoint import find_checkpoint
+    from hf_bigmodel.storage.direct_io import read_shard
 
     generator = torch.Generator().manual_seed(8)
     tensors = {
@@ -420,8 +420,8 @@ def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
 def test_read_shard_reads_when_the_file_cannot_be_mapped(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from hf_bigmodel.diskio import read_shard
-    from hf_bigmodel.sources import find_checkpoint
+    from hf_bigmodel.storage.checkpoint import find_checkpoint
+    from hf_bigmodel.storage.direct_io import read_shard
 
     tensors = {"w": torch.arange(12.0).view(3, 4)}
     save_file(tensors, tmp_path / "model.safetensors")

@@ -16,8 +16,8 @@ from torch import nn
 
 from hf_bigmodel import PretrainedLoader, load_pretrained_dispatched, register_loader
 from hf_bigmodel.errors import CheckpointMismatchError, ModelClassNotFoundError
-from hf_bigmodel.integrations import unregister_loader
-from hf_bigmodel.loading import OFFLOAD_ATTR
+from hf_bigmodel.hf.registry import unregister_loader
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_family.py"
 
@@ -105,7 +105,7 @@ def test_missing_block_is_reset_and_reported(family, saved, caplog):
     weights = path / family.WEIGHTS_NAME
     tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("layer_5.")}
     save_file(tensors, weights)
-    with caplog.at_level(logging.WARNING, logger="hf_bigmodel.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="hf_bigmodel.hf.pretrained"):
         model = load_pretrained_dispatched(path, loader=family.TinyMLPLoader, max_memory=budget(reference, 0.5))
     assert "blocks.5.linear.weight" in caplog.text and "newly initialised" in caplog.text
     new = getattr(model, OFFLOAD_ATTR)["blocks.5.linear.weight"]

@@ -14,8 +14,8 @@ from tiny_models import save_tiny_sd_components
 
 from hf_bigmodel import load_pretrained_dispatched
 from hf_bigmodel.errors import ModelClassNotFoundError
-from hf_bigmodel.integrations import DiffusersLoader
-from hf_bigmodel.loading import OFFLOAD_ATTR
+from hf_bigmodel.hf.registry import DiffusersLoader
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 # Outputs match to float rounding: the same weights at other addresses may pick other CPU kernels.
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float16: {"rtol": 1e-3, "atol": 1e-3}}

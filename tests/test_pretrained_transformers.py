@@ -17,7 +17,7 @@ from tiny_models import record_llama_inits, save_tiny_bert, save_tiny_gpt2, save
 
 from hf_bigmodel import load_pretrained_dispatched
 from hf_bigmodel.errors import ModelClassNotFoundError
-from hf_bigmodel.loading import OFFLOAD_ATTR
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 PROMPT = torch.tensor([[1, 7, 12, 30, 4, 9]])
 DECODER_PROMPT = torch.tensor([[0, 5, 6]])
@@ -173,7 +173,7 @@ def test_all_minilm_l6_v2_embeddings_match_automodel(placement):
 def test_base_checkpoint_into_a_head_model_initialises_the_head(saved, caplog):
     path = saved["bert"]  # a BertModel checkpoint: keys without the "bert." prefix, no classifier
     reference = transformers.BertForSequenceClassification.from_pretrained(path)
-    with caplog.at_level(logging.WARNING, logger="hf_bigmodel.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="hf_bigmodel.hf.pretrained"):
         model = load_pretrained_dispatched(path, model_class=transformers.BertForSequenceClassification,
                                            max_memory=part_on_disk(path))
     assert "classifier.weight" in caplog.text and "newly initialised" in caplog.text

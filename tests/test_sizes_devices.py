@@ -3,11 +3,12 @@ import torch
 from core_models import TinyLM
 
 from hf_bigmodel import InvalidMaxMemoryError, compute_module_sizes, find_tied_parameters, init_empty_weights
-from hf_bigmodel.devices import get_max_memory, normalize_device, torch_device
-from hf_bigmodel.dtypes import matches_module, resolve_dtype, target_dtype
 from hf_bigmodel.errors import DeviceMapError, summarize
-from hf_bigmodel.naming import is_within, lookup, owner
-from hf_bigmodel.sizes import format_size, parse_size
+from hf_bigmodel.model.dtypes import matches_module, resolve_dtype, target_dtype
+from hf_bigmodel.model.naming import is_within, lookup, owner
+from hf_bigmodel.model.sizes import format_size, parse_size
+from hf_bigmodel.plan.devices import normalize_device, torch_device
+from hf_bigmodel.plan.memory import get_max_memory
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,6 @@ one-line import change::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .device_maps import check_device_map, resolve_device_map
-from .devices import get_max_memory
-from .dispatch import dispatch_model, load_checkpoint_and_dispatch
-from .empty import init_empty_weights, init_on_device
 from .errors import (
     BigModelError,
     CheckpointError,
@@ -33,7 +27,17 @@ from .errors import (
     RevisionNotFoundError,
     UnsafeCheckpointError,
 )
-from .hooks import (
+from .hf.loader import LoadContext, PretrainedLoader
+from .hf.pretrained import load_pretrained_dispatched
+from .hf.registry import register_loader, unregister_loader
+from .load.loading import load_checkpoint_in_model
+from .model.empty import init_empty_weights, init_on_device
+from .model.sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
+from .plan.device_map import check_device_map, resolve_device_map
+from .plan.memory import get_max_memory
+from .plan.planner import get_balanced_memory, infer_auto_device_map
+from .runtime.dispatch import dispatch_model, load_checkpoint_and_dispatch
+from .runtime.hooks import (
     AlignDevicesHook,
     CpuOffload,
     ModelHook,
@@ -43,12 +47,8 @@ from .hooks import (
     remove_hook_from_module,
     remove_hook_from_submodules,
 )
-from .integrations import register_loader
-from .loading import load_checkpoint_in_model
-from .offload_model import cpu_offload, cpu_offload_with_hook, disk_offload
-from .planning import get_balanced_memory, infer_auto_device_map
-from .pretrained import PretrainedLoader, load_pretrained_dispatched
-from .sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
+from .runtime.offload_model import cpu_offload, cpu_offload_with_hook, disk_offload
+from .version import __version__ as __version__
 
 __all__ = [
     # empty skeletons
@@ -83,7 +83,9 @@ __all__ = [
     # the Hugging Face adapter
     "load_pretrained_dispatched",
     "PretrainedLoader",
+    "LoadContext",
     "register_loader",
+    "unregister_loader",
     # errors
     "BigModelError",
     "CheckpointError",

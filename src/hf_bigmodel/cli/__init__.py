@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["plan", "gpt2", "--max-memory", "cpu=1GiB"]).max_memory
     ['cpu=1GiB']
     """
-    from .. import __version__
+    from ..version import __version__
 
     parser = _Parser(
         prog=PROG,
@@ -171,7 +171,7 @@ def _logging_to_stderr(verbosity: int) -> Iterator[None]:
     logging as it was.
     """
     package = logging.getLogger("hf_bigmodel")
-    planning = logging.getLogger("hf_bigmodel.planning")
+    planning = logging.getLogger("hf_bigmodel.plan.planner")
     saved = (package.level, package.propagate, planning.level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())

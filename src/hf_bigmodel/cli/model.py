@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dtypes import matches_module
-from ..empty import init_empty_weights
-from ..hub import resolve_config
-from ..loading import model_tensors
-from ..pretrained import LoadContext, PretrainedLoader
+from ..hf.hub import resolve_config
+from ..hf.loader import LoadContext, PretrainedLoader
+from ..model.dtypes import matches_module
+from ..model.empty import init_empty_weights
+from ..model.tensors import model_tensors
 
 __all__ = ["EmptyModel", "build_empty_model", "prepare"]
 
@@ -62,8 +62,8 @@ def prepare(
         ctx, loader = prepare("path/to/tiny-llama")
         ctx.model_class  # <class 'transformers...LlamaForCausalLM'>
     """
-    from ..integrations import select_loader
-    from ..pretrained import _read_json
+    from ..hf.pretrained import _read_json
+    from ..hf.registry import select_loader
 
     ctx = LoadContext(name_or_path, subfolder=subfolder or None, revision=revision)
     ctx.config_file = resolve_config(name_or_path, **ctx.hub_kwargs)
@@ -110,7 +110,7 @@ def build_empty_model(
             "model is built with (float32 for most). Pass --dtype to plan for another.", name_or_path,
         )
         ctx.dtype = None
-    from ..pretrained import _default_dtype
+    from ..hf.pretrained import _default_dtype
 
     with init_empty_weights(), _default_dtype(ctx.dtype):
         ctx.model = chosen.build_model(ctx)

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..devices import Device, get_max_memory
-from ..dtypes import resolve_dtype
 from ..errors import InvalidMaxMemoryError
+from ..model.dtypes import resolve_dtype
+from ..plan.devices import Device
+from ..plan.memory import get_max_memory
 
 __all__ = ["parse_dtype", "parse_max_memory", "usage_error"]
 

@@ -1,7 +1,7 @@
 """``hf-bigmodel plan``: build a model empty from its config, plan its device map, print it.
 
 Nothing here downloads weights or allocates them: the model is built on the meta device with the
-same :class:`~hf_bigmodel.pretrained.PretrainedLoader` steps :func:`load_pretrained_dispatched` runs,
+same :class:`~hf_bigmodel.hf.pretrained.PretrainedLoader` steps :func:`load_pretrained_dispatched` runs,
 and planned with the library's planner, so the printed plan is the one a load would use.
 """
 
@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import Device, device_rank, get_max_memory, is_offload_target
 from ..errors import summarize
-from ..planning import get_max_layer_size
-from ..sizes import compute_module_sizes, format_size
+from ..model.sizes import compute_module_sizes, format_size
+from ..plan.devices import Device, device_rank
+from ..plan.memory import get_max_memory
+from ..plan.placement import Placement
+from ..plan.planner import get_max_layer_size
 from .model import EmptyModel, build_empty_model
 from .options import parse_dtype, parse_max_memory, usage_error
 
@@ -97,9 +99,8 @@ def describe_plan(
     """
     sizes = compute_module_sizes(model, dtype, special_dtypes)
     buffers = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True)
-    accelerators = [d for d in (*budgets, *device_map.values()) if not is_offload_target(d)]
-    executor: Device = min(accelerators, key=device_rank) if accelerators else "cpu"
-    offloaded = {"cpu", "disk"} if accelerators else {"disk"}
+    placement = Placement.of(device_map)
+    executor, offloaded = placement.main, placement.offload_targets
     totals: dict[Device, int] = {}
     for entry, device in device_map.items():
         stored = sizes.get(entry, 0)
@@ -233,7 +234,7 @@ def plan_empty(
 
     Devices in ``budgets`` need not exist here; planning is pure.
     """
-    from ..device_maps import resolve_device_map
+    from ..plan.device_map import resolve_device_map
 
     _check_no_split(empty.model, no_split)
     classes = list(dict.fromkeys([*sorted(empty.no_split), *no_split]))  # sorted: the model may give a set

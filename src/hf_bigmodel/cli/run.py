@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import Device, device_rank, is_offload_target, torch_device
 from ..errors import ModelClassNotFoundError, ModelFileNotFoundError
-from ..sizes import format_size
+from ..model.sizes import format_size
+from ..plan.devices import Device
+from ..plan.placement import Placement
 from .model import prepare
 from .options import parse_dtype, parse_max_memory
 
@@ -34,8 +35,7 @@ def execution_device(device_map: Mapping[str, Device]) -> torch.device:
     >>> execution_device({"embed": 0, "layers": "cpu", "head": "disk"})
     device(type='cuda', index=0)
     """
-    accelerators = sorted((d for d in device_map.values() if not is_offload_target(d)), key=device_rank)
-    return torch_device(accelerators[0]) if accelerators else torch.device("cpu")
+    return Placement.of(device_map).main_torch_device
 
 
 def _placement_summary(device_map: Mapping[str, Device]) -> str:
@@ -71,7 +71,7 @@ def _check_can_generate(model_class: type[nn.Module] | None, name: str) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``hf-bigmodel run``: print the prompt's greedy continuation, then load time and tokens per second."""
-    from ..pretrained import load_pretrained_dispatched
+    from ..hf.pretrained import load_pretrained_dispatched
 
     budgets = parse_max_memory(args.max_memory)
     dtype = parse_dtype(args.dtype)

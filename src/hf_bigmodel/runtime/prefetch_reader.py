@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .diskio import ALIGNMENT, DirectReader, aligned_empty, padded_span
-from .errors import summarize
-from .offload import DiskTensor, WeightsMap
+from ..errors import summarize
+from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_span
+from ..storage.weights_map import DiskTensor, WeightsMap
 
 __all__ = ["Buffer", "Group", "Item", "Job", "Staging", "fetch", "plan_group", "reader_loop", "stop_reader",
            "use_count"]

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .dtypes import resolve_dtype
+
 __all__ = [
     "parse_size",
     "format_size",
@@ -138,7 +140,6 @@ def compute_module_sizes(
     >>> sizes[""], sizes["0"], sizes["1.weight"]
     (60, 40, 16)
     """
-    from .dtypes import resolve_dtype
 
     target = resolve_dtype(dtype) if dtype is not None else None
     special = {k: resolve_dtype(v) for k, v in (special_dtypes or {}).items()}

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["init_empty_weights", "init_on_device"]
+__all__ = ["init_empty_weights", "init_on_device", "register_meta_build_context"]
+
+#: Contexts entered while a model is built on the meta device (integrations register theirs).
+_META_BUILD_CONTEXTS: list[Callable[[], AbstractContextManager[object]]] = []
+
+
+def register_meta_build_context(factory: Callable[[], AbstractContextManager[object]]) -> None:
+    """Enter ``factory()`` whenever a model is built on the meta device (:func:`init_empty_weights`).
+
+    An integration uses it to skip work that computes nothing on meta tensors, e.g. a library's own weight
+    initialisation. Registering the same factory twice has no effect.
+    """
+    if factory not in _META_BUILD_CONTEXTS:
+        _META_BUILD_CONTEXTS.append(factory)
 
 
 @contextmanager
@@ -72,10 +84,9 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
         with ExitStack() as stack:
             if include_buffers:
                 stack.enter_context(device)
-            if device.type == "meta" and "transformers" in sys.modules:
-                from .integrations.transformers import no_init_of_meta_modules
-
-                stack.enter_context(no_init_of_meta_modules())
+            if device.type == "meta":
+                for factory in _META_BUILD_CONTEXTS:
+                    stack.enter_context(factory())
             yield
     finally:
         nn.Module.register_parameter = original_register_parameter  # type: ignore[method-assign]

@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diskio import DirectReader, aligned_empty
-from .errors import BigModelError, OffloadError
-from .naming import is_within, parent
-from .offload import WeightsMap
+from ..errors import BigModelError, OffloadError
+from ..model.naming import is_within, parent
+from ..model.sizes import format_size
+from ..storage.direct_io import DirectReader, aligned_empty
+from ..storage.weights_map import WeightsMap
 from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
-from .sizes import format_size
 
 __all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "MERGE_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
 

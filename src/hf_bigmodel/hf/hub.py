@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from .errors import (
+from ..errors import (
     GatedModelError,
     HubError,
     InvalidIndexError,
@@ -32,7 +32,8 @@ from .errors import (
     RevisionNotFoundError,
     summarize,
 )
-from .sizes import format_size
+from ..model.sizes import format_size
+from ..version import __version__
 
 __all__ = [
     "DEFAULT_WEIGHT_NAMES",
@@ -316,7 +317,6 @@ def _fetch(repo: _Repo, name: str, revision: str | None) -> str:
     """``hf_hub_download`` one file (with the library's progress bar), translating the Hub's errors."""
     from huggingface_hub import hf_hub_download
 
-    from . import __version__
 
     try:
         return hf_hub_download(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from .devices import Device, torch_device
+from ..plan.devices import Device, torch_device
 
 if TYPE_CHECKING:
 
@@ -262,7 +262,7 @@ class AlignDevicesHook(ModelHook):
     """Run a module on ``execution_device``; with ``offload``, stream its weights from ``weights_map``.
 
     ``weights_map`` maps *full* tensor names (``prefix`` + local name) to tensors, reading disk ones on
-    access (:class:`hf_bigmodel.offload.WeightsMap`). With ``place_submodules`` the hook manages the
+    access (:class:`hf_bigmodel.storage.offload_folder.WeightsMap`). With ``place_submodules`` the hook manages the
     tensors of the whole subtree (for modules whose children's weights are used without calling them).
     With ``io_same_device`` outputs go back to the device the inputs came from.
     """

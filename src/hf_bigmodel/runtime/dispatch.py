@@ -2,7 +2,7 @@
 
 A device-map value says where a module's weights are *stored*. Accelerator-mapped modules store and
 run there. ``"disk"`` modules (and ``"cpu"`` ones when an accelerator is the main device) are
-*offloaded*: their weights live in a :class:`~hf_bigmodel.offload.WeightsMap` and reach the main device
+*offloaded*: their weights live in a :class:`~hf_bigmodel.storage.offload_folder.WeightsMap` and reach the main device
 just before the module runs. When the whole model sits on one device, no hook is attached at all.
 """
 
@@ -10,29 +10,30 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
-from .devices import Device, device_rank, is_offload_target, normalize_device, torch_device
-from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
-from .hooks import (
-    AlignDevicesHook,
-    add_hook_to_module,
-    remove_hook_from_module,
-)
-from .loading import OFFLOAD_ATTR, ModelTensor, load_checkpoint, model_tensors
-from .naming import lookup, owner, parent
-from .offload import INDEX_NAME, DiskTensor, OffloadFolder, WeightsMap, load_offload_index
+from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
+from ..load.loading import OFFLOAD_ATTR, load_checkpoint
+from ..model.naming import lookup, owner, parent
+from ..model.sizes import find_tied_parameters
+from ..model.tensors import ModelTensor, model_tensors
+from ..plan.device_map import check_device_map, resolve_device_map
+from ..plan.devices import Device, device_rank, is_present, torch_device
+from ..plan.placement import Placement
+from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_index
+from ..storage.weights_map import DiskTensor, WeightsMap
+from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from .prefetch import Prefetcher, prefetch_depth
-from .sizes import find_tied_parameters
 
 __all__ = [
     "dispatch_model",
     "load_checkpoint_and_dispatch",
+    "register_dispatch_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ if TYPE_CHECKING:
 
 
 def _check_present(devices: set[Device]) -> None:
-    from .devices import _present
-
-    absent = sorted((d for d in devices if not _present(d)), key=device_rank)
+    absent = sorted((d for d in devices if not is_present(d)), key=device_rank)
     if absent:
         raise DeviceMapError(
             f"The device map uses {summarize(map(repr, absent))}, which this machine does not have "
@@ -58,29 +57,29 @@ def _check_present(devices: set[Device]) -> None:
         )
 
 
+#: Called with every dispatched model, last (integrations register what their libraries expect).
+_DISPATCH_STEPS: list[Callable[[nn.Module], None]] = []
+
+
+def register_dispatch_step(step: Callable[[nn.Module], None]) -> None:
+    """Call ``step(model)`` at the end of every dispatch (once hooks and ``hf_device_map`` are in place).
+
+    An integration uses it for what its library expects of a dispatched model. Registering the same
+    step twice has no effect.
+    """
+    if step not in _DISPATCH_STEPS:
+        _DISPATCH_STEPS.append(step)
+
+
 def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) -> None:
     dispatched = cast("_DispatchedModel", model)
     dispatched.hf_device_map = dict(device_map)
     if not hasattr(model, "device"):
         dispatched.device = torch_device(main)  # lets plain modules do input.to(model.device)
-    _hook_encoder_outputs(model)
+    for step in _DISPATCH_STEPS:
+        step(model)
 
 
-def _hook_encoder_outputs(model: nn.Module) -> None:
-    """Give the encoder of an encoder-decoder model the hook transformers' ``generate`` expects.
-
-    Seeing ``hf_device_map``, ``generate`` wants the encoder to return its outputs on the inputs' device:
-    it sets ``encoder._hf_hook.io_same_device`` if the encoder has a hook, and otherwise attaches
-    accelerate's own hook (or fails with a NameError when accelerate is not installed). Attaching ours
-    here keeps accelerate out; it moves nothing but the encoder's outputs, once per ``generate``.
-    """
-    config = getattr(model, "config", None)
-    get_encoder = getattr(model, "get_encoder", None)
-    if not getattr(config, "is_encoder_decoder", False) or not callable(get_encoder):
-        return
-    encoder = get_encoder()
-    if isinstance(encoder, nn.Module) and encoder is not model and "_hf_hook" not in encoder.__dict__:
-        add_hook_to_module(encoder, AlignDevicesHook(io_same_device=True))
 
 
 def _fill_from_weights(name: str, slot: ModelTensor, weights: WeightsMap, device: torch.device) -> None:
@@ -161,8 +160,6 @@ def _dispatch(
     offload_cpu: bool | None = None,
     prefetch: int | None = None,
 ) -> nn.Module:
-    from .device_maps import check_device_map
-
     depth = prefetch_depth(prefetch)
     dm = check_device_map(model, device_map)
     _check_present(set(dm.values()))
@@ -182,18 +179,10 @@ def _dispatch(
         weights.memory.update(state_dict)
         given.update(state_dict)
 
-    accelerators = sorted({d for d in dm.values() if not is_offload_target(d)}, key=device_rank)
-    default_main: Device = accelerators[0] if accelerators else "cpu"
-    main: Device = normalize_device(main_device) if main_device is not None else default_main
+    placement = Placement.of(dm, main_device=main_device, offload_cpu=offload_cpu)
+    main = placement.main
     _check_present({main})
-    if offload_cpu is None:
-        offload_cpu = main != "cpu"
-
-    def offloaded(device: Device) -> bool:
-        return device == "disk" or (device == "cpu" and offload_cpu)
-
-    def execution(device: Device) -> Device:
-        return main if offloaded(device) else device
+    offloaded, execution = placement.is_offloaded, placement.execution_device
 
     slots = model_tensors(model, persistent_only=False)
     devices = set(dm.values())
@@ -400,8 +389,6 @@ def load_checkpoint_and_dispatch(
     if broadcast_from_rank0:
         raise ValueError("broadcast_from_rank0 is not supported by hf_bigmodel; leave it False.")
     if isinstance(device_map, str) or (device_map is not None and not isinstance(device_map, Mapping)):
-        from .device_maps import resolve_device_map
-
         device_map = resolve_device_map(
             model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
             dtype=dtype, offload_buffers=offload_buffers,

@@ -1,27 +1,25 @@
-"""Model families :func:`~hf_bigmodel.pretrained.load_pretrained_dispatched` knows: a registry of
-:class:`~hf_bigmodel.pretrained.PretrainedLoader` subclasses and the built-in ones for Hugging Face libraries.
+"""Model families :func:`~hf_bigmodel.hf.pretrained.load_pretrained_dispatched` knows: a registry of
+:class:`~hf_bigmodel.hf.pretrained.PretrainedLoader` subclasses and the built-in ones for Hugging Face libraries.
 
 Selection (:func:`select_loader`): the call's ``loader=``, else the latest registered loader whose
 ``can_load(config)`` is true, else :class:`DiffusersLoader` for a config with ``_class_name``, else
 :class:`TransformersLoader`. Nothing here imports transformers or diffusers until a loader builds a
 model, so ``import hf_bigmodel`` works without them.
 
-- :class:`TransformersLoader` (``hf_bigmodel.integrations.transformers``): ``config.json`` with
+- :class:`TransformersLoader` (``hf_bigmodel.hf.transformers``): ``config.json`` with
   ``architectures``/``model_type``, transformers 5 construction rules.
-- :class:`DiffusersLoader` (``hf_bigmodel.integrations.diffusers``): ``config.json`` with
+- :class:`DiffusersLoader` (``hf_bigmodel.hf.diffusers``): ``config.json`` with
   ``_class_name``, e.g. a pipeline component loaded with ``subfolder="unet"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..pretrained import PretrainedLoader
-
-if TYPE_CHECKING:
-    from .diffusers import DiffusersLoader
-    from .transformers import TransformersLoader
+from .diffusers import DiffusersLoader
+from .loader import PretrainedLoader
+from .transformers import TransformersLoader
 
 __all__ = ["DiffusersLoader", "TransformersLoader", "register_loader", "select_loader", "unregister_loader"]
 
@@ -71,21 +69,6 @@ def select_loader(
     for cls in reversed(_LOADERS):
         if cls.can_load(config):
             return cls()
-    from .diffusers import DiffusersLoader
-    from .transformers import TransformersLoader
-
     if DiffusersLoader.can_load(config):
         return DiffusersLoader()
     return TransformersLoader()
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TransformersLoader":
-        from .transformers import TransformersLoader
-
-        return TransformersLoader
-    if name == "DiffusersLoader":
-        from .diffusers import DiffusersLoader
-
-        return DiffusersLoader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from .safetensors_io import TensorEntry
 
 if TYPE_CHECKING:
-    from .sources import Checkpoint
+    from .checkpoint import Checkpoint
 
 __all__ = [
     "ALIGNMENT",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError
-from .sizes import format_size
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..model.sizes import format_size
 
 __all__ = [
     "DTYPES",
@@ -108,8 +108,6 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                                      f"{format_size(_MAX_HEADER)} any real checkpoint needs")
             raw = f.read(header_len)
     except FileNotFoundError:
-        from .errors import CheckpointNotFoundError
-
         raise CheckpointNotFoundError(f"Checkpoint file {path!r} does not exist.", path=path) from None
     try:
         header = json.loads(raw)

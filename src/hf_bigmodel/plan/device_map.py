@@ -14,10 +14,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .devices import Device, get_max_memory, normalize_device
-from .errors import DeviceMapError, summarize
-from .naming import join, owner, parent
-from .planning import get_balanced_memory, infer_auto_device_map
+from ..errors import DeviceMapError, summarize
+from ..model.naming import join, owner, parent
+from .devices import Device, normalize_device
+from .memory import get_max_memory
+from .planner import get_balanced_memory, infer_auto_device_map
 
 __all__ = ["STRATEGIES", "check_device_map", "resolve_device_map"]
 

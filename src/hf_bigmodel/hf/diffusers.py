@@ -20,8 +20,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelClassNotFoundError
-from ..hub import DIFFUSERS_WEIGHT_NAMES
-from ..pretrained import LoadContext, PretrainedLoader
+from .hub import DIFFUSERS_WEIGHT_NAMES
+from .loader import LoadContext, PretrainedLoader
 
 __all__ = ["DiffusersLoader"]
 
@@ -36,7 +36,7 @@ def _diffusers_version() -> str:
 
 
 class DiffusersLoader(PretrainedLoader):
-    """The :class:`~hf_bigmodel.pretrained.PretrainedLoader` for diffusers models (config with ``_class_name``).
+    """The :class:`~hf_bigmodel.hf.pretrained.PretrainedLoader` for diffusers models (config with ``_class_name``).
 
     Example::
 

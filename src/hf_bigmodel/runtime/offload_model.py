@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..load.loading import OFFLOAD_ATTR
+from ..model.naming import parent
+from ..model.tensors import model_tensors
+from ..storage.offload_folder import OffloadFolder, load_offload_index
+from ..storage.weights_map import DiskTensor, WeightsMap
 from .dispatch import _dispatch
 from .hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
-from .loading import OFFLOAD_ATTR, model_tensors
-from .naming import parent
-from .offload import DiskTensor, OffloadFolder, WeightsMap, load_offload_index
 
 __all__ = ["cpu_offload", "cpu_offload_with_hook", "disk_offload"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,11 +30,12 @@ from ..errors import (
     OfflineCacheMissError,
     summarize,
 )
-from ..hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
-from ..naming import owner
-from ..pretrained import DtypeArg, LoadContext, PretrainedLoader
+from ..model.naming import owner
+from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
+from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
+from .loader import DtypeArg, LoadContext, PretrainedLoader
 
-__all__ = ["TransformersLoader", "no_init_of_meta_modules"]
+__all__ = ["TransformersLoader", "hook_encoder_outputs", "no_init_of_meta_modules"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,12 @@ def no_init_of_meta_modules() -> Iterator[None]:
     tensors (buffers built in ``__init__``) are initialised as usual, and so is everything where
     transformers has no ``_initialize_weights``.
     """
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    module = sys.modules.get("transformers")  # not imported: no transformers model is being built
+    if module is None:
         yield
         return
+    from transformers import PreTrainedModel
+
     original = PreTrainedModel.__dict__.get("_initialize_weights")
     if original is None:
         yield
@@ -79,7 +82,7 @@ def no_init_of_meta_modules() -> Iterator[None]:
 
 
 class TransformersLoader(PretrainedLoader):
-    """The :class:`~hf_bigmodel.pretrained.PretrainedLoader` for transformers models (the fallback choice).
+    """The :class:`~hf_bigmodel.hf.pretrained.PretrainedLoader` for transformers models (the fallback choice).
 
     Example::
 
@@ -317,3 +320,20 @@ def _auto_map_refs(auto_map: Mapping[str, Any]) -> list[str]:
 def _class_of(reference: str) -> str:
     """``"org/repo--module.Class"`` (code in another repo) or ``"module.Class"`` -> ``"Class"``."""
     return reference.split("--", 1)[-1].rsplit(".", 1)[-1]
+
+
+def hook_encoder_outputs(model: nn.Module) -> None:
+    """Give the encoder of an encoder-decoder model the hook transformers' ``generate`` expects.
+
+    Seeing ``hf_device_map``, ``generate`` wants the encoder to return its outputs on the inputs' device:
+    it sets ``encoder._hf_hook.io_same_device`` if the encoder has a hook, and otherwise attaches
+    accelerate's own hook (or fails with a NameError when accelerate is not installed). Attaching ours
+    here keeps accelerate out; it moves nothing but the encoder's outputs, once per ``generate``.
+    """
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or not callable(get_encoder):
+        return
+    encoder = get_encoder()
+    if isinstance(encoder, nn.Module) and encoder is not model and "_hf_hook" not in encoder.__dict__:
+        add_hook_to_module(encoder, AlignDevicesHook(io_same_device=True))

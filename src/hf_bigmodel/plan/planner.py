@@ -11,20 +11,23 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .devices import Device, get_max_memory, is_offload_target
-from .errors import summarize
-from .naming import join, owner, parent
-from .sizes import compute_module_sizes, find_tied_parameters, format_size
+from ..errors import summarize
+from ..model.naming import join, owner, parent
+from ..model.sizes import compute_module_sizes, find_tied_parameters, format_size
+from .devices import Device, device_rank, is_offload_target
+from .memory import get_max_memory
+from .placement import Placement, main_device_of
 
 __all__ = [
     "get_balanced_memory",
     "get_max_layer_size",
     "infer_auto_device_map",
+    "plan_device_map",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,7 +125,7 @@ class _Tree:
         for piece in self.pieces[name]:
             yield from [(name, piece)] if piece in self.tensors else self._layers(piece)
 
-    def offload_need(self, placement: Mapping[str, Device], offloaded: set[Device]) -> tuple[int, str]:
+    def offload_need(self, placement: Mapping[str, Device], offloaded: Collection[Device]) -> tuple[int, str]:
         """Room the execution device needs for offloaded items: the largest layer plus kept buffers."""
         layers: dict[str, dict[int, int]] = defaultdict(dict)
         kept_buffers = 0
@@ -290,7 +293,7 @@ def infer_auto_device_map(
     else the CPU) keeps room for the largest offloaded layer plus, unless ``offload_buffers``, the
     buffers of offloaded modules. ``"disk"`` is always the unlimited last resort (a ``"disk"`` budget is
     ignored). ``fallback_allocation`` lets a device that would stay empty take a later item that fits.
-    ``verbose`` logs each decision at INFO level on the ``hf_bigmodel.planning`` logger.
+    ``verbose`` logs each decision at INFO level on the ``hf_bigmodel.plan.planner`` logger.
 
     Example::
 
@@ -300,43 +303,79 @@ def infer_auto_device_map(
         # {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.layers.31": "cpu", "lm_head": "cpu"}
     """
     budgets = get_max_memory(max_memory, check_devices=False)
+    return plan_device_map(
+        model, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype, special_dtypes=special_dtypes,
+        verbose=verbose, clean_result=clean_result, offload_buffers=offload_buffers,
+        fallback_allocation=fallback_allocation,
+    )
+
+
+def plan_device_map(
+    model: nn.Module,
+    budgets: Mapping[Device, int],
+    *,
+    no_split_module_classes: Iterable[str] | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    verbose: bool = False,
+    clean_result: bool = True,
+    offload_buffers: bool = False,
+    fallback_allocation: bool = False,
+) -> dict[str, Device]:
+    """:func:`infer_auto_device_map` for budgets already in bytes (``{0: 10**9, "cpu": ...}``): pure.
+
+    Nothing here measures the machine or touches a device. The main device (which runs offloaded
+    weights, and keeps room for them) follows :class:`~hf_bigmodel.plan.placement.Placement`'s rule:
+    the first accelerator the plan uses, else the CPU. An accelerator whose budget cannot hold anything
+    once that room is kept is left out, and the plan then runs on the CPU, as dispatch would.
+    """
     tree = _Tree(model, _class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers)
-    devices = [d for d in budgets if d != "disk"] + ["disk"]
-    accelerators = [d for d in devices if not is_offload_target(d)]
-    executor: Device = accelerators[0] if accelerators else "cpu"
-    offloaded: set[Device] = {"disk", "cpu"} if accelerators else {"disk"}
     log = logger.info if verbose else logger.debug
-
-    def plan(reserve: int) -> dict[str, Device]:
-        limits = {
-            d: None if d == "disk" else max(budgets[d] - (reserve if d == executor else 0), 0) for d in devices
-        }
-        return _assign(tree, devices, limits, offloaded, fallback=fallback_allocation, log=log)
-
+    devices = sorted((d for d in budgets if d != "disk"), key=device_rank) + ["disk"]
     reserve = 0
     for _ in range(_MAX_ROUNDS):
-        placement = plan(reserve)
+        main = main_device_of(d for d in devices if d == "disk" or budgets[d] > 0)
+        placement = _assign_with_reserve(tree, devices, budgets, main, reserve, fallback_allocation, log)
+        used_main = Placement.of(placement).main
+        if used_main != main:  # the accelerator got nothing: drop it, and plan for the device that runs instead
+            log("%r receives nothing once room for offloaded layers is kept; planning without it.", main)
+            devices = [d for d in devices if d != main]
+            reserve = 0
+            continue
+        offloaded = Placement.of(placement).offload_targets
         need, layer = tree.offload_need(placement, offloaded)
         if need <= reserve:
             break
-        log("Offloading happened: re-planning with %s kept free on %r for %s.", format_size(need), executor,
+        log("Offloading happened: re-planning with %s kept free on %r for %s.", format_size(need), main,
             layer or "the model")
         reserve = need
     else:
+        main = main_device_of(devices)
         reserve, _ = tree.offload_need({"": "disk"}, {"disk"})
-        placement = plan(reserve)
-    need, layer = tree.offload_need(placement, offloaded)
-    if executor in budgets and need > budgets[executor]:  # only when even an empty executor is too small
+        placement = _assign_with_reserve(tree, devices, budgets, main, reserve, fallback_allocation, log)
+    final = Placement.of(placement)
+    need, layer = tree.offload_need(placement, final.offload_targets)
+    if final.main in budgets and need > budgets[final.main]:  # only when even an empty main device is too small
         warnings.warn(
-            f"Offloaded weights run on {executor!r}, which needs {format_size(need)} free for the largest "
+            f"Offloaded weights run on {final.main!r}, which needs {format_size(need)} free for the largest "
             f"offloaded layer ({layer or 'the model'}) and kept buffers, but its budget is only "
-            f"{format_size(budgets[executor])}. Running will likely exceed it: raise max_memory[{executor!r}], "
+            f"{format_size(budgets[final.main])}. Running will likely exceed it: raise max_memory[{final.main!r}], "
             "pass offload_buffers=True, or use a smaller dtype.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if clean_result:
         return _clean(placement, tree)
     return dict(sorted(placement.items(), key=lambda kv: tree.order.get(kv[0], -1)))
+
+
+def _assign_with_reserve(
+    tree: _Tree, devices: list[Device], budgets: Mapping[Device, int], main: Device, reserve: int,
+    fallback: bool, log: Callable[..., None],
+) -> dict[str, Device]:
+    """One greedy pass with ``reserve`` bytes kept free on ``main`` for offloaded layers."""
+    limits = {d: None if d == "disk" else max(budgets[d] - (reserve if d == main else 0), 0) for d in devices}
+    offloaded: set[Device] = {"disk"} if main == "cpu" else {"disk", "cpu"}
+    return _assign(tree, devices, limits, offloaded, fallback=fallback, log=log)
 
 
 def get_max_layer_size(

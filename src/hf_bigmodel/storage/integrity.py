@@ -12,10 +12,10 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .errors import CorruptCheckpointError, summarize
+from ..errors import CorruptCheckpointError, summarize
+from ..model.sizes import format_size
+from .checkpoint import _is_truncated_zip
 from .safetensors_io import read_header
-from .sizes import format_size
-from .sources import _is_truncated_zip
 
 __all__ = ["verify_cached_file", "check_weight_file_sizes"]
 

@@ -18,64 +18,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .devices import Device, normalize_device, torch_device
-from .diskio import read_shard
-from .dtypes import resolve_dtype, target_dtype
-from .errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
-from .naming import lookup
-from .offload import DiskTensor, OffloadFolder, WeightsMap
-from .progress import progress
-from .sources import Checkpoint, TensorInfo, find_checkpoint
+from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
+from ..model.dtypes import resolve_dtype, target_dtype
+from ..model.naming import lookup
+from ..model.sizes import find_tied_parameters
+from ..model.tensors import ModelTensor, model_tensors, set_tensor
+from ..plan.device_map import check_device_map
+from ..plan.devices import Device, is_present, normalize_device, torch_device
+from ..progress import progress
+from ..storage.checkpoint import Checkpoint, TensorInfo, find_checkpoint
+from ..storage.direct_io import read_shard
+from ..storage.offload_folder import OffloadFolder
+from ..storage.weights_map import DiskTensor, WeightsMap
 
-__all__ = ["OFFLOAD_ATTR", "ModelTensor", "load_checkpoint_in_model", "model_tensors", "set_tensor"]
+__all__ = ["OFFLOAD_ATTR", "LoadReport", "load_checkpoint", "load_checkpoint_in_model"]
 
 logger = logging.getLogger(__name__)
 OFFLOAD_ATTR = "_hf_bigmodel_weights"
 
 
-@dataclass(frozen=True)
-class ModelTensor:
-    """One entry of a model's state dict: the module holding it, the attribute name, and its kind."""
-
-    module: nn.Module
-    leaf: str
-    is_buffer: bool
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        store = self.module._buffers if self.is_buffer else self.module._parameters
-        return store[self.leaf]  # type: ignore[return-value]
 
 
-def model_tensors(model: nn.Module, *, persistent_only: bool = True) -> dict[str, ModelTensor]:
-    """Every parameter (tied aliases included) and buffer of ``model``, by full name."""
-    result: dict[str, ModelTensor] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for leaf, param in module._parameters.items():
-            if param is not None:
-                result[dot + leaf] = ModelTensor(module, leaf, False)
-        skip = module._non_persistent_buffers_set if persistent_only else set()
-        for leaf, buf in module._buffers.items():
-            if buf is not None and leaf not in skip:
-                result[dot + leaf] = ModelTensor(module, leaf, True)
-    return result
 
 
-def set_tensor(slot: ModelTensor, value: torch.Tensor) -> torch.Tensor:
-    """Put ``value`` in ``slot`` (a parameter keeps its class and requires_grad); returns what was stored."""
-    if slot.is_buffer:
-        slot.module._buffers[slot.leaf] = value
-        return value
-    old = slot.module._parameters[slot.leaf]
-    requires_grad = bool(old is not None and old.requires_grad and value.is_floating_point())
-    cls = type(old) if old is not None and type(old) is not nn.Parameter else nn.Parameter
-    try:
-        param = cls(value, requires_grad=requires_grad)
-    except TypeError:
-        param = nn.Parameter(value, requires_grad=requires_grad)
-    slot.module._parameters[slot.leaf] = param
-    return param
 
 
 def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -170,8 +135,6 @@ def load_checkpoint(
     keep = list(keep_in_fp32_modules or [])
     dm: dict[str, Device] | None = None
     if device_map is not None:
-        from .device_maps import check_device_map
-
         dm = check_device_map(model, device_map)
     slots = model_tensors(model)
     infos = ckpt.scan()
@@ -308,11 +271,10 @@ def load_checkpoint(
 
 def _check_devices_present(dest: Mapping[str, Device]) -> None:
     """Every device tensors go to must exist here; raises before anything is read."""
-    from .devices import _present
 
     absent: dict[Device, list[str]] = {}
     for name, device in dest.items():
-        if not _present(device):
+        if not is_present(device):
             absent.setdefault(device, []).append(name)
     if absent:
         where = "; ".join(f"{d!r} for {summarize(names, 3)}" for d, names in absent.items())
@@ -386,8 +348,6 @@ def _final_dtype(
 
 
 def _tie_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    from .sizes import find_tied_parameters
-
     groups: dict[str, tuple[str, ...]] = {}
     for group in find_tied_parameters(model):
         for name in group:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import (
+from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidIndexError,
     UnsafeCheckpointError,
     summarize,
 )
+from ..model.sizes import format_size
 from .safetensors_io import TensorEntry, read_header, read_tensor, refetch_advice
-from .sizes import format_size
 
 __all__ = ["Checkpoint", "TensorInfo", "find_checkpoint", "load_torch_file", "read_index"]
 

@@ -1,0 +1,105 @@
+"""The memory each device offers: budgets parsed from ``max_memory``, or measured on this machine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import DeviceMapError, InvalidMaxMemoryError
+from ..model.sizes import parse_size
+from .devices import Device, device_rank, is_present, local_devices, normalize_device
+
+__all__ = ["available_memory", "get_max_memory"]
+
+
+def _cgroup_available() -> int | None:
+    """Bytes the memory cgroup of this process still allows, when it sets a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                raw = f.read().strip()
+            if raw == "max":
+                continue
+            limit = int(raw)
+            if limit >= 1 << 60:
+                continue
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+            return max(limit - usage, 0)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+
+def available_memory(device: Device) -> int:
+    """Free bytes on ``device`` right now (RAM honours a cgroup memory limit)."""
+    if isinstance(device, int):
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device == "cpu":
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+        cgroup = _cgroup_available()
+        return min(free, cgroup) if cgroup is not None else free
+    if device == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+    kind, _, index = device.partition(":")
+    module = getattr(torch, kind, None)
+    if module is not None and hasattr(module, "mem_get_info"):
+        return int(module.mem_get_info(int(index or 0))[0])
+    raise InvalidMaxMemoryError(f"Cannot measure free memory on {device!r}; give max_memory for it explicitly.")
+
+
+
+def get_max_memory(
+    max_memory: Mapping[int | str, int | str] | None = None, *, check_devices: bool = True
+) -> dict[Device, int]:
+    """Budgets in bytes per device, fastest first.
+
+    ``None`` measures what is free on every local device (GPUs, mps, RAM under any cgroup limit).
+    Otherwise every key is normalised (``"cuda:1"`` -> ``1``) and every value parsed (``"10GiB"``); a
+    negative or unreadable value, an unknown device or (with ``check_devices``) one this machine lacks
+    raises :class:`InvalidMaxMemoryError` naming it. ``HF_BIGMODEL_MAX_CPU_MEMORY`` caps the default RAM.
+
+    >>> get_max_memory({"cuda:1": "10GiB", "cpu": "500MB"}, check_devices=False)
+    {1: 10737418240, 'cpu': 500000000}
+    """
+    if max_memory is None:
+        budgets: dict[Device, int] = {d: available_memory(d) for d in local_devices()}
+        cap = os.environ.get("HF_BIGMODEL_MAX_CPU_MEMORY")
+        if cap:
+            budgets["cpu"] = min(budgets["cpu"], parse_size(cap, what="HF_BIGMODEL_MAX_CPU_MEMORY"))
+        return budgets
+    if not isinstance(max_memory, Mapping):
+        raise InvalidMaxMemoryError(
+            f"max_memory must be a dict such as {{0: '10GiB', 'cpu': '30GiB'}}, got {type(max_memory).__name__}."
+        )
+    parsed: dict[Device, int] = {}
+    for key, value in max_memory.items():
+        try:
+            device = normalize_device(key, what="max_memory key")
+        except DeviceMapError as err:
+            raise InvalidMaxMemoryError(str(err), key=key, value=value) from None
+        try:
+            size = parse_size(value, what=f"max_memory[{key!r}]")
+        except ValueError as err:
+            raise InvalidMaxMemoryError(str(err), key=key, value=value) from None
+        if check_devices and not is_present(device):
+            raise InvalidMaxMemoryError(
+                f"max_memory names {key!r}, but this machine has no such device "
+                f"(found: {', '.join(map(repr, local_devices()))}). Remove that entry.",
+                key=key,
+                value=value,
+            )
+        if device in parsed:
+            raise InvalidMaxMemoryError(f"max_memory gives {key!r} twice (as {device!r}).", key=key, value=value)
+        parsed[device] = size
+    return dict(sorted(parsed.items(), key=lambda kv: device_rank(kv[0])))
+

@@ -1,0 +1,159 @@
+"""The package's shape: stages in folders, lower layers never importing higher ones, no cycles, short functions.
+
+The layers, lowest first (a module may import its own layer and those below):
+
+    errors, progress, version, env  <  model  <  plan  <  storage  <  load  <  runtime  <  parallel  <  hf  <  cli
+
+``import hf_bigmodel`` must not import transformers, diffusers or accelerate: the core knows none of them,
+and the Hugging Face integration registers what it needs (``register_meta_build_context``,
+``register_dispatch_step``).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hf_bigmodel"
+LAYERS = {
+    "errors": 0, "progress": 0, "version": 0, "env": 0,
+    "model": 1, "plan": 2, "storage": 3, "load": 4, "runtime": 5, "parallel": 6, "hf": 7, "cli": 8,
+    "__init__": 9, "__main__": 9,
+}
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    assert top in LAYERS, f"{module}: place its folder in LAYERS (tests/test_layering.py) and the docs"
+    return LAYERS[top]
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """``(imported hf_bigmodel module, at module level)`` for every import of the file (TYPE_CHECKING aside)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for n in ast.walk(block)}
+    top = {id(n) for n in tree.body}
+    found: list[tuple[str, bool]] = []
+    for node in ast.walk(tree):
+        if id(node) in skipped or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join([*base, *([node.module] if node.module else [])])
+        elif (node.module or "").startswith("hf_bigmodel"):
+            target = node.module or ""
+        else:
+            continue
+        for alias in node.names:  # "from . import x" may name a submodule
+            candidate = f"{target}.{alias.name}"
+            exists = (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").is_file() or (
+                PACKAGE.parent / candidate.replace(".", "/")).is_dir()
+            found.append((candidate if exists else target, id(node) in top))
+    return found
+
+
+def _graph() -> dict[str, list[tuple[str, bool]]]:
+    return {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    wrong = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+             for a, edges in _graph().items() for b, _ in edges if _layer(b) > _layer(a)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    graph = {a: sorted({b for b, _ in edges if b != a}) for a, edges in _graph().items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt):], nxt] if nxt in stack else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    # a package's __init__ importing its own submodules is how Python packages work, not a cycle of concepts
+    real = [c for c in cycles if not any(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(c, c[1:]))]
+    assert not real, "\n".join(" -> ".join(c) for c in real)
+
+
+def test_only_the_command_line_defers_its_own_imports() -> None:
+    """Function-level imports of the package's own modules hide cycles; only cli/ defers them (for a fast --help)."""
+    deferred = [f"{a} imports {b} inside a function" for a, edges in _graph().items() if not a.startswith(
+        "hf_bigmodel.cli") for b, at_top in edges if not at_top]
+    assert not deferred, "\n".join(deferred)
+
+
+def test_import_hf_bigmodel_imports_no_hugging_face_library() -> None:
+    code = ("import sys, hf_bigmodel; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'transformers', 'diffusers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function, its docstring left out."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+#: Functions being split into a plan and an apply step (issue 12); strict: the test fails once they are short.
+_PENDING = {"load/loading.py", "runtime/dispatch.py", "hf/pretrained.py"}
+
+
+def _cases() -> list:
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="being split")) if str(p.relative_to(
+        PACKAGE)) in _PENDING else p for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+@pytest.mark.parametrize("path", _cases(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_is_longer_than_80_lines(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    long = [f"{node.name}: {_code_lines(node)} lines" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > MAX_FUNCTION_LINES]
+    assert not long, f"{path.relative_to(PACKAGE)}: split these into a pure plan and small steps: {', '.join(long)}"
+
+
+def test_the_checks_above_can_fail(tmp_path: Path) -> None:
+    """The parser sees relative imports, function-level ones, and TYPE_CHECKING blocks as they are."""
+    sample = PACKAGE / "model" / "_layering_probe.py"
+    sample.write_text(
+        "from typing import TYPE_CHECKING\nfrom ..runtime import hooks\nif TYPE_CHECKING:\n    from ..hf import hub\n"
+        "def f():\n    from ..plan import devices\n"
+    )
+    try:
+        edges = _imports(sample)
+    finally:
+        sample.unlink()
+    assert ("hf_bigmodel.runtime.hooks", True) in edges
+    assert ("hf_bigmodel.plan.devices", False) in edges
+    assert not any("hub" in b for b, _ in edges)
