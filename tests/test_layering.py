@@ -143,6 +143,36 @@ def test_no_function_is_longer_than_80_lines(path: Path) -> None:
     assert not long, f"{path.relative_to(PACKAGE)}: split these into a pure plan and small steps: {', '.join(long)}"
 
 
+_SLOT_TABLES = {"_parameters", "_buffers"}
+
+
+def _slot_writes(tree: ast.AST) -> list[str]:
+    """Writes into a module's tensor slots: ``m._parameters[k] = v`` (also through an alias of the table),
+    ``p.data = v``, and ``Parameter(...)`` built by hand."""
+    aliases = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               for target in node.targets if isinstance(target, ast.Name) and any(
+                   isinstance(n, ast.Attribute) and n.attr in _SLOT_TABLES for n in ast.walk(node.value))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            table = node.value
+            if any(isinstance(n, ast.Attribute) and n.attr in _SLOT_TABLES for n in ast.walk(table)) or (
+                    isinstance(table, ast.Name) and table.id in aliases):
+                found.append(f"line {node.lineno}: {ast.unparse(node)} = ...")
+        elif isinstance(node, ast.Attribute) and node.attr == "data" and isinstance(node.ctx, ast.Store):
+            found.append(f"line {node.lineno}: {ast.unparse(node)} = ...")
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Parameter":
+            found.append(f"line {node.lineno}: {ast.unparse(node.func)}(...)")
+    return found
+
+
+def test_only_model_tensors_puts_tensors_into_module_slots() -> None:
+    """One way to put a tensor in a slot (model/tensors.py), so a parameter keeps its class, attributes and flag."""
+    writes = [f"{path.relative_to(PACKAGE)} {w}" for path in sorted(PACKAGE.rglob("*.py"))
+              if path != PACKAGE / "model" / "tensors.py" for w in _slot_writes(ast.parse(path.read_text()))]
+    assert not writes, "use hf_bigmodel.model.tensors (set_tensor, put_tensor, move_tensor):\n" + "\n".join(writes)
+
+
 def test_the_checks_above_can_fail(tmp_path: Path) -> None:
     """The parser sees relative imports, function-level ones, and TYPE_CHECKING blocks as they are."""
     sample = PACKAGE / "model" / "_layering_probe.py"
@@ -157,3 +187,7 @@ def test_the_checks_above_can_fail(tmp_path: Path) -> None:
     assert ("hf_bigmodel.runtime.hooks", True) in edges
     assert ("hf_bigmodel.plan.devices", False) in edges
     assert not any("hub" in b for b, _ in edges)
+    writes = _slot_writes(ast.parse(
+        "m._parameters['w'] = p\nstore = m._buffers if b else m._parameters\nstore[k] = v\n"
+        "p.data = t\nnn.Parameter(t)\nx = m._parameters['w']\n(m._buffers if b else m._parameters)[k] = v\n"))
+    assert sorted(w.split(":")[0] for w in writes) == ["line 1", "line 3", "line 4", "line 5", "line 7"]

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointMismatchError
 from ..model.dtypes import resolve_dtype
 from ..model.naming import parent
-from ..model.tensors import model_tensors
+from ..model.tensors import model_tensors, put_tensor, set_tensor
 from ..storage.checkpoint import Checkpoint, find_checkpoint
 from .hub import DEFAULT_WEIGHT_NAMES, ModelFiles, resolve_model_files
 
@@ -249,10 +249,8 @@ def _swap(model: nn.Module, names: Sequence[str],
         slot, old = slots[name], slots[name].tensor
         new = made.get(id(old))
         if new is None:
-            data = make(name, old)
-            new = made[id(old)] = data if slot.is_buffer else nn.Parameter(
-                data, requires_grad=old.requires_grad and data.is_floating_point())
-        store = slot.module._buffers if slot.is_buffer else slot.module._parameters
-        store[slot.leaf] = new  # type: ignore[assignment]
+            made[id(old)] = set_tensor(slot, make(name, old))
+        else:
+            put_tensor(slot, new)
         modules[parent(name)] = slot.module
     return modules

@@ -31,6 +31,7 @@ from ..errors import (
     summarize,
 )
 from ..model.naming import owner
+from ..model.tensors import ModelTensor, put_tensor
 from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
@@ -304,7 +305,7 @@ def _retie_equal(model: nn.Module) -> None:
         if a is not b and a.device == b.device and a.device.type != "meta" and a.dtype == b.dtype \
                 and a.shape == b.shape and torch.equal(a, b):
             module, _, leaf = target.rpartition(".")
-            model.get_submodule(module)._parameters[leaf] = b
+            put_tensor(ModelTensor(model.get_submodule(module), leaf, False), b)
 
 
 def _auto_map_refs(auto_map: Mapping[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summ
 from ..model.dtypes import resolve_dtype, target_dtype
 from ..model.naming import lookup
 from ..model.sizes import find_tied_parameters
-from ..model.tensors import ModelTensor, model_tensors, set_tensor
+from ..model.tensors import ModelTensor, model_tensors, put_tensor, set_tensor
 from ..plan.device_map import check_device_map
 from ..plan.devices import Device, is_present, normalize_device, torch_device
 from ..progress import progress
@@ -256,7 +256,7 @@ def load_checkpoint(
             else:
                 # Share the very Parameter, wherever the map puts the alias: dispatch_model sees the tie and
                 # either keeps one copy (same execution device) or streams a copy to the other device.
-                slots[name].module._parameters[slots[name].leaf] = loaded[source]  # type: ignore[assignment]
+                put_tensor(slots[name], loaded[source])
                 loaded[name] = loaded[source]
         _retype_placeholders(slots, weights)
         if folder is not None and weights.disk:
@@ -304,7 +304,7 @@ def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) 
         if new is None:
             new = made[id(old)] = set_tensor(slot, torch.empty(old.shape, dtype=ref.dtype, device="meta"))
         else:
-            (slot.module._buffers if slot.is_buffer else slot.module._parameters)[slot.leaf] = new  # type: ignore[assignment]
+            put_tensor(slot, new)
 
 
 def _source_id(file: str) -> str:
@@ -332,8 +332,7 @@ def _bytes_to_convert(
 
 def _restore(slots: Mapping[str, ModelTensor], before: Mapping[str, torch.Tensor]) -> None:
     for name, slot in slots.items():
-        store = slot.module._buffers if slot.is_buffer else slot.module._parameters
-        store[slot.leaf] = before[name]  # type: ignore[assignment]
+        put_tensor(slot, before[name])
 
 
 def _final_dtype(

@@ -8,6 +8,8 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .tensors import ModelTensor, put_tensor, set_tensor
+
 __all__ = ["init_empty_weights", "init_on_device", "register_meta_build_context"]
 
 #: Contexts entered while a model is built on the meta device (integrations register theirs).
@@ -63,17 +65,13 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original_register_parameter(module, name, param)
         if param is not None and param.device != device:
-            # Keep the Parameter subclass and its extra attributes (quantised or sharded params carry some).
-            param_cls = type(param)
-            extra = dict(param.__dict__)
-            moved = param_cls(param.to(device), requires_grad=param.requires_grad)
-            moved.__dict__.update(extra)
-            module._parameters[name] = moved
+            # Keeps the Parameter subclass and its extra attributes (quantised or sharded params carry some).
+            set_tensor(ModelTensor(module, name, False), param.to(device))
 
     def register_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         original_register_buffer(module, name, tensor, persistent=persistent)
         if tensor is not None and tensor.device != device:
-            module._buffers[name] = tensor.to(device)
+            put_tensor(ModelTensor(module, name, True), tensor.to(device))
 
     replacements: dict[str, Callable[..., None]] = {"register_parameter": register_parameter}
     if include_buffers:

@@ -8,18 +8,18 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .dtypes import resolve_dtype
+from .tensors import distinct_tensors, model_tensors, tie_groups
 
 __all__ = [
     "parse_size",
     "format_size",
     "dtype_byte_size",
-    "named_module_tensors",
     "compute_module_sizes",
     "find_tied_parameters",
 ]
@@ -99,26 +99,6 @@ def dtype_byte_size(dtype: torch.dtype) -> float:
     return float(dtype.itemsize)
 
 
-def named_module_tensors(
-    module: nn.Module,
-    include_buffers: bool = True,
-    recurse: bool = False,
-    remove_non_persistent: bool = False,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters then buffers of ``module`` (optionally only persistent buffers), as ``(name, tensor)``."""
-    yield from module.named_parameters(recurse=recurse)
-    if not include_buffers:
-        return
-    non_persistent: set[str] = set()
-    if remove_non_persistent:
-        for prefix, sub in module.named_modules() if recurse else [("", module)]:
-            for name in getattr(sub, "_non_persistent_buffers_set", ()):
-                non_persistent.add(f"{prefix}.{name}" if prefix else name)
-    for name, buf in module.named_buffers(recurse=recurse):
-        if name not in non_persistent:
-            yield name, buf
-
-
 def _tensor_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
     if dtype is not None and tensor.is_floating_point():
         return int(tensor.numel() * dtype_byte_size(dtype))
@@ -144,12 +124,10 @@ def compute_module_sizes(
     target = resolve_dtype(dtype) if dtype is not None else None
     special = {k: resolve_dtype(v) for k, v in (special_dtypes or {}).items()}
     sizes: dict[str, int] = defaultdict(int)
-    tensors: Iterator[tuple[str, torch.Tensor]]
+    index = model_tensors(model, persistent_only=False)
     if buffers_only:
-        tensors = model.named_buffers()
-    else:
-        tensors = named_module_tensors(model, include_buffers=True, recurse=True)
-    for name, tensor in tensors:
+        index = {name: slot for name, slot in index.items() if slot.is_buffer}
+    for name, tensor in distinct_tensors(index).items():
         size = _tensor_size(tensor, special.get(name, target))
         parts = name.split(".")
         sizes[""] += size
@@ -168,7 +146,4 @@ def find_tied_parameters(model: nn.Module) -> list[list[str]]:
     >>> find_tied_parameters(model)
     [['embed.weight', 'head.weight']]
     """
-    groups: dict[int, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups[id(param)].append(name)
-    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+    return tie_groups(model_tensors(model, persistent_only=False))

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import DeviceMapError, summarize
-from ..model.naming import join, owner, parent
+from ..model.naming import owner, parent
+from ..model.tensors import model_tensors
 from .devices import Device, normalize_device
 from .memory import get_max_memory
 from .planner import get_balanced_memory, infer_auto_device_map
@@ -82,19 +83,9 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, int | str | torc
     """
     if not isinstance(device_map, Mapping):
         raise DeviceMapError(f"device_map must be a dict of module name -> device, got {type(device_map).__name__}.")
-    names: set[str] = set()
-    required: list[str] = []
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        names.add(prefix)
-        for key, tensor in module._parameters.items():
-            if tensor is not None:
-                names.add(join(prefix, key))
-                required.append(join(prefix, key))
-        for key, tensor in module._buffers.items():
-            if tensor is not None:
-                names.add(join(prefix, key))
-                if key not in module._non_persistent_buffers_set:
-                    required.append(join(prefix, key))
+    index = model_tensors(model, persistent_only=False)
+    names = {prefix for prefix, _ in model.named_modules(remove_duplicate=False)} | set(index)
+    required = [name for name, slot in index.items() if slot.persistent]
     problems: list[str] = []
     culprits: list[str] = []
     unknown: list[str] = []

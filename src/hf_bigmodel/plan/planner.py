@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import summarize
 from ..model.naming import join, owner, parent
-from ..model.sizes import compute_module_sizes, find_tied_parameters, format_size
+from ..model.sizes import compute_module_sizes, format_size
+from ..model.tensors import model_tensors, tie_groups
 from .devices import Device, device_rank, is_offload_target
 from .memory import get_max_memory
 from .placement import Placement, main_device_of
@@ -63,16 +64,16 @@ class _Tree:
         self.order: dict[str, int] = {}  # registration order of every module and tensor name
         self.tensors: dict[str, bool] = {}  # tensor name -> is a buffer
         self.tensor_id: dict[str, int] = {}
+        direct: dict[str, list[str]] = defaultdict(list)  # module -> its own tensors, parameters first
+        index = model_tensors(model, persistent_only=False)
+        for full, slot in index.items():
+            direct[parent(full)].append(full)
+            self.tensors[full], self.tensor_id[full] = slot.is_buffer, id(slot.tensor)
         for name, module in self.modules.items():
             self.order[name] = len(self.order)
-            self.pieces[name] = []
-            for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
-                for key, tensor in table.items():
-                    if tensor is not None:
-                        full = join(name, key)
-                        self.pieces[name].append(full)
-                        self.tensors[full], self.tensor_id[full] = is_buffer, id(tensor)
-                        self.order[full] = len(self.order)
+            self.pieces[name] = list(direct.get(name, ()))
+            for full in self.pieces[name]:
+                self.order[full] = len(self.order)
             self.pieces[name] += [join(name, key) for key, sub in module._modules.items() if sub is not None]
         # Placement sizes count a shared tensor once (under its first name); layer sizes count it fully.
         self.size = compute_module_sizes(model, dtype, special_dtypes)
@@ -84,7 +85,7 @@ class _Tree:
             self.full_size[tname] = max(first_size[tid], self.size.get(tname, 0))
         self.tie_group: dict[str, list[str]] = {}
         self.ties_within: dict[str, list[str]] = defaultdict(list)  # item -> tied names inside it
-        for group in find_tied_parameters(model):
+        for group in tie_groups(index):
             for tname in group:
                 self.tie_group[tname] = group
                 self.ties_within[""].append(tname)

@@ -21,7 +21,7 @@ from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summ
 from ..load.loading import OFFLOAD_ATTR, load_checkpoint
 from ..model.naming import lookup, owner, parent
 from ..model.sizes import find_tied_parameters
-from ..model.tensors import ModelTensor, model_tensors
+from ..model.tensors import ModelTensor, model_tensors, move_tensor, put_tensor, set_tensor
 from ..plan.device_map import check_device_map, resolve_device_map
 from ..plan.devices import Device, device_rank, is_present, torch_device
 from ..plan.placement import Placement
@@ -83,23 +83,7 @@ def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) ->
 
 
 def _fill_from_weights(name: str, slot: ModelTensor, weights: WeightsMap, device: torch.device) -> None:
-    value = weights[name].to(device)
-    if slot.is_buffer:
-        slot.module._buffers[slot.leaf] = value
-    else:
-        old = slot.module._parameters[slot.leaf]
-        requires_grad = bool(old is not None and old.requires_grad and value.is_floating_point())
-        slot.module._parameters[slot.leaf] = nn.Parameter(value, requires_grad=requires_grad)
-
-
-def _move(slot: ModelTensor, device: torch.device) -> None:
-    tensor = slot.tensor
-    if tensor.device == device:
-        return
-    if slot.is_buffer:
-        slot.module._buffers[slot.leaf] = tensor.to(device)
-    else:
-        tensor.data = tensor.data.to(device)  # keeps the Parameter object, hence ties
+    set_tensor(slot, weights[name].to(device))
 
 
 def _no_data_error(names: list[str]) -> CheckpointMismatchError:
@@ -238,7 +222,7 @@ def _dispatch(
                 if slot.tensor.device.type == "meta" or name in given:
                     _fill_from_weights(name, slot, weights, torch_device(execution(where[name])))
                 else:
-                    _move(slot, torch_device(execution(where[name])))
+                    move_tensor(slot, torch_device(execution(where[name])))
         for group in ties:
             for name in group:
                 if name not in streamed:
@@ -247,7 +231,7 @@ def _dispatch(
                             continue
                         s = slots[other]
                         if s.tensor is not slots[name].tensor and execution(where[other]) == execution(where[name]):
-                            s.module._parameters[s.leaf] = slots[name].tensor  # type: ignore[assignment]
+                            put_tensor(s, slots[name].tensor)
         # Streamed tensors must be in the weights map (in RAM or on disk).
         pending: dict[str, dict[str, torch.Tensor]] = {}
         in_ram: dict[int, torch.Tensor] = {}  # id(resident tensor) -> its RAM copy: tied names share one

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from ..model.tensors import ModelTensor, module_slots, move_tensor, put_tensor, set_tensor, with_slot_class
 from ..plan.devices import Device, torch_device
 
 if TYPE_CHECKING:
@@ -234,28 +235,29 @@ def _find_device(obj: Any) -> torch.device | None:
 
 
 class _Slot:
-    """One tensor an offloading hook manages: where it lives in the module tree, and its idle placeholder."""
+    """One tensor an offloading hook manages: its module slot, its full name, and its idle placeholder.
 
-    __slots__ = ("is_buffer", "leaf", "module", "name", "placeholder", "requires_grad")
+    The placeholder is a meta tensor like the original (for a parameter: same class, extra attributes and
+    ``requires_grad``); every value the hook puts in the slot is made like it.
+    """
 
-    def __init__(self, module: nn.Module, leaf: str, is_buffer: bool, name: str) -> None:
-        self.module, self.leaf, self.is_buffer, self.name = module, leaf, is_buffer, name
-        current = (module._buffers if is_buffer else module._parameters)[leaf]
-        assert current is not None
-        self.requires_grad = bool(getattr(current, "requires_grad", False))
-        self.placeholder = current if current.device.type == "meta" else current.to("meta")
+    __slots__ = ("name", "placeholder", "slot")
+
+    def __init__(self, slot: ModelTensor, name: str) -> None:
+        self.slot, self.name = slot, name
+        current = slot.tensor
+        self.placeholder = current if current.device.type == "meta" else with_slot_class(
+            current.detach().to("meta"), current)
+
+    @property
+    def is_buffer(self) -> bool:
+        return self.slot.is_buffer
 
     def set(self, value: torch.Tensor) -> None:
-        if self.is_buffer:
-            self.module._buffers[self.leaf] = value
-        else:
-            param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
-            self.module._parameters[self.leaf] = param
+        set_tensor(self.slot, value, like=self.placeholder)
 
     def release(self) -> None:
-        # A parameter's meta placeholder is a plain tensor (what Parameter.to returns), kept as it is.
-        store: dict[str, Any] = self.module._buffers if self.is_buffer else self.module._parameters
-        store[self.leaf] = self.placeholder
+        put_tensor(self.slot, self.placeholder)
 
 
 class AlignDevicesHook(ModelHook):
@@ -320,15 +322,14 @@ class AlignDevicesHook(ModelHook):
         for local in self._managed_names(module):
             owner, _, leaf = local.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
-            is_buffer = leaf in sub._buffers
-            slot = _Slot(sub, leaf, is_buffer, dot + local)
+            slot = _Slot(ModelTensor(sub, leaf, leaf in sub._buffers), dot + local)
             slot.release()
             self.slots.append(slot)
         if not self.offload_buffers and self.execution_device is not None:
             for sub in (module.modules() if self.place_submodules else [module]):
-                for leaf, buf in list(sub._buffers.items()):
-                    if buf is not None and buf.device.type != "meta" and buf.device != self.execution_device:
-                        sub._buffers[leaf] = buf.to(self.execution_device)
+                for tensor_slot in module_slots(sub):
+                    if tensor_slot.is_buffer:
+                        move_tensor(tensor_slot, self.execution_device)
         return module
 
     def load_weights(self) -> list[torch.Tensor]:
@@ -399,23 +400,15 @@ class AlignDevicesHook(ModelHook):
             shared: dict[int, torch.Tensor] = {}
             for slot in self.slots:
                 value = self.weights_map[slot.name]
-                cpu = shared.setdefault(id(value), value.to("cpu"))
-                if slot.is_buffer:
-                    slot.set(cpu)
-                else:
-                    slot.set(nn.Parameter(cpu, requires_grad=slot.requires_grad and cpu.is_floating_point()))
+                slot.set(shared.setdefault(id(value), value.to("cpu")))
             self.slots = []
         return module
 
 
 def move_direct_tensors(module: nn.Module, device: torch.device) -> None:
     """Move ``module``'s own parameters and buffers (not its children's) to ``device``, keeping ties."""
-    for param in module._parameters.values():
-        if param is not None and param.device != device and param.device.type != "meta":
-            param.data = param.data.to(device)
-    for leaf, buf in module._buffers.items():
-        if buf is not None and buf.device != device and buf.device.type != "meta":
-            module._buffers[leaf] = buf.to(device)
+    for slot in module_slots(module):
+        move_tensor(slot, device)
 
 
 class CpuOffload(ModelHook):

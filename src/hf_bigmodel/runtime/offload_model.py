@@ -16,7 +16,7 @@ from torch import nn
 
 from ..load.loading import OFFLOAD_ATTR
 from ..model.naming import parent
-from ..model.tensors import model_tensors
+from ..model.tensors import model_tensors, set_tensor
 from ..storage.offload_folder import OffloadFolder, load_offload_index
 from ..storage.weights_map import DiskTensor, WeightsMap
 from .dispatch import _dispatch
@@ -116,11 +116,7 @@ def disk_offload(
                 slot = slots[n]
                 if slot.is_buffer and not offload_buffers:
                     continue  # stored for a later run, but kept here: it travels with its module
-                meta = slot.tensor.to("meta")
-                if slot.is_buffer:
-                    slot.module._buffers[slot.leaf] = meta
-                else:
-                    slot.module._parameters[slot.leaf] = nn.Parameter(meta, requires_grad=slot.tensor.requires_grad)
+                set_tensor(slot, slot.tensor.detach().to("meta"))
         folder.write_index(weights.disk)
         setattr(model, OFFLOAD_ATTR, weights)
     return _dispatch(
