@@ -230,7 +230,7 @@ def test_run_a_model_that_cannot_generate(capsys, tmp_path: Path) -> None:
     folder = save_tiny_bert(tmp_path / "bert").path
     save_tiny_tokenizer(folder)
     code, _, err = run_main(capsys, "run", folder, "--prompt", "hello")
-    assert code == 1 and "cannot generate text" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "cannot generate text" in err and len(err.strip().splitlines()) == 1
 
 
 def test_run_with_a_tied_model_and_offload_folder(capsys, tmp_path: Path) -> None:

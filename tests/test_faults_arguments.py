@@ -141,7 +141,7 @@ def test_disk_for_a_torch_checkpoint_needs_an_offload_folder(ckpts, tmp_path):
     err = refused(ckpts["torch"], OffloadError, tmp_path, device_map=device_map)
     text = str(err)
     assert "blocks.2.fc1.weight" in text and str(ckpts["torch"] / "pytorch_model.bin") in text
-    assert "pass offload_folder=" in text
+    assert "Pass offload_folder=" in text
     # the same map over safetensors needs no folder: the checkpoint is read in place
     model = load_checkpoint_and_dispatch(empty_lm(), ckpts["safetensors"], device_map=device_map)
     ids = torch.tensor([[1, 2, 3]])

@@ -4,104 +4,38 @@ The public names mirror accelerate's big-model API (same arguments, same meaning
 one-line import change::
 
     from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+
+The names live in :mod:`hf_bigmodel._api`, imported (with torch) on the first use of any of them:
+``import hf_bigmodel`` alone loads nothing heavy, so ``hf-bigmodel --help`` answers at once.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    BigModelError,
-    CheckpointError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    DeviceMapError,
-    GatedModelError,
-    HubError,
-    InvalidIndexError,
-    InvalidMaxMemoryError,
-    ModelClassNotFoundError,
-    ModelFileNotFoundError,
-    ModelNotFoundError,
-    OfflineCacheMissError,
-    OffloadError,
-    RevisionNotFoundError,
-    UnsafeCheckpointError,
-)
-from .hf.loader import LoadContext, PretrainedLoader
-from .hf.pretrained import load_pretrained_dispatched
-from .hf.registry import register_loader, unregister_loader
-from .load.loading import load_checkpoint_in_model
-from .model.empty import init_empty_weights, init_on_device
-from .model.sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
-from .plan.device_map import check_device_map, resolve_device_map
-from .plan.memory import get_max_memory
-from .plan.planner import get_balanced_memory, infer_auto_device_map
-from .runtime.dispatch import dispatch_model, load_checkpoint_and_dispatch
-from .runtime.hooks import (
-    AlignDevicesHook,
-    CpuOffload,
-    ModelHook,
-    SequentialHook,
-    UserCpuOffloadHook,
-    add_hook_to_module,
-    remove_hook_from_module,
-    remove_hook_from_submodules,
-)
-from .runtime.offload_model import cpu_offload, cpu_offload_with_hook, disk_offload
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__ as __version__
 
-__all__ = [
-    # empty skeletons
-    "init_empty_weights",
-    "init_on_device",
-    # sizes and planning
-    "compute_module_sizes",
-    "find_tied_parameters",
-    "format_size",
-    "parse_size",
-    "get_max_memory",
-    "get_balanced_memory",
-    "infer_auto_device_map",
-    "resolve_device_map",
-    "check_device_map",
-    # loading and dispatch
-    "load_checkpoint_in_model",
-    "load_checkpoint_and_dispatch",
-    "dispatch_model",
-    "cpu_offload",
-    "cpu_offload_with_hook",
-    "disk_offload",
-    # hooks
-    "ModelHook",
-    "SequentialHook",
-    "AlignDevicesHook",
-    "CpuOffload",
-    "UserCpuOffloadHook",
-    "add_hook_to_module",
-    "remove_hook_from_module",
-    "remove_hook_from_submodules",
-    # the Hugging Face adapter
-    "load_pretrained_dispatched",
-    "PretrainedLoader",
-    "LoadContext",
-    "register_loader",
-    "unregister_loader",
-    # errors
-    "BigModelError",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "CheckpointNotFoundError",
-    "CorruptCheckpointError",
-    "DeviceMapError",
-    "GatedModelError",
-    "HubError",
-    "InvalidIndexError",
-    "InvalidMaxMemoryError",
-    "ModelClassNotFoundError",
-    "ModelFileNotFoundError",
-    "ModelNotFoundError",
-    "OfflineCacheMissError",
-    "OffloadError",
-    "RevisionNotFoundError",
-    "UnsafeCheckpointError",
-]
+if TYPE_CHECKING:
+    from ._api import *  # noqa: F403
+    from ._api import __all__ as __all__
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name`` (importing the API once), or a subpackage the API import loaded."""
+    if (name.startswith("__") and name != "__all__") or name == "_api":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _api = importlib.import_module(f"{__name__}._api")  # not "from . import": that asks __getattr__ first
+
+    if name in _api.__all__ or name == "__all__":
+        return getattr(_api, name)
+    loaded = globals().get(name)  # e.g. hf_bigmodel.hf, which importing the API loaded
+    if loaded is not None:
+        return loaded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    _api = importlib.import_module(f"{__name__}._api")
+
+    return sorted({*globals(), *_api.__all__})

@@ -7,10 +7,12 @@ can react without parsing messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "Advice",
     "BigModelError",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -41,15 +43,71 @@ def summarize(items: Iterable[Any], limit: int = 10) -> str:
     return shown
 
 
+#: How an interface names an argument: ``(argument, value) -> text``, or ``None`` when it has no such option.
+Spelling = Callable[[str, str], "str | None"]
+
+
+def python_spelling(argument: str, value: str) -> str:
+    """``offload_folder='path'``: how a Python caller passes an argument."""
+    return f"{argument}={value}"
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One thing to do about an error that takes an argument of the call, in the words of the caller's interface.
+
+    ``text`` is a sentence with ``{}`` where the argument goes. Python callers read ``argument=value``;
+    the command line reads its option (``hf_bigmodel.cli`` spells them) and leaves out advice it has no
+    option for, so the message itself must say what failed and why without it.
+
+    >>> advice = Advice("Pass {} so they can be written there.", "offload_folder", "'offload'")
+    >>> advice.render()
+    "Pass offload_folder='offload' so they can be written there."
+    >>> advice.render(lambda argument, value: "--offload-folder DIR")
+    'Pass --offload-folder DIR so they can be written there.'
+    """
+
+    text: str
+    argument: str
+    value: str = "..."
+
+    def render(self, spelling: Spelling = python_spelling) -> str | None:
+        spelled = spelling(self.argument, self.value)
+        return None if spelled is None else self.text.format(spelled)
+
+
 class BigModelError(Exception):
-    """Base class of every error raised by hf_bigmodel."""
+    """Base class of every error raised by hf_bigmodel.
+
+    ``advice`` (:class:`Advice`) says what to do in terms of the call's arguments; ``str(err)`` is the
+    message followed by the advice as Python spells it, :meth:`describe` renders it for another interface.
+    """
+
+    advice: tuple[Advice, ...] = ()
+
+    def __init__(self, *args: Any, advice: Sequence[Advice] = ()) -> None:
+        super().__init__(*args)
+        self.advice = tuple(advice)
+
+    @property
+    def message(self) -> str:
+        """What failed and why, without the advice."""
+        return str(self.args[0]) if self.args else ""
+
+    def describe(self, spelling: Spelling = python_spelling) -> str:
+        """The message, then each piece of advice ``spelling`` can express."""
+        rendered = (a.render(spelling) for a in self.advice)
+        return " ".join([self.message, *(text for text in rendered if text)]).strip()
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 class InvalidMaxMemoryError(BigModelError, ValueError):
     """A ``max_memory`` entry is malformed, negative or names a device this machine lacks."""
 
-    def __init__(self, message: str, *, key: Any = None, value: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, key: Any = None, value: Any = None, advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
         self.key = key
         self.value = value
 
@@ -57,16 +115,16 @@ class InvalidMaxMemoryError(BigModelError, ValueError):
 class DeviceMapError(BigModelError, ValueError):
     """A device map names modules that do not exist, leaves weights unplaced or uses a bad device."""
 
-    def __init__(self, message: str, *, modules: Sequence[str] = ()) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, modules: Sequence[str] = (), advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
         self.modules = list(modules)
 
 
 class CheckpointError(BigModelError):
     """Base class of the problems found in a checkpoint."""
 
-    def __init__(self, message: str, *, path: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Any = None, advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
         self.path = path
 
 
@@ -123,12 +181,9 @@ class CheckpointMismatchError(CheckpointError, RuntimeError):
 class OffloadError(BigModelError, OSError):
     """The offload folder cannot be created, written or trusted."""
 
-    def __init__(self, message: str, *, path: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Any = None, advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
         self.path = path
-
-    def __str__(self) -> str:  # OSError would otherwise format errno/strerror
-        return str(self.args[0]) if self.args else ""
 
 
 class ModelClassNotFoundError(BigModelError, ValueError):
@@ -149,14 +204,12 @@ class HubError(BigModelError, OSError):
         repo_id: str | None = None,
         revision: str | None = None,
         filename: str | None = None,
+        advice: Sequence[Advice] = (),
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, advice=advice)
         self.repo_id = repo_id
         self.revision = revision
         self.filename = filename
-
-    def __str__(self) -> str:  # OSError would otherwise format errno/strerror/filename
-        return str(self.args[0]) if self.args else ""
 
 
 class ModelNotFoundError(HubError, FileNotFoundError):

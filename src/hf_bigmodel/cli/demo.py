@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.sizes import format_size
 from ..plan.devices import Device
-from .model import EmptyModel, build_empty_model
+from .model import EmptyModel, Source, build_empty_model
 from .plan import PlanReport, format_plan, plan_empty
 
 __all__ = ["DEMO_PACKAGE", "PAIRS", "TOLERANCE", "demo_command", "demo_model_dir", "embed", "pick_budget"]
@@ -69,7 +69,7 @@ def pick_budget(empty: EmptyModel) -> tuple[dict[Device, int], PlanReport]:
 
     Example::
 
-        budget, report = pick_budget(build_empty_model(str(demo_model_dir())))
+        budget, report = pick_budget(build_empty_model(Source(str(demo_model_dir()))))
         budget  # {'cpu': 63602739}: 70% of 86.65 MiB; report.disk_modules: encoder.layer.1 ... pooler
     """
     from ..model.sizes import compute_module_sizes
@@ -119,7 +119,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from ..hf.pretrained import load_pretrained_dispatched
 
     folder = demo_model_dir()
-    empty = build_empty_model(str(folder))
+    empty = build_empty_model(Source(str(folder)))
     budget, report = pick_budget(empty)
     print(f"all-MiniLM-L6-v2 ({format_size(report.total_size)}) with {format_size(budget['cpu'])} of RAM allowed:")
     print()

@@ -7,9 +7,11 @@ the ones a real load uses, so a plan made here is the plan the load makes.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from ..model.dtypes import matches_module
 from ..model.empty import init_empty_weights
 from ..model.tensors import model_tensors
 
-__all__ = ["EmptyModel", "build_empty_model", "prepare"]
+__all__ = ["EmptyModel", "Source", "build_empty_model", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,32 @@ def _config_names_dtype(raw: dict[str, object]) -> bool:
     return any(isinstance(raw.get(k), str) and raw.get(k) != "auto" for k in ("dtype", "torch_dtype"))
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a model's files come from: the command's MODEL and its Hub options."""
+
+    name_or_path: str
+    revision: str | None = None
+    subfolder: str | None = None
+    token: str | None = None
+    local_files_only: bool = False
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Source:
+        return cls(args.model, revision=args.revision, subfolder=args.subfolder or None, token=args.token,
+                   local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """The matching keyword arguments of ``load_pretrained_dispatched``."""
+        return {"revision": self.revision, "subfolder": self.subfolder, "token": self.token,
+                "local_files_only": self.local_files_only, "trust_remote_code": self.trust_remote_code}
+
+
 def prepare(
-    name_or_path: str,
+    source: Source,
     *,
-    revision: str | None = None,
-    subfolder: str | None = None,
     loader: PretrainedLoader | type[PretrainedLoader] | None = None,
 ) -> tuple[LoadContext, PretrainedLoader]:
     """The first steps of a load: fetch and read the config, pick the loader, resolve the model class.
@@ -59,17 +82,17 @@ def prepare(
 
     Example::
 
-        ctx, loader = prepare("path/to/tiny-llama")
+        ctx, loader = prepare(Source("path/to/tiny-llama"))
         ctx.model_class  # <class 'transformers...LlamaForCausalLM'>
     """
     from ..hf.pretrained import _read_json
     from ..hf.registry import select_loader
 
-    ctx = LoadContext(name_or_path, subfolder=subfolder or None, revision=revision)
-    ctx.config_file = resolve_config(name_or_path, **ctx.hub_kwargs)
+    ctx = LoadContext(source.name_or_path, **source.load_kwargs)
+    ctx.config_file = resolve_config(source.name_or_path, **ctx.hub_kwargs)
     ctx.raw_config = _read_json(ctx.config_file)
     chosen = select_loader(loader, ctx.raw_config)
-    logger.info("%s: config read, loader %s", name_or_path, type(chosen).__name__)
+    logger.info("%s: config read, loader %s", source.name_or_path, type(chosen).__name__)
     ctx.config = chosen.read_config(ctx)
     ctx.model_class = chosen.model_class(ctx, None)
     chosen.apply_kwargs(ctx, {})
@@ -77,11 +100,9 @@ def prepare(
 
 
 def build_empty_model(
-    name_or_path: str,
+    source: Source,
     *,
     dtype: torch.dtype | str | None = None,
-    revision: str | None = None,
-    subfolder: str | None = None,
     loader: PretrainedLoader | type[PretrainedLoader] | None = None,
 ) -> EmptyModel:
     """Fetch only the config of ``name_or_path`` and build its model on the meta device.
@@ -92,12 +113,13 @@ def build_empty_model(
 
     Example::
 
-        empty = build_empty_model("path/to/tiny-llama", dtype=torch.float16)
+        empty = build_empty_model(Source("path/to/tiny-llama"), dtype=torch.float16)
         empty.model.model.layers[0].mlp.up_proj.weight.device  # device(type='meta')
     """
-    ctx, chosen = prepare(name_or_path, revision=revision, subfolder=subfolder, loader=loader)
+    ctx, chosen = prepare(source, loader=loader)
+    name_or_path = source.name_or_path
     needs_weights = dtype in (None, "auto") and not _config_names_dtype(ctx.raw_config)
-    if needs_weights and _is_local(name_or_path, subfolder):
+    if needs_weights and _is_local(name_or_path, source.subfolder):
         ctx.files = chosen.resolve_files(ctx)  # local: only headers are read, nothing is copied
     try:
         ctx.dtype = chosen.resolve_dtype(ctx, dtype)

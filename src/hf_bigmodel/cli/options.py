@@ -1,39 +1,31 @@
 """Reading the options the commands share: ``--max-memory DEVICE=SIZE`` and ``--dtype``.
 
-Mistakes raise ``argparse.ArgumentError`` (exit status 2) naming the option and the value.
+Mistakes raise :class:`~hf_bigmodel.cli.parser.UsageError` (exit status 2) naming the option and the value.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
 
 from ..errors import InvalidMaxMemoryError
 from ..model.dtypes import resolve_dtype
-from ..plan.devices import Device
+from ..plan.devices import Device, normalize_device
 from ..plan.memory import get_max_memory
+from .parser import UsageError
 
-__all__ = ["parse_dtype", "parse_max_memory", "usage_error"]
+__all__ = ["parse_dtype", "parse_max_memory", "typed_max_memory", "usage_error"]
 
 
-def usage_error(message: str) -> argparse.ArgumentError:
+def usage_error(message: str) -> UsageError:
     """The exception for a command-line mistake; ``main`` prints it as one line and exits with 2."""
-    return argparse.ArgumentError(None, message)
+    return UsageError(message)
 
 
-def parse_max_memory(values: Sequence[str]) -> dict[Device, int] | None:
-    """``["cpu=2GiB", "0=10GiB,1=10GiB"]`` -> ``{0: 10737418240, 1: ..., "cpu": 2147483648}``; ``[]`` -> ``None``.
-
-    Devices are not checked against this machine (planning for a GPU you do not have is allowed;
-    loading checks them). Raises ``argparse.ArgumentError`` for a missing ``=``, a repeated device,
-    an unknown device or an unreadable size.
-
-    >>> parse_max_memory(["cpu=1GiB", "0=2GiB"])
-    {0: 2147483648, 'cpu': 1073741824}
-    """
-    raw: dict[int | str, int | str] = {}
+def _split_max_memory(values: Sequence[str]) -> dict[str, str]:
+    """``["cpu=2GiB", "0=10GiB,1=10GiB"]`` -> ``{"cpu": "2GiB", "0": "10GiB", "1": "10GiB"}`` as typed."""
+    raw: dict[str, str] = {}
     for value in values:
         for item in value.split(","):
             item = item.strip()
@@ -49,12 +41,35 @@ def parse_max_memory(values: Sequence[str]) -> dict[Device, int] | None:
             if key in raw:
                 raise usage_error(f"argument --max-memory: {key!r} is given twice ({raw[key]!r} and {size!r}).")
             raw[key] = size
+    return raw
+
+
+def parse_max_memory(values: Sequence[str]) -> dict[Device, int] | None:
+    """``["cpu=2GiB", "0=10GiB,1=10GiB"]`` -> ``{0: 10737418240, 1: ..., "cpu": 2147483648}``; ``[]`` -> ``None``.
+
+    Devices are not checked against this machine (planning for a GPU you do not have is allowed;
+    loading checks them). Raises :class:`UsageError` for a missing ``=``, a repeated device,
+    an unknown device or an unreadable size.
+
+    >>> parse_max_memory(["cpu=1GiB", "0=2GiB"])
+    {0: 2147483648, 'cpu': 1073741824}
+    """
+    raw: dict[int | str, int | str] = {key: size for key, size in _split_max_memory(values).items()}
     if not raw:
         return None
     try:
         return get_max_memory(raw, check_devices=False)
     except InvalidMaxMemoryError as err:
         raise usage_error(f"argument --max-memory: {err}") from None
+
+
+def typed_max_memory(values: Sequence[str]) -> dict[Device, str]:
+    """The sizes as typed, by device: ``["cuda:0=10gb"]`` -> ``{0: "10gb"}`` (call after :func:`parse_max_memory`).
+
+    >>> typed_max_memory(["cuda:0=10gb,cpu=2GiB"])
+    {0: '10gb', 'cpu': '2GiB'}
+    """
+    return {normalize_device(key): size for key, size in _split_max_memory(values).items()}
 
 
 def parse_dtype(text: str | None) -> torch.dtype | str | None:

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import summarize
-from ..model.sizes import compute_module_sizes, format_size
+from ..model.sizes import compute_module_sizes, format_size, is_bits
 from ..plan.devices import Device, device_rank
 from ..plan.memory import get_max_memory
 from ..plan.placement import Placement
 from ..plan.planner import get_max_layer_size
-from .model import EmptyModel, build_empty_model
-from .options import parse_dtype, parse_max_memory, usage_error
+from .model import EmptyModel, Source, build_empty_model
+from .options import parse_dtype, parse_max_memory, typed_max_memory, usage_error
 
 __all__ = ["PlanReport", "describe_plan", "format_plan", "plan_command"]
 
@@ -52,6 +52,7 @@ class PlanReport:
     execution_device: Device
     no_split_module_classes: list[str] = field(default_factory=list)
     largest_offloaded_layer: tuple[str, int] | None = None
+    typed_budgets: dict[Device, str] = field(default_factory=dict)
 
     @property
     def disk_modules(self) -> list[str]:
@@ -68,6 +69,7 @@ class PlanReport:
             "sizes": dict(self.sizes),
             "totals": {str(d): n for d, n in self.totals.items()},
             "budgets": {str(d): n for d, n in self.budgets.items()},
+            "max_memory": {str(d): text for d, text in self.typed_budgets.items()},
             "total_size": self.total_size,
             "execution_device": self.execution_device,
             "disk": self.disk_modules,
@@ -188,6 +190,7 @@ def format_plan(report: PlanReport) -> str:
             used = f"{100 * total / budget:.0f}%" if budget else ("0%" if not total else "over")
             rows.append([str(device), format_size(total), format_size(budget), used])
     lines += _table(rows, right=[1, 2, 3])
+    lines += _budget_lines(report)
     lines.append("")
     disk = report.disk_modules
     if disk:
@@ -205,6 +208,21 @@ def format_plan(report: PlanReport) -> str:
     else:
         lines.append("Nothing goes to disk.")
     return "\n".join(lines)
+
+
+def _budget_lines(report: PlanReport) -> list[str]:
+    """Each budget in bytes as it was read (``--max-memory`` or measured), flagging sizes read in bits."""
+    if not report.budgets:
+        return []
+    source = "--max-memory" if report.typed_budgets else "free memory measured now"
+    shown = []
+    for device, size in report.budgets.items():
+        typed = report.typed_budgets.get(device)
+        note = f" from {typed!r}" if typed else ""
+        if typed and is_bits(typed):
+            note += " (a lower-case b means bits, as in accelerate; B is bytes)"
+        shown.append(f"{device}={size:,} bytes{note}")
+    return [f"Budgets ({source}): {'; '.join(shown)}."]
 
 
 def _check_no_split(model: nn.Module, requested: Sequence[str]) -> None:
@@ -253,8 +271,9 @@ def plan_command(args: argparse.Namespace) -> int:
     """``hf-bigmodel plan``: print the plan as a table (or JSON with ``--json``)."""
     budgets = parse_max_memory(args.max_memory)
     dtype = parse_dtype(args.dtype)
-    empty = build_empty_model(args.model, dtype=dtype, revision=args.revision, subfolder=args.subfolder)
+    empty = build_empty_model(Source.from_args(args), dtype=dtype)
     report = plan_empty(empty, budgets, no_split=args.no_split, name=args.model)
+    report.typed_budgets = typed_max_memory(args.max_memory)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

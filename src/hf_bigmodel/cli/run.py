@@ -21,7 +21,7 @@ from ..errors import ModelClassNotFoundError, ModelFileNotFoundError
 from ..model.sizes import format_size
 from ..plan.devices import Device
 from ..plan.placement import Placement
-from .model import prepare
+from .model import Source, prepare
 from .options import parse_dtype, parse_max_memory
 
 __all__ = ["execution_device", "run_command"]
@@ -45,16 +45,21 @@ def _placement_summary(device_map: Mapping[str, Device]) -> str:
     return ", ".join(f"{n} on {d}" for d, n in counts.items())
 
 
-def _load_tokenizer(name: str, *, revision: str | None) -> Any:
+def _load_tokenizer(name: str, source: Source, *, own: bool) -> Any:
+    """The tokenizer of ``name``: the model's own (``own``: at its revision) or ``--tokenizer``'s."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, revision=revision)
+        return AutoTokenizer.from_pretrained(
+            name, revision=source.revision if own else None, token=source.token,
+            local_files_only=source.local_files_only, trust_remote_code=source.trust_remote_code,
+        )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileNotFoundError(
             f"No tokenizer could be loaded from {name!r} ({first}). Pass --tokenizer with a folder or repo id "
-            "that has one (tokenizer.json, or the files of a slow tokenizer).", repo_id=name, revision=revision,
+            "that has one (tokenizer.json, or the files of a slow tokenizer).",
+            repo_id=name, revision=source.revision if own else None,
         ) from err
 
 
@@ -75,14 +80,15 @@ def run_command(args: argparse.Namespace) -> int:
 
     budgets = parse_max_memory(args.max_memory)
     dtype = parse_dtype(args.dtype)
-    ctx, _ = prepare(args.model, revision=args.revision, subfolder=args.subfolder)
+    source = Source.from_args(args)
+    ctx, _ = prepare(source)
     _check_can_generate(ctx.model_class, args.model)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, revision=None if args.tokenizer else args.revision)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, source, own=args.tokenizer is None)
 
     start = time.perf_counter()
     model = load_pretrained_dispatched(
         args.model, device_map="auto", torch_dtype=dtype, max_memory=budgets, offload_folder=args.offload_folder,
-        no_split_module_classes=args.no_split or None, revision=args.revision, subfolder=args.subfolder,
+        no_split_module_classes=args.no_split or None, **source.load_kwargs,
     )
     load_seconds = time.perf_counter() - start
     device_map: dict[str, Device] = dict(getattr(model, "hf_device_map", {"": "cpu"}))

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelClassNotFoundError
+from ..errors import Advice, ModelClassNotFoundError
 from .hub import DIFFUSERS_WEIGHT_NAMES
 from .loader import LoadContext, PretrainedLoader
 
@@ -74,7 +74,8 @@ class DiffusersLoader(PretrainedLoader):
         if not issubclass(cls, diffusers.ModelMixin):
             raise ModelClassNotFoundError(
                 f"{cls.__name__} (from {str(ctx.config_file)!r}) is not a diffusers model with weights (not a "
-                "ModelMixin); for a pipeline, pass subfolder= naming one of its model components ('unet', 'vae')."
+                "ModelMixin).", advice=[Advice("For a pipeline, pass {} naming one of its model components "
+                                               "('unet', 'vae').", "subfolder", "'unet'")],
             )
         return _remapped(cls, ctx.raw_config)
 

@@ -20,9 +20,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import (
+    Advice,
     GatedModelError,
     HubError,
     InvalidIndexError,
@@ -62,7 +63,8 @@ DIFFUSERS_WEIGHT_NAMES = (
 DEFAULT_WEIGHT_NAMES = (*TRANSFORMERS_WEIGHT_NAMES[:2], *DIFFUSERS_WEIGHT_NAMES[:2],
                         *TRANSFORMERS_WEIGHT_NAMES[2:], *DIFFUSERS_WEIGHT_NAMES[2:])
 _INDEX = ".index.json"
-_GO_ONLINE = "Load the model once online (unset HF_HUB_OFFLINE, local_files_only=False) or pass a folder"
+_OTHER_NAMES = Advice("If they are named otherwise, pass {}.", "weight_names", "[...]")
+_PIN = Advice("Or pin a revision whose shards are complete: {}.", "revision", "'<commit>'")
 
 
 @dataclass(frozen=True)
@@ -195,17 +197,19 @@ def _collect(
     error: type[HubError],
     ids: dict[str, str | None],
     hint: str,
+    advice: Sequence[Advice] = (),
 ) -> tuple[str, Path, tuple[Path, ...]]:
     """Pick the first of ``names`` that ``has``; return ``(name, checkpoint, weight files)``.
 
     An index is read and every shard it names must be there too; ``get`` returns (downloads) a file.
+    ``hint`` (a sentence) and ``advice`` say what to do when files are missing.
     """
     chosen = next((n for n in names if has(n)), None)
     if chosen is None:
         raise error(
             f"{_cap(where)} holds no PyTorch weights: looked for {summarize(names)}; found "
-            f"{summarize(found()) or 'nothing'}. {hint}pass weight_names=[...] if they are named otherwise.",
-            filename=names[0], **ids,
+            f"{summarize(found()) or 'nothing'}. {hint}",
+            filename=names[0], advice=[*advice, _OTHER_NAMES], **ids,
         )
     checkpoint = get(chosen)
     if not chosen.endswith(_INDEX):
@@ -215,8 +219,8 @@ def _collect(
     if missing:
         raise error(
             f"Index {chosen!r} of {where} names {len(shards)} shard(s) and {len(missing)} are missing: "
-            f"{summarize(missing)}. {hint}pin a revision whose shards are complete.",
-            filename=missing[0], **ids,
+            f"{summarize(missing)}. {hint}",
+            filename=missing[0], advice=[*advice, *([_PIN] if ids.get("revision") else [])], **ids,
         )
     return chosen, checkpoint, tuple(get(s) for s in shards)
 
@@ -274,7 +278,7 @@ def _resolve_local(
     chosen, checkpoint, weights = _collect(
         names, has=lambda n: (folder / n).is_file(), get=lambda n: folder / n,
         where=f"local model folder {str(folder)!r}", found=lambda: sorted(p.name for p in folder.iterdir()),
-        error=ModelFileNotFoundError, ids={"repo_id": asked}, hint="Copy them there, or ",
+        error=ModelFileNotFoundError, ids={"repo_id": asked}, hint="Copy them there.",
     )
     config = folder / config_name
     return ModelFiles(folder, config, checkpoint, weights, _format(chosen), subfolder=subfolder or None)
@@ -302,7 +306,7 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
     chosen, checkpoint, weights = _collect(
         names, has=lambda n: repo.path(n) in listing, get=get, where=str(repo),
         found=lambda: sorted(n[len(prefix) :] for n in listing if n.startswith(prefix)),
-        error=ModelFileNotFoundError, ids=repo.ids, hint="Ask the repo's owner, or ",
+        error=ModelFileNotFoundError, ids=repo.ids, hint="Ask the repo's owner to add them.",
     )
     expected = {str(w): sizes[str(w)] for w in weights if str(w) in sizes}
     logger.info("%s: %s, %d file(s), %s", repo, chosen, len(weights), format_size(sum(expected.values())))
@@ -350,24 +354,25 @@ def _translate(err: Exception, repo: _Repo, filename: str | None) -> HubError | 
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
-    ids = {**repo.ids, "filename": filename}
+    ids: dict[str, Any] = {**repo.ids, "filename": filename}
     hub = constants.ENDPOINT
     if isinstance(err, hf.GatedRepoError):  # before RepositoryNotFoundError, its base class
         told = "the token given has no access" if isinstance(repo.token, str) else "no token was sent"
         return GatedModelError(
-            f"{_cap(repo)} is gated and {told}. Accept its terms at {hub}/{repo.repo_id}, then pass "
-            "token='hf_...' (of the account that accepted) or run `hf auth login`.", **ids,
+            f"{_cap(repo)} is gated and {told}. Accept its terms at {hub}/{repo.repo_id}.", **ids,
+            advice=[Advice("Then pass {} (a token of the account that accepted) or run `hf auth login`.",
+                           "token", "'hf_...'")],
         )
     if isinstance(err, hf.RepositoryNotFoundError):
         return ModelNotFoundError(
             f"Model {repo.repo_id!r} was not found: it is not a local folder and {hub} has no repository of "
-            "that name. Check the spelling; for a private repository pass token= or run `hf auth login`.",
-            **ids,
+            "that name. Check the spelling.", **ids,
+            advice=[Advice("For a private repository pass {} or run `hf auth login`.", "token", "'hf_...'")],
         )
     if isinstance(err, hf.RevisionNotFoundError):
         return RevisionNotFoundError(
-            f"Revision {repo.rev!r} of model {repo.repo_id!r} does not exist on {hub}. "
-            "Pass an existing branch, tag or commit hash (e.g. revision='main').", **ids,
+            f"Revision {repo.rev!r} of model {repo.repo_id!r} does not exist on {hub}.", **ids,
+            advice=[Advice("Pass an existing branch, tag or commit hash, e.g. {}.", "revision", "'main'")],
         )
     if isinstance(err, hf.RemoteEntryNotFoundError):
         found, prefix = "", repo.path("")
@@ -400,14 +405,18 @@ def _is_connection_error(err: Exception) -> bool:
 
 
 # -- the Hub, from the cache only ------------------------------------------------------------------
+_LOCAL_ONLY = "local_files_only=True"
+_OFFLINE_ENV = "offline mode (HF_HUB_OFFLINE=1)"
+
+
 def _offline_reason(local_files_only: bool) -> str:
     """Why the Hub must not be asked ("" if it may). The env var is read now, not at import."""
     from huggingface_hub import constants
 
     if local_files_only:
-        return "local_files_only=True"
+        return _LOCAL_ONLY
     env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return "offline mode (HF_HUB_OFFLINE=1)" if env or constants.is_offline_mode() else ""
+    return _OFFLINE_ENV if env or constants.is_offline_mode() else ""
 
 
 def _cache_dir(repo: _Repo) -> str:
@@ -423,13 +432,23 @@ def _cached(repo: _Repo, name: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _go_online(why: str) -> tuple[str, list[Advice]]:
+    """Why the Hub was not asked and how to let it be: a sentence and the advice naming the argument."""
+    if why == _LOCAL_ONLY:
+        return "", [Advice("{} forbids asking the Hub: load the model once without it, or pass a folder holding "
+                           "the model.", "local_files_only", "True")]
+    if why == _OFFLINE_ENV:
+        return f"{_cap(why)} forbids asking the Hub: unset it to load the model once online, or pass a folder.", []
+    return f"{_cap(why)}: check the network or proxy settings, or pass a folder holding the model.", []
+
+
 def _cached_or_raise(repo: _Repo, name: str, why: str) -> str:
     found = _cached(repo, name)
     if found is None:
+        sentence, advice = _go_online(why)
         raise OfflineCacheMissError(
-            f"{_cap(repo)}: {repo.path(name)!r} is not in the cache {_cache_dir(repo)!r}, and {why} forbids "
-            f"asking the Hub. {_GO_ONLINE}.",
-            filename=repo.path(name), **repo.ids,
+            f"{_cap(repo)}: {repo.path(name)!r} is not in the cache {_cache_dir(repo)!r}. {sentence}".strip(),
+            filename=repo.path(name), advice=advice, **repo.ids,
         )
     return found
 
@@ -438,11 +457,12 @@ def _resolve_cached(repo: _Repo, names: tuple[str, ...], config_name: str, why: 
     config = Path(_cached_or_raise(repo, config_name, why))
     snapshot, commit = _snapshot_of(config, repo.path(config_name))
     folder = snapshot / repo.subfolder if repo.subfolder else snapshot
+    sentence, advice = _go_online(why)
     chosen, checkpoint, weights = _collect(
         names, has=lambda n: _cached(repo, n) is not None, get=lambda n: Path(_cached_or_raise(repo, n, why)),
         where=f"the cached copy of {repo} (in {_cache_dir(repo)!r})",
         found=lambda: sorted(p.name for p in folder.iterdir()), error=OfflineCacheMissError, ids=repo.ids,
-        hint=f"The Hub was not asked ({why}). {_GO_ONLINE}; or ",
+        hint=sentence, advice=advice,
     )
     return ModelFiles(
         folder, config, checkpoint, weights, _format(chosen),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import (
+    Advice,
     CheckpointError,
     ModelClassNotFoundError,
     ModelFileNotFoundError,
@@ -39,6 +40,8 @@ from .loader import DtypeArg, LoadContext, PretrainedLoader
 __all__ = ["TransformersLoader", "hook_encoder_outputs", "no_init_of_meta_modules"]
 
 logger = logging.getLogger(__name__)
+
+_TRUST = Advice("Pass {} if you trust the code the repo ships (its config's auto_map).", "trust_remote_code", "True")
 
 
 def _transformers_version() -> str:
@@ -109,14 +112,13 @@ class TransformersLoader(PretrainedLoader):
         except (ValueError, KeyError) as err:
             model_type = ctx.raw_config.get("model_type")
             if "auto_map" in ctx.raw_config and not ctx.trust_remote_code:
-                hint = "pass trust_remote_code=True if you trust the code the repo ships (its config has an auto_map)"
+                advice = [_TRUST]
             else:
-                hint = "upgrade transformers, or pass loader= with a PretrainedLoader for this model family"
+                advice = [Advice("Upgrade transformers, or pass {} for this model family.", "loader", "MyLoader")]
             raise ModelClassNotFoundError(
                 f"transformers {_transformers_version()} cannot read config {str(ctx.config_file)!r}: "
                 f"model_type {model_type!r} (architectures {ctx.raw_config.get('architectures')}) is unknown "
-                f"to it; {hint}. "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                f"to it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).", advice=advice,
             ) from err
 
     def model_class(self, ctx: LoadContext, requested: Any) -> type[nn.Module]:
@@ -149,8 +151,9 @@ class TransformersLoader(PretrainedLoader):
         raise ModelClassNotFoundError(
             f"{origin} of {ctx.name_or_path!r} names model class {name!r}, which transformers "
             f"{_transformers_version()} does not provide (looked in {where}; config "
-            f"{str(ctx.config_file)!r}). "
-            "Upgrade transformers, pass model_class= with the class to build, or loader= for a custom family."
+            f"{str(ctx.config_file)!r}). Upgrade transformers.",
+            advice=[Advice("Or pass {} with the class to build.", "model_class", "MyModel"),
+                    Advice("For a custom model family, pass {}.", "loader", "MyLoader")],
         )
 
     def _from_auto(self, ctx: LoadContext, auto_cls: Any) -> type[nn.Module]:
@@ -172,7 +175,7 @@ class TransformersLoader(PretrainedLoader):
         if not ctx.trust_remote_code:
             raise ModelClassNotFoundError(
                 f"Model class {name!r} of {ctx.name_or_path!r} is code shipped in the repo ({reference!r} in "
-                "its auto_map), not part of transformers. Pass trust_remote_code=True if you trust that code."
+                "its auto_map), not part of transformers.", advice=[_TRUST],
             )
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
+from ..errors import Advice, CheckpointMismatchError, DeviceMapError, OffloadError, summarize
 from ..model.dtypes import resolve_dtype, target_dtype
 from ..model.naming import lookup
 from ..model.sizes import find_tied_parameters
@@ -202,9 +202,9 @@ def load_checkpoint(
     if copies and offload_folder is None:
         raise OffloadError(
             f"The device map puts {len(copies)} tensor(s) on 'disk' ({summarize(copies, 3)}) but {ckpt.path!r} "
-            "is a torch checkpoint that cannot be read in place; pass offload_folder= so they can be "
-            "converted to safetensors there once.",
-            path=ckpt.path,
+            "is a torch checkpoint that cannot be read in place.", path=ckpt.path,
+            advice=[Advice("Pass {} so they can be converted to safetensors there once.", "offload_folder",
+                           "'path/to/folder'")],
         )
     if offload_folder is not None and (to_disk or ckpt.format != "safetensors"):
         folder = OffloadFolder(offload_folder)

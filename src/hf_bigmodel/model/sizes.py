@@ -18,6 +18,7 @@ from .tensors import distinct_tensors, model_tensors, tie_groups
 
 __all__ = [
     "parse_size",
+    "is_bits",
     "format_size",
     "dtype_byte_size",
     "compute_module_sizes",
@@ -61,7 +62,7 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
             "B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2)."
         )
     number, unit = float(match.group(1)), match.group(2)
-    bits = len(unit) == 2 and unit[1] == "b" and unit[0].upper() in "KMGT"
+    bits = _is_bit_unit(unit)
     key = unit.upper()
     if key.endswith("B"):
         key = key[:-1]
@@ -76,6 +77,20 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
         )
     size = number * factor / (8 if bits else 1)
     return int(size)
+
+
+def _is_bit_unit(unit: str) -> bool:
+    return len(unit) == 2 and unit[1] == "b" and unit[0].upper() in "KMGT"
+
+
+def is_bits(value: int | float | str) -> bool:
+    """Whether :func:`parse_size` reads ``value`` in bits (``"10Gb"``, ``"10gb"``), accelerate's convention.
+
+    >>> is_bits("10gb"), is_bits("10GB"), is_bits(1024)
+    (True, False, False)
+    """
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    return match is not None and _is_bit_unit(match.group(2))
 
 
 def format_size(num_bytes: int | float) -> str:

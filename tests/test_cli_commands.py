@@ -1,0 +1,115 @@
+"""``hf-bigmodel`` as a user types it: the installed command in a subprocess, with its output, exit status
+and timing checked. (``test_cli.py`` covers the commands' results in depth, in-process.)
+
+Every subprocess imports torch, which costs seconds on a loaded 2-core machine, so each test runs the
+few commands that its behaviour needs and the models are built once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from conftest import _closed_port_url
+from tiny_models import save_tiny_gpt2, save_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+ERROR_LINE = re.compile(r"^hf-bigmodel: error: \S.*$")
+
+
+def command() -> list[str]:
+    """The installed ``hf-bigmodel`` next to this Python (``python -m hf_bigmodel`` where it is not installed)."""
+    script = Path(sys.executable).parent / ("hf-bigmodel.exe" if os.name == "nt" else "hf-bigmodel")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hf_bigmodel"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A hermetic environment: fresh HF_HOME, no token, the Hub at a closed local port, progress bars off."""
+    home = tmp_path_factory.mktemp("cli_home")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
+    return {**keep, "HF_HOME": str(home), "HF_ENDPOINT": _closed_port_url(), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_models")
+    llama = save_tiny_llama(root / "llama", sharded=True).path
+    config_only = root / "config_only"
+    config_only.mkdir()
+    config = json.loads((llama / "config.json").read_text())
+    (config_only / "config.json").write_text(json.dumps(config))
+    torch_gpt2 = save_tiny_gpt2(root / "gpt2_bin", safe_serialization=False).path
+    return {"llama": llama, "config_only": config_only, "gpt2_bin": torch_gpt2}
+
+
+def hf_bigmodel(env: dict[str, str], *argv: object, extra_env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*command(), *map(str, argv)], capture_output=True, text=True, check=False,
+                          env={**env, **(extra_env or {})}, timeout=timeout)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], status: int, *needles: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status, result.stderr
+    assert len(lines) == 1 and ERROR_LINE.match(lines[0]), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+# -- help -------------------------------------------------------------------------------------------
+def test_help_imports_neither_torch_nor_transformers(env: dict[str, str]) -> None:
+    """``--help`` answers without the heavy imports (what made it take seconds) and documents the units,
+    the exit statuses and examples."""
+    for argv in (["--help"], ["plan", "--help"], ["run", "--help"]):
+        result = hf_bigmodel(env, *argv, extra_env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 0, result.stderr
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "hf_bigmodel" in imported and "argparse" in imported  # the profile is really there
+        assert not imported & {"torch", "transformers", "huggingface_hub", "safetensors", "numpy"}, argv
+        assert "examples:" in result.stdout and "hf-bigmodel " + (argv[0] if argv[0] != "--help" else "plan") \
+            in result.stdout
+        assert "lower-case b means bits" in result.stdout
+    assert "exit status:" in hf_bigmodel(env, "--help").stdout
+
+
+# -- errors speak the command line -------------------------------------------------------------------
+def test_usage_errors_name_the_help_once(env: dict[str, str], models: dict[str, Path]) -> None:
+    result = hf_bigmodel(env, "run", models["llama"], "--max-new-tokens", "0", "--prompt", "hi")
+    line = assert_one_error_line(result, 2, "must be at least 1")
+    assert line.count("--help") == 1 and line.endswith("(see 'hf-bigmodel run --help')")
+    result = hf_bigmodel(env, "plan")
+    line = assert_one_error_line(result, 2, "MODEL")
+    assert line.count("--help") == 1
+
+
+def test_library_advice_is_spelled_as_options(env: dict[str, str], models: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    """A torch checkpoint that must go partly to disk asks for --offload-folder, not offload_folder=; a
+    folder without weights names the files looked for, not weight_names=[...]."""
+    result = hf_bigmodel(env, "run", models["gpt2_bin"], "--prompt", "hello", "--max-new-tokens", "2",
+                         "--max-memory", "cpu=15KB")
+    line = assert_one_error_line(result, 2, "torch checkpoint", "Pass --offload-folder ")
+    assert "offload_folder" not in line
+    result = hf_bigmodel(env, "run", models["config_only"], "--prompt", "hi", "--tokenizer", models["llama"])
+    line = assert_one_error_line(result, 2, "holds no PyTorch weights", "model.safetensors")
+    assert "weight_names" not in line and "=[" not in line
+
+
+def test_plan_prints_budgets_in_bytes_and_flags_bits(env: dict[str, str], models: dict[str, Path]) -> None:
+    result = hf_bigmodel(env, "plan", models["llama"], "--max-memory", "cpu=200kb")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Budgets"))
+    assert "cpu=25,000 bytes from '200kb'" in line and "bits" in line
