@@ -18,6 +18,8 @@ from .errors import (
     ModelNotFoundError,
     OfflineCacheMissError,
     OffloadError,
+    PipelineError,
+    RankFailedError,
     RevisionNotFoundError,
     UnsafeCheckpointError,
 )
@@ -95,6 +97,8 @@ __all__ = [
     "ModelNotFoundError",
     "OfflineCacheMissError",
     "OffloadError",
+    "PipelineError",
+    "RankFailedError",
     "RevisionNotFoundError",
     "UnsafeCheckpointError",
 ]

@@ -28,6 +28,8 @@ __all__ = [
     "ModelNotFoundError",
     "OfflineCacheMissError",
     "OffloadError",
+    "PipelineError",
+    "RankFailedError",
     "RevisionNotFoundError",
     "UnsafeCheckpointError",
     "summarize",
@@ -233,3 +235,28 @@ class OfflineCacheMissError(HubError, FileNotFoundError):
 
     (Offline by choice, or because the network failed: the message says which.)
     """
+
+
+class PipelineError(BigModelError, RuntimeError):
+    """A pipeline across processes cannot run: a model or an argument it does not support, or a broken protocol.
+
+    ``rank`` is the process that raised it (``None`` before the processes know their ranks).
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class RankFailedError(PipelineError):
+    """Another process of the pipeline failed or vanished, so this one stops too.
+
+    ``failed_rank`` names it, ``reason`` says why (its own error, or how it was lost), ``host`` where it ran.
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None, failed_rank: int, reason: str,
+                 host: str | None = None) -> None:
+        super().__init__(message, rank=rank)
+        self.failed_rank = failed_rank
+        self.reason = reason
+        self.host = host
