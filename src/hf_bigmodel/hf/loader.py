@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointMismatchError
+from ..load.conversions import Conversion
 from ..model.dtypes import resolve_dtype
 from ..model.naming import parent
 from ..model.tensors import model_tensors, put_tensor, set_tensor
@@ -72,7 +73,7 @@ class PretrainedLoader:
     :meth:`resolve_dtype`, :meth:`build_model` (inside ``init_empty_weights()``, torch's default dtype
     set to the load dtype), :meth:`no_split_modules`, :meth:`keep_in_fp32_modules`, :meth:`rename_key`
     per checkpoint key (then :meth:`base_model_prefix` is added or stripped where that makes a key
-    match), :meth:`init_missing`, planning and loading, :meth:`after_load`, dispatch.
+    match), :meth:`conversions`, :meth:`init_missing`, planning and loading, :meth:`after_load`, dispatch.
     ``examples/custom_family.py`` is a complete family. In short::
 
         class MyLoader(PretrainedLoader):
@@ -196,6 +197,13 @@ class PretrainedLoader:
     def ignore_unexpected_key(self, key: str, ctx: LoadContext) -> bool:
         """True to drop, silently, a checkpoint key that matches nothing in the model."""
         return False
+
+    def conversions(self, ctx: LoadContext) -> list[Conversion]:
+        """Model tensors built from several checkpoint tensors, or computed from them (default: none).
+
+        Their source keys bypass :meth:`rename_key`; see :mod:`hf_bigmodel.load.conversions`.
+        """
+        return []
 
     def init_missing(self, ctx: LoadContext, names: Sequence[str]) -> None:
         """Give a value to model tensors the checkpoint lacks (``names``), still on the meta device.

@@ -128,7 +128,8 @@ def load_pretrained_dispatched(
     keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
     checkpoint = chosen.checkpoint(ctx)
     table = _key_table(chosen, ctx, checkpoint.scan())
-    missing = _missing_names(model, table)
+    conversions = chosen.conversions(ctx)
+    missing = _missing_names(model, table, {t for conv in conversions for t in conv.targets})
     if missing:
         chosen.init_missing(ctx, missing)
         still = [n for n in missing if model_tensors(model)[n].tensor.device.type == "meta"]
@@ -151,7 +152,7 @@ def load_pretrained_dispatched(
     report = load_checkpoint(
         model, checkpoint, device_map=plan, offload_folder=offload_folder, dtype=ctx.dtype,
         offload_buffers=offload_buffers, keep_in_fp32_modules=keep,
-        key_mapping=lambda key: table.get(key, key),
+        key_mapping=lambda key: table.get(key, key), conversions=conversions,
     )
     if report.weights:
         setattr(model, OFFLOAD_ATTR, report.weights)
@@ -244,10 +245,10 @@ def _key_table(
     return table
 
 
-def _missing_names(model: nn.Module, table: Mapping[str, str | None]) -> list[str]:
+def _missing_names(model: nn.Module, table: Mapping[str, str | None], made: set[str]) -> list[str]:
     """Model tensors no checkpoint key fills (a tied tensor is filled by any name of its group)."""
 
-    provided = {v for v in table.values() if v is not None}
+    provided = {v for v in table.values() if v is not None} | made
     partners = {n: set(g) for g in find_tied_parameters(model) for n in g}
     return [
         name for name, slot in model_tensors(model).items()

@@ -4,7 +4,8 @@ What is reproduced: the class from ``config.architectures[0]`` or an Auto class'
 built under the load dtype as torch's default; ``dtype=None`` meaning the checkpoint's dtype (the
 transformers 5 default); ``_keep_in_fp32_modules`` (float16 only) and ``_keep_in_fp32_modules_strict``
 (float16 and bfloat16); ``_no_split_modules`` of every sub-model; transformers' own checkpoint key
-renames (``LayerNorm.gamma`` -> ``LayerNorm.weight``...) plus the ``base_model_prefix`` both ways;
+renames (``LayerNorm.gamma`` -> ``LayerNorm.weight``...) and weight conversions (per-expert MoE tensors
+fused: :mod:`hf_bigmodel.hf.conversions`) plus the ``base_model_prefix`` both ways;
 ``_keys_to_ignore_on_load_unexpected``; tied weights; missing weights initialised by the owning
 model's ``_init_weights``; ``generation_config.json``; ``config.dtype`` and ``name_or_path``.
 
@@ -25,15 +26,16 @@ from torch import nn
 
 from ..errors import (
     Advice,
-    CheckpointError,
     ModelClassNotFoundError,
     ModelFileNotFoundError,
     OfflineCacheMissError,
-    summarize,
 )
+from ..load.conversions import Conversion
+from ..model.dtypes import target_dtype
 from ..model.naming import owner
 from ..model.tensors import ModelTensor, put_tensor
 from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
+from .conversions import TransformersKeys, plan_conversions
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
 
@@ -211,41 +213,40 @@ class TransformersLoader(PretrainedLoader):
                 keep.update(dict.fromkeys(getattr(module, "_keep_in_fp32_modules_strict", None) or ()))
         return list(keep)
 
-    # -- keys --------------------------------------------------------------------------------------
+    # -- keys ----------------------------------------------------------------------------------------
     def rename_key(self, key: str, ctx: LoadContext) -> str | None:
-        renames = ctx.cache.get("transformers_renames")
-        if renames is None:
-            renames = ctx.cache["transformers_renames"] = self._renames(ctx)
-        return renames.get(key, key)
+        keys = self._keys(ctx)
+        if keys is None:
+            return key
+        return None if key in ctx.cache["transformers_converted"] else keys.renames.get(key, key)
 
-    def _renames(self, ctx: LoadContext) -> dict[str, str]:
-        """transformers' registered renames for this model, applied to every checkpoint key at once."""
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        except ImportError:  # transformers 4: no conversion registry; prefix handling still applies
-            return {}
+    def conversions(self, ctx: LoadContext) -> list[Conversion]:
+        keys = self._keys(ctx)
+        return [] if keys is None else keys.conversions
+
+    def _keys(self, ctx: LoadContext) -> TransformersKeys | None:
+        """transformers' registered renames and conversions for this model and checkpoint (once per load)."""
+        if "transformers_keys" not in ctx.cache:
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
+            except ImportError:  # transformers 4: no conversion registry; prefix handling still applies
+                ctx.cache["transformers_keys"] = None
+                return None
+            assert ctx.model is not None
+            keys = plan_conversions(ctx.model, self.checkpoint(ctx).scan(),
+                                    source_dtype=lambda key, target: self._source_dtype(ctx, key, target))
+            ctx.cache["transformers_keys"] = keys
+            ctx.cache["transformers_converted"] = keys.converted
+        return ctx.cache["transformers_keys"]  # type: ignore[no-any-return]
+
+    def _source_dtype(self, ctx: LoadContext, key: str, target: str) -> torch.dtype | None:
+        """What ``from_pretrained`` casts a converted source to: the target's load dtype (floats only)."""
         assert ctx.model is not None
-        transforms = get_model_conversion_mapping(ctx.model, None, None)  # type: ignore[arg-type]
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        renames: dict[str, str] = {}
-        converted: list[str] = []
-        for key in self.checkpoint(ctx).scan():
-            new, pattern = rename_source_key(key, renamings, converters)
-            if pattern is not None:
-                converted.append(f"{key} ({pattern})")
-            elif new != key:
-                renames[key] = new
-        if converted:
-            raise CheckpointError(
-                f"{len(converted)} tensor(s) of {ctx.name_or_path!r} must be merged or split by transformers' "
-                f"weight conversions before they fit {type(ctx.model).__name__}: {summarize(converted)}. "
-                "hf_bigmodel only renames keys; load the model once with transformers and save_pretrained() "
-                "it in the current layout.",
-                path=str(ctx.files.checkpoint) if ctx.files else None,
-            )
-        return renames
+        info = self.checkpoint(ctx).scan()[key]
+        current = ctx.model.get_parameter(target).dtype if _has_parameter(ctx.model, target) else None
+        if ctx.dtype is None or current is None or not current.is_floating_point:
+            return current
+        return target_dtype(target, info.dtype, ctx.dtype, self.keep_in_fp32_modules(ctx))
 
     def ignore_unexpected_key(self, key: str, ctx: LoadContext) -> bool:
         pattern = ctx.cache.get("transformers_ignore")
@@ -292,6 +293,14 @@ class TransformersLoader(PretrainedLoader):
                 str(ctx.config_file.parent), config_file_name="config.json", _from_model_config=True
             )
         return GenerationConfig.from_pretrained(str(path.parent))
+
+
+def _has_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _retie_equal(model: nn.Module) -> None:

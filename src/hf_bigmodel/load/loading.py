@@ -28,8 +28,10 @@ from ..plan.devices import Device, is_present, normalize_device, torch_device
 from ..progress import progress
 from ..storage.checkpoint import Checkpoint, TensorInfo, find_checkpoint
 from ..storage.direct_io import read_shard
+from ..storage.fused import FusedDiskTensor
 from ..storage.offload_folder import OffloadFolder
 from ..storage.weights_map import DiskTensor, WeightsMap
+from .conversions import Assembler, Conversion, check_conversions, fused_disk_refs
 
 __all__ = ["OFFLOAD_ATTR", "LoadReport", "load_checkpoint", "load_checkpoint_in_model"]
 
@@ -124,11 +126,14 @@ def load_checkpoint(
     keep_in_fp32_modules: Sequence[str] | None = None,
     strict: bool = False,
     key_mapping: Callable[[str], str | None] | None = None,
+    conversions: Sequence[Conversion] = (),
 ) -> LoadReport:
     """The engine behind :func:`load_checkpoint_in_model`, returning a :class:`LoadReport`.
 
     ``key_mapping`` renames checkpoint keys to model names (``None`` drops a key); model-family loaders use
-    it for prefixes and renamed layers.
+    it for prefixes and renamed layers. ``conversions`` build model tensors from several checkpoint keys
+    (merged experts, split projections, dequantized weights: :mod:`hf_bigmodel.load.conversions`); their
+    keys bypass ``key_mapping``.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
     cast = resolve_dtype(dtype) if dtype is not None else None
@@ -142,7 +147,11 @@ def load_checkpoint(
     # 1. Match checkpoint keys to model tensors, and check everything before touching the model.
     by_model_name: dict[str, TensorInfo] = {}
     unexpected: list[str] = []
+    converted = {key for conv in conversions for key in conv.sources}
+    made = {name: conv for conv in conversions for name in conv.targets}
     for key, info in infos.items():
+        if key in converted:
+            continue
         name = key_mapping(key) if key_mapping is not None else key
         if name is None:
             continue
@@ -159,18 +168,20 @@ def load_checkpoint(
             mismatched.append((name, info.shape, tuple(current.shape)))
         elif not _castable(info.dtype, current.dtype):
             uncastable.append(f"{name}: checkpoint {info.dtype} cannot become model {current.dtype}")
+    uncastable += check_conversions(conversions, infos, {n: tuple(s.tensor.shape) for n, s in slots.items()})
     missing_unloadable: list[str] = []
     missing_kept: list[str] = []
     for name, slot in slots.items():
-        if name in by_model_name or any(p in by_model_name for p in groups.get(name, ())):
+        if name in by_model_name or name in made or any(p in by_model_name or p in made for p in groups.get(name, ())):
             continue
         (missing_unloadable if slot.tensor.device.type == "meta" else missing_kept).append(name)
     if mismatched or uncastable or missing_unloadable or (strict and (unexpected or missing_kept)):
         hint = ""
         if uncastable:
-            hint += (f"  Dtype(s) that cannot be cast ({len(uncastable)}): {summarize(uncastable)}. Integer, bool and "
-                     "floating-point tensors only convert within their kind; the checkpoint was saved from a "
-                     "different model or is damaged: load the checkpoint made for this model.\n")
+            hint += (f"  Tensors that cannot be loaded as they are ({len(uncastable)}): {summarize(uncastable)}. "
+                     "Integer, bool and floating-point tensors only convert within their kind, and converted "
+                     "tensors must fill the model's shapes; the checkpoint was saved from a different model or "
+                     "is damaged: load the checkpoint made for this model.\n")
         if missing_unloadable:
             hint += ("  The missing tensors have no value in the model (it was built empty); load a checkpoint "
                      "that holds them, or build the model normally so they keep their initial values.")
@@ -195,27 +206,41 @@ def load_checkpoint(
         if device == "disk" and slots[name].is_buffer and not offload_buffers:
             device = "cpu"  # buffers of disk modules live in RAM and travel with their module
         dest[name] = device
+    for name in made:
+        device = _device_of(name, dm, slots[name])
+        dest[name] = "cpu" if device == "disk" and slots[name].is_buffer and not offload_buffers else device
     _check_devices_present({name: _device_of(name, dm, slot) for name, slot in slots.items()})  # tied aliases too
     to_disk = [n for n, d in dest.items() if d == "disk"]
     folder: OffloadFolder | None = None
-    copies = [n for n in to_disk if by_model_name[n].entry is None]  # not readable in place: converted once
+    in_place = _fused_on_disk(conversions, dest, infos, slots, cast, keep)
+    copies = [n for n in to_disk if (n in made and n not in in_place) or (n in by_model_name and
+                                                                        by_model_name[n].entry is None)]
     if copies and offload_folder is None:
         raise OffloadError(
-            f"The device map puts {len(copies)} tensor(s) on 'disk' ({summarize(copies, 3)}) but {ckpt.path!r} "
-            "is a torch checkpoint that cannot be read in place.", path=ckpt.path,
-            advice=[Advice("Pass {} so they can be converted to safetensors there once.", "offload_folder",
+            f"The device map puts {len(copies)} tensor(s) on 'disk' ({summarize(copies, 3)}) that cannot be read "
+            f"in place from {ckpt.path!r}: a torch checkpoint, or tensors a conversion computes.", path=ckpt.path,
+            advice=[Advice("Pass {} so they can be written there once, as safetensors.", "offload_folder",
                            "'path/to/folder'")],
         )
     if offload_folder is not None and (to_disk or ckpt.format != "safetensors"):
         folder = OffloadFolder(offload_folder)
         folder.prepare()
-        if copies:
-            folder.check_space(_bytes_to_convert(folder, ckpt, copies, by_model_name, slots, cast, keep))
+        plain = [n for n in copies if n in by_model_name]
+        if plain:
+            folder.check_space(_bytes_to_convert(folder, ckpt, plain, by_model_name, slots, cast, keep))
 
     # 3. Stream the shards.
-    weights = WeightsMap()
+    weights = WeightsMap(disk=in_place)
     loaded: dict[str, torch.Tensor] = {}
     before = {name: slot.tensor for name, slot in slots.items()}
+
+    def allocate(name: str) -> torch.Tensor:  # a layout target, built where it goes (disk: in RAM, then written)
+        part = next(p for p in made[name].parts if p.target == name)
+        dtype = _final_dtype(name, infos[part.key].dtype, slots[name], cast, keep)
+        device = "cpu" if dest[name] == "disk" else torch_device(dest[name])
+        return torch.empty(slots[name].tensor.shape, dtype=dtype, device=device)
+
+    assembler = Assembler([c for c in conversions if not set(c.targets) <= set(in_place)], allocate)
     try:
         names_by_file: dict[str, dict[str, str]] = {}
         for name, info in by_model_name.items():
@@ -223,7 +248,7 @@ def load_checkpoint(
         for file in progress(ckpt.files, desc="Loading checkpoint shards", unit="shard"):
             wanted = names_by_file.get(file, {})
             pending_disk: dict[str, torch.Tensor] = {}
-            to_read: set[str] = set()
+            to_read = {key for key in assembler.keys if infos[key].file == file}
             for key, name in wanted.items():
                 info = infos[key]
                 final_dtype = _final_dtype(name, info.dtype, slots[name], cast, keep)
@@ -233,6 +258,13 @@ def load_checkpoint(
                     to_read.add(key)
             # An offloading plan means RAM is short: read around the page cache (diskio.read_shard).
             for key, value in read_shard(ckpt, file, to_read, uncached=bool(to_disk)):
+                if key not in wanted:
+                    for name, made_value in assembler.feed(key, value).items():
+                        if dest.get(name) == "disk":
+                            pending_disk[name] = made_value
+                        else:
+                            loaded[name] = set_tensor(slots[name], made_value.to(torch_device(dest[name])))
+                    continue
                 name = wanted[key]
                 final_dtype = _final_dtype(name, value.dtype, slots[name], cast, keep)
                 if dest[name] == "disk":
@@ -241,8 +273,10 @@ def load_checkpoint(
                 value = value.to(device=torch_device(dest[name]), dtype=final_dtype)
                 loaded[name] = set_tensor(slots[name], value)
             if pending_disk:
-                weights.disk.update(folder.write(pending_disk, source_id=_source_id(file)))  # type: ignore[union-attr]
+                weights.disk.update(_write(folder, pending_disk, file, made, infos))
                 del pending_disk
+        if assembler.pending():
+            raise RuntimeError(f"Conversions never finished (a source never arrived): {summarize(assembler.pending())}")
 
         # 4. Tied tensors share one storage again (a checkpoint usually stores only one name of a group).
         for name, partners in groups.items():
@@ -305,6 +339,41 @@ def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) 
             new = made[id(old)] = set_tensor(slot, torch.empty(old.shape, dtype=ref.dtype, device="meta"))
         else:
             put_tensor(slot, new)
+
+
+def _fused_on_disk(
+    conversions: Sequence[Conversion], dest: Mapping[str, Device], infos: Mapping[str, TensorInfo],
+    slots: Mapping[str, ModelTensor], cast: torch.dtype | None, keep: list[str],
+) -> dict[str, DiskTensor | FusedDiskTensor]:
+    """Layout targets all planned on disk, as byte ranges of the checkpoint's own files (nothing copied)."""
+    refs: dict[str, DiskTensor | FusedDiskTensor] = {}
+    for conv in conversions:
+        if not conv.is_layout or any(dest[t] != "disk" for t in conv.targets):
+            continue
+        first = {p.target: infos[p.key].dtype for p in reversed(conv.parts)}
+        dtypes = {t: _final_dtype(t, first[t], slots[t], cast, keep) for t in conv.targets}
+        shapes = {t: tuple(slots[t].tensor.shape) for t in conv.targets}
+        refs.update(fused_disk_refs(conv, infos, shapes, dtypes) or {})
+    return refs
+
+
+def _write(folder: OffloadFolder | None, tensors: dict[str, torch.Tensor], file: str,
+           made: Mapping[str, Conversion], infos: Mapping[str, TensorInfo]) -> dict[str, DiskTensor]:
+    """Write one shard's disk tensors. A conversion's results are named by the identity of every shard its
+    sources come from and by what it does, so a later run re-uses them only when all of those are unchanged."""
+    assert folder is not None  # checked before loading: tensors that need a copy need a folder
+    plain = {n: t for n, t in tensors.items() if n not in made}
+    written = folder.write(plain, source_id=_source_id(file)) if plain else {}
+    by_conv: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name in made:
+            by_conv.setdefault(id(made[name]), {})[name] = tensor
+    for group in by_conv.values():
+        conv = made[next(iter(group))]
+        shards = sorted({infos[key].file for key in conv.sources})
+        identity = "|".join([conv.label, *conv.sources, *map(_source_id, shards)])
+        written.update(folder.write(group, source_id=identity))
+    return written
 
 
 def _source_id(file: str) -> str:

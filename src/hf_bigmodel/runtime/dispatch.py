@@ -26,7 +26,7 @@ from ..plan.device_map import check_device_map, resolve_device_map
 from ..plan.devices import Device, device_rank, is_present, torch_device
 from ..plan.placement import Placement
 from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_index
-from ..storage.weights_map import DiskTensor, WeightsMap
+from ..storage.weights_map import DiskRef, WeightsMap
 from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from .prefetch import Prefetcher, prefetch_depth
 
@@ -100,7 +100,7 @@ def dispatch_model(
     main_device: int | str | torch.device | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     offload_dir: str | os.PathLike[str] | None = None,
-    offload_index: Mapping[str, DiskTensor] | None = None,
+    offload_index: Mapping[str, DiskRef] | None = None,
     offload_buffers: bool = False,
     skip_keys: str | Sequence[str] | None = None,
     preload_module_classes: Sequence[str] | None = None,
@@ -136,7 +136,7 @@ def _dispatch(
     main_device: int | str | torch.device | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     offload_dir: str | os.PathLike[str] | None = None,
-    offload_index: Mapping[str, DiskTensor] | None = None,
+    offload_index: Mapping[str, DiskRef] | None = None,
     offload_buffers: bool = False,
     skip_keys: str | Sequence[str] | None = None,
     preload_module_classes: Sequence[str] | None = None,

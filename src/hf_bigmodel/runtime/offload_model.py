@@ -18,7 +18,7 @@ from ..load.loading import OFFLOAD_ATTR
 from ..model.naming import parent
 from ..model.tensors import model_tensors, set_tensor
 from ..storage.offload_folder import OffloadFolder, load_offload_index
-from ..storage.weights_map import DiskTensor, WeightsMap
+from ..storage.weights_map import DiskRef, DiskTensor, WeightsMap
 from .dispatch import _dispatch
 from .hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 
@@ -91,7 +91,7 @@ def disk_offload(
     slots = model_tensors(model)
     weights: WeightsMap = getattr(model, OFFLOAD_ATTR, None) or WeightsMap()
     to_store = [n for n, s in slots.items() if s.tensor.device.type != "meta" and n not in weights]
-    index: dict[str, DiskTensor] | None = None
+    index: dict[str, DiskRef] | None = None
     if not any(not slots[n].is_buffer for n in to_store):
         # An empty model: the folder is where its weights are (a previous disk_offload wrote them).
         shapes = {n: tuple(s.tensor.shape) for n, s in slots.items()}

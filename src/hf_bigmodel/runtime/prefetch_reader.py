@@ -19,7 +19,9 @@ import torch
 
 from ..errors import summarize
 from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_span
-from ..storage.weights_map import DiskTensor, WeightsMap
+from ..storage.fused import FusedDiskTensor, box_shape, contiguous_span, read_fused_into, scratch_bytes
+from ..storage.safetensors_io import TensorEntry
+from ..storage.weights_map import DiskRef, DiskTensor, WeightsMap
 
 __all__ = ["Buffer", "Group", "Item", "Job", "Staging", "fetch", "plan_group", "reader_loop", "stop_reader",
            "use_count"]
@@ -42,8 +44,8 @@ class Item:
     """One distinct tensor of a group: from RAM (``memory``) or a byte range of a file (``ref``)."""
 
     memory: torch.Tensor | None = None
-    ref: DiskTensor | None = None
-    offset: int = 0  # of the padded span in the host buffer
+    ref: DiskRef | None = None
+    offset: int = 0  # of the padded span (a fused tensor: of the assembled tensor) in the host buffer
     cast_offset: int = -1  # CPU execution with a dtype change: where the cast copy goes
 
 
@@ -56,6 +58,7 @@ class Group:
     items: list[Item]
     slots: dict[int, list[int]]  # id(hook) -> item index per slot
     host_bytes: int
+    scratch: tuple[int, int] = (0, 0)  # CPU runs: (offset, bytes) where fused tensors' pieces are read first
 
     @property
     def names(self) -> str:
@@ -82,7 +85,8 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
                 item = Item(memory=tensor)
             else:
                 ref = weights.disk[slot.name]
-                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype)
+                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype) \
+                    if isinstance(ref, DiskTensor) else ("f", ref)
                 item = Item(ref=ref)
             if key not in seen:
                 seen[key] = len(items)
@@ -90,16 +94,34 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
             picks.append(seen[key])
         slots[id(hook)] = picks
     size = 0
+    scratch = (0, 0)
     if on_cpu:
         for item in items:
             if item.ref is not None:
                 item.offset = size
-                size += padded_span(item.ref.entry)[1]
+                size += _host_span(item.ref)
         for item in items:
-            if item.ref is not None and item.ref.dtype != item.ref.entry.dtype:
+            if item.ref is not None and item.ref.dtype != _stored_dtype(item.ref):
                 item.cast_offset = size
-                size += -(-item.ref.nbytes // ALIGNMENT) * ALIGNMENT
-    return Group(index, [h.prefix for h in hooks], items, slots, size)
+                size += _aligned(item.ref.nbytes)
+        fused = [i.ref for i in items if isinstance(i.ref, FusedDiskTensor)]
+        if fused:
+            scratch = (size, max(scratch_bytes(r, lambda e: padded_span(e)[1]) for r in fused))
+            size += scratch[1]
+    return Group(index, [h.prefix for h in hooks], items, slots, size, scratch)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def _stored_dtype(ref: DiskRef) -> torch.dtype:
+    return ref.entry.dtype if isinstance(ref, DiskTensor) else ref.stored_dtype
+
+
+def _host_span(ref: DiskRef) -> int:
+    """Host-buffer bytes a disk tensor's read needs: its padded span, or a fused tensor's aligned size."""
+    return padded_span(ref.entry)[1] if isinstance(ref, DiskTensor) else _aligned(ref.stored_nbytes)
 
 
 @dataclass(eq=False)
@@ -169,11 +191,8 @@ def _typed(raw: torch.Tensor, ref: DiskTensor) -> torch.Tensor:
         return raw.clone().view(entry.dtype).view(entry.shape)
 
 
-def _to_device(ref: DiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
-               stream: Any) -> torch.Tensor:
-    """Stream one disk tensor to ``device`` chunk by chunk (on ``stream``, the current stream)."""
-    entry = ref.entry
-    out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+def _stream(entry: TensorEntry, reader: DirectReader, staging: Staging, out: torch.Tensor, stream: Any) -> None:
+    """Stream ``entry``'s bytes into the GPU ``uint8`` tensor ``out`` chunk by chunk (on ``stream``, the current)."""
     first = entry.start - entry.start % ALIGNMENT
     low = entry.start
     while low < entry.end:  # each piece's aligned span lies within one chunk-sized window of the file
@@ -183,6 +202,39 @@ def _to_device(ref: DiskTensor, reader: DirectReader, staging: Staging, device: 
         out[low - entry.start : high - entry.start].copy_(raw, non_blocking=True)
         staging.release(stream)
         low = high
+
+
+def _fused_to_device(ref: FusedDiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
+                     stream: Any) -> torch.Tensor:
+    """Assemble a fused tensor on ``device``: each piece streams into its box (through a GPU temporary
+    when the box is strided, or when only part of the piece's tensor is wanted and that part is strided)."""
+    dtype = ref.stored_dtype
+    fused = torch.empty(ref.shape, dtype=dtype, device=device)
+    flat = fused.view(-1).view(torch.uint8) if fused.numel() else fused
+    for piece in ref.pieces:
+        source = piece.source_range()
+        span = contiguous_span(ref.shape, piece.dst)
+        if source is not piece.entry and span is not None:  # bytes land where they belong
+            start = span[0] * dtype.itemsize
+            _stream(source, reader, staging, flat[start : start + source.nbytes], stream)
+            continue
+        tmp = torch.empty(source.nbytes, dtype=torch.uint8, device=device)
+        _stream(source, reader, staging, tmp, stream)
+        values = tmp.view(dtype)
+        if source is piece.entry:
+            values = values.view(piece.entry.shape)[tuple(slice(a, b) for a, b in piece.src)]
+        fused[tuple(slice(a, b) for a, b in piece.dst)].copy_(values.reshape(box_shape(piece.dst)))
+    return fused if ref.dtype == dtype else fused.to(ref.dtype)
+
+
+def _to_device(ref: DiskRef, reader: DirectReader, staging: Staging, device: torch.device,
+               stream: Any) -> torch.Tensor:
+    """Stream one disk tensor to ``device`` chunk by chunk (on ``stream``, the current stream)."""
+    if isinstance(ref, FusedDiskTensor):
+        return _fused_to_device(ref, reader, staging, device, stream)
+    entry = ref.entry
+    out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+    _stream(entry, reader, staging, out, stream)
     value = _typed(out, ref)
     return value if ref.dtype == entry.dtype else value.to(ref.dtype)
 
@@ -204,9 +256,13 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
                 continue
             ref = item.ref
             assert ref is not None and buf is not None
-            job.path = ref.entry.path
-            raw = reader.read_into(ref.entry, buf[item.offset :])
-            value = _typed(raw, ref)
+            if isinstance(ref, FusedDiskTensor):
+                job.path = ", ".join(ref.paths)
+                offset, size = job.group.scratch if job.group is not None else (0, 0)
+                value = read_fused_into(ref, reader.read_into, buf[item.offset :], buf[offset : offset + size])
+            else:
+                job.path = ref.entry.path
+                value = _typed(reader.read_into(ref.entry, buf[item.offset :]), ref)
             if item.cast_offset >= 0:
                 out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
                 value = out.copy_(value)
@@ -219,7 +275,7 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
                 values.append(item.memory.to(device, non_blocking=True))
                 continue
             assert item.ref is not None
-            job.path = item.ref.entry.path
+            job.path = item.ref.entry.path if isinstance(item.ref, DiskTensor) else ", ".join(item.ref.paths)
             values.append(_to_device(item.ref, reader, staging, device, stream))
         job.event = torch.cuda.Event()
         job.event.record(stream)

@@ -28,8 +28,9 @@ import torch
 from ..errors import CheckpointError, OffloadError, summarize
 from ..model.dtypes import resolve_dtype
 from ..model.sizes import format_size
+from .fused import DiskPiece, FusedDiskTensor
 from .safetensors_io import TensorEntry, read_header
-from .weights_map import DiskTensor
+from .weights_map import DiskRef, DiskTensor
 
 __all__ = ["INDEX_NAME", "OffloadFolder", "load_offload_index"]
 
@@ -184,13 +185,24 @@ class OffloadFolder:
         logger.debug("Re-using offloaded weights in %s", file)
         return {k: DiskTensor(header.entries[k], tensors[k].dtype) for k in tensors}
 
-    def write_index(self, weights: Mapping[str, DiskTensor]) -> Path:
-        """Record where every offloaded tensor lies (atomically), for ``dispatch_model(offload_dir=...)``."""
-        entries = {}
+    def _stored(self, path: str) -> str:
+        file = Path(path)
+        return file.name if file.parent.resolve() == self.path.resolve() else str(file.resolve())
+
+    def write_index(self, weights: Mapping[str, DiskRef]) -> Path:
+        """Record where every offloaded tensor lies (atomically), for ``dispatch_model(offload_dir=...)``.
+
+        A fused tensor is recorded piece by piece (file, key, and the boxes each piece maps).
+        """
+        entries: dict[str, dict[str, object]] = {}
         for name, ref in sorted(weights.items()):
-            file = Path(ref.entry.path)
-            stored = file.name if file.parent.resolve() == self.path.resolve() else str(file.resolve())
-            entries[name] = {"file": stored, "key": ref.entry.key, "dtype": _dtype_name(ref.dtype)}
+            if isinstance(ref, FusedDiskTensor):
+                pieces = [{"file": self._stored(p.entry.path), "key": p.entry.key, "dst": p.dst, "src": p.src}
+                          for p in ref.pieces]
+                entries[name] = {"pieces": pieces, "shape": list(ref.shape), "dtype": _dtype_name(ref.dtype)}
+                continue
+            entries[name] = {"file": self._stored(ref.entry.path), "key": ref.entry.key,
+                             "dtype": _dtype_name(ref.dtype)}
         index = self.path / INDEX_NAME
         tmp = self.path / f".{INDEX_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -208,9 +220,47 @@ class OffloadFolder:
         return index
 
 
+def _box(value: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) and p[0] <= p[1]
+        for p in value
+    ):
+        raise ValueError(f"not a box: {str(value)[:80]}")
+    return tuple((int(a), int(b)) for a, b in value)
+
+
+def _index_entry(
+    folder: Path, info: dict[str, object], headers: dict[str, dict[str, TensorEntry]]
+) -> tuple[TensorEntry, Path]:
+    file = Path(str(info["file"]))
+    if not file.is_absolute() and (".." in file.parts or "\\" in str(file)):
+        raise ValueError(f"file {str(file)!r} lies outside the folder")
+    path = file if file.is_absolute() else folder / file
+    if str(path) not in headers:
+        headers[str(path)] = read_header(path).entries
+    return headers[str(path)][str(info["key"])], path
+
+
+def _fused_from_index(folder: Path, info: dict[str, object], headers: dict[str, dict[str, TensorEntry]]
+                      ) -> FusedDiskTensor:
+    shape = tuple(_box([[0, d] for d in info["shape"]]))  # type: ignore[attr-defined]
+    pieces = []
+    for raw in info["pieces"]:  # type: ignore[attr-defined]
+        entry, _ = _index_entry(folder, raw, headers)
+        dst, src = _box(raw["dst"]), _box(raw["src"])
+        if len(src) != len(entry.shape) or any(b > d for (_, b), d in zip(src, entry.shape)):
+            raise ValueError(f"piece {entry.key!r}: box {list(src)} lies outside its shape {list(entry.shape)}")
+        if len(dst) != len(shape) or any(b > d for (_, b), (_, d) in zip(dst, shape)):
+            raise ValueError(f"piece {entry.key!r}: box {list(dst)} lies outside the fused shape")
+        pieces.append(DiskPiece(entry, dst, src))
+    if not pieces or len({p.entry.dtype for p in pieces}) != 1:
+        raise ValueError("a fused tensor needs pieces of one dtype")
+    return FusedDiskTensor(tuple(pieces), tuple(d for _, d in shape), resolve_dtype(str(info["dtype"])))
+
+
 def load_offload_index(
     folder: str | os.PathLike[str], *, expected: Mapping[str, tuple[int, ...]] | None = None
-) -> dict[str, DiskTensor]:
+) -> dict[str, DiskRef]:
     """Read an offload folder's ``index.json``, checking every file and header before trusting it.
 
     File names must lie in the folder (absolute paths name a safetensors checkpoint read in place);
@@ -238,24 +288,23 @@ def load_offload_index(
     if not isinstance(weights, dict):
         raise OffloadError(f"{str(index)!r} is not an hf_bigmodel offload index. {fix}", path=str(index))
     headers: dict[str, dict[str, TensorEntry]] = {}
-    result: dict[str, DiskTensor] = {}
+    result: dict[str, DiskRef] = {}
     problems: list[str] = []
     for name, info in weights.items():
         try:
-            file = Path(info["file"])
-            if not file.is_absolute() and (".." in file.parts or "\\" in str(file)):
-                raise ValueError(f"file {str(file)!r} lies outside the folder")
-            path = file if file.is_absolute() else folder / file
-            if str(path) not in headers:
-                headers[str(path)] = read_header(path).entries
-            entry = headers[str(path)][info["key"]]
-            result[name] = DiskTensor(entry, resolve_dtype(info["dtype"]))
+            ref: DiskRef
+            if isinstance(info, dict) and "pieces" in info:
+                ref = _fused_from_index(folder, info, headers)
+            else:
+                entry, _ = _index_entry(folder, info, headers)
+                ref = DiskTensor(entry, resolve_dtype(info["dtype"]))
+            result[name] = ref
         except (KeyError, TypeError, ValueError, OSError, CheckpointError) as err:
             problems.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
             continue
         shape = expected.get(name) if expected is not None else None
-        if shape is not None and tuple(shape) != entry.shape:
-            problems.append(f"{name} (stored with shape {list(entry.shape)}, the model has {list(shape)})")
+        if shape is not None and tuple(shape) != ref.shape:
+            problems.append(f"{name} (stored with shape {list(ref.shape)}, the model has {list(shape)})")
     if problems:
         raise OffloadError(f"Offload folder {str(folder)!r} is inconsistent: {summarize(problems, 5)}. {fix}",
                            path=str(folder))

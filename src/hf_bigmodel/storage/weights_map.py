@@ -1,7 +1,8 @@
 """Offloaded weights as a lazy name -> tensor map: tensors in RAM, or byte ranges of safetensors files.
 
-A :class:`WeightsMap` holds, per tensor name, either a tensor in RAM or a :class:`DiskTensor` (a byte range
-in a safetensors file, read and cast only when a module needs it).
+A :class:`WeightsMap` holds, per tensor name, either a tensor in RAM or a :data:`DiskRef`: a
+:class:`DiskTensor` (a byte range in a safetensors file) or a :class:`~hf_bigmodel.storage.fused.FusedDiskTensor`
+(a tensor assembled from pieces of several), read and cast only when a module needs it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .direct_io import read_uncached
+from .direct_io import DirectReader, aligned_empty, padded_span, read_uncached
+from .fused import FusedDiskTensor, read_fused_into, scratch_bytes
 from .safetensors_io import TensorEntry
 
-__all__ = ["DiskTensor", "WeightsMap"]
+__all__ = ["DiskRef", "DiskTensor", "WeightsMap", "read_disk_ref"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,24 @@ class DiskTensor:
         return n * self.dtype.itemsize
 
 
+#: Where an offloaded tensor lies on disk: one byte range, or pieces assembled on read.
+DiskRef = DiskTensor | FusedDiskTensor
+
+
+def read_disk_ref(ref: DiskRef) -> torch.Tensor:
+    """Read ``ref`` into fresh memory around the page cache and cast it to ``ref.dtype``."""
+    if isinstance(ref, DiskTensor):
+        tensor = read_uncached(ref.entry)
+    else:
+        reader = DirectReader()
+        try:
+            out = aligned_empty(ref.stored_nbytes)
+            scratch = aligned_empty(scratch_bytes(ref, lambda e: padded_span(e)[1]))
+            tensor = read_fused_into(ref, reader.read_into, out, scratch)
+        finally:
+            reader.close()
+    return tensor if tensor.dtype == ref.dtype else tensor.to(ref.dtype)
+
 
 class WeightsMap(Mapping[str, torch.Tensor]):
     """Full tensor name -> tensor, reading disk tensors on access.
@@ -50,10 +70,10 @@ class WeightsMap(Mapping[str, torch.Tensor]):
     def __init__(
         self,
         memory: Mapping[str, torch.Tensor] | None = None,
-        disk: Mapping[str, DiskTensor] | None = None,
+        disk: Mapping[str, DiskRef] | None = None,
     ) -> None:
         self.memory: dict[str, torch.Tensor] = dict(memory or {})
-        self.disk: dict[str, DiskTensor] = dict(disk or {})
+        self.disk: dict[str, DiskRef] = dict(disk or {})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.memory.get(name)
@@ -85,14 +105,13 @@ class WeightsMap(Mapping[str, torch.Tensor]):
         ref = self.disk[name]
         return ref.shape, ref.dtype
 
-    def read(self, ref: DiskTensor) -> torch.Tensor:
+    def read(self, ref: DiskRef) -> torch.Tensor:
         """Read one disk tensor into fresh memory and cast it to its target dtype.
 
         The read goes around the page cache (:func:`~hf_bigmodel.storage.direct_io.read_uncached`), so streaming
         offloaded weights never fills the memory of a process that offloads because RAM is short.
         """
-        tensor = read_uncached(ref.entry)
-        return tensor if tensor.dtype == ref.dtype else tensor.to(ref.dtype)
+        return read_disk_ref(ref)
 
     def update(self, other: WeightsMap) -> None:
         self.memory.update(other.memory)
