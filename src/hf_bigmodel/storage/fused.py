@@ -37,7 +37,9 @@ def full_box(shape: Sequence[int]) -> Box:
 
 
 def box_shape(box: Box) -> tuple[int, ...]:
-    """>>> box_shape(((1, 2), (0, 4)))
+    """The shape of the elements a box holds.
+
+    >>> box_shape(((1, 2), (0, 4)))
     (1, 4)
     """
     return tuple(stop - start for start, stop in box)
