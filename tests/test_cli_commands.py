@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from conftest import _closed_port_url
+from hub_server import HubServer
 from tiny_models import save_tiny_gpt2, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,3 +115,65 @@ def test_plan_prints_budgets_in_bytes_and_flags_bits(env: dict[str, str], models
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("Budgets"))
     assert "cpu=25,000 bytes from '200kb'" in line and "bits" in line
+
+
+# -- the Hub: options, offline, unreachable ------------------------------------------------------------
+def test_hub_options_token_revision_and_local_files_only(env: dict[str, str], models: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """--token reaches a gated repo, --revision picks the branch (advice names both options), and once
+    cached a repo plans with --local-files-only while the Hub is gone."""
+    home = {"HF_HOME": str(tmp_path / "home")}
+    with HubServer() as server:
+        server.add_repo("org/gated", models["llama"], gated=True)
+        online = {**home, "HF_ENDPOINT": server.url}
+        result = hf_bigmodel(env, "plan", "org/gated", "--max-memory", "cpu=1GiB", extra_env=online)
+        line = assert_one_error_line(result, 2, "is gated", "Then pass --token hf_...")
+        assert "token=" not in line
+        result = hf_bigmodel(env, "plan", "org/gated", "--revision", "nope", "--token", server.token,
+                             "--max-memory", "cpu=1GiB", extra_env=online)
+        line = assert_one_error_line(result, 2, "Revision 'nope'", "e.g. --revision main")
+        result = hf_bigmodel(env, "plan", "org/gated", "--revision", "main", "--token", server.token,
+                             "--max-memory", "cpu=1GiB", "--json", extra_env=online)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["model_class"] == "LlamaForCausalLM"
+        fetched = [r for r in server.requests if r.filename == "config.json" and r.status == 200]
+        assert fetched and all(r.authorization == f"Bearer {server.token}" for r in fetched)
+    # The server is gone: the cached config is enough with --local-files-only, an uncached repo is not.
+    result = hf_bigmodel(env, "plan", "org/gated", "--local-files-only", "--max-memory", "cpu=1GiB", "--json",
+                         extra_env=home)
+    assert result.returncode == 0, result.stderr
+    result = hf_bigmodel(env, "plan", "org/never-cached", "--local-files-only", extra_env=home)
+    line = assert_one_error_line(result, 2, "'config.json' is not in the cache",
+                                 "--local-files-only forbids asking the Hub")
+    assert "local_files_only" not in line
+
+
+def test_an_unreachable_hub_fails_fast(env: dict[str, str], models: dict[str, Path]) -> None:
+    """huggingface_hub retries an unreachable Hub for ~25 s (1+2+4+8+8 s of sleep) before giving up; the
+    command asks once and says what failed. Timed against a local failure that pays the same imports."""
+    start = time.perf_counter()
+    local = hf_bigmodel(env, "plan", models["llama"] / "missing")
+    baseline = time.perf_counter() - start
+    assert_one_error_line(local, 2, "was not found")
+    start = time.perf_counter()
+    result = hf_bigmodel(env, "plan", "org/tiny-llama")  # env's HF_ENDPOINT: a closed local port
+    elapsed = time.perf_counter() - start
+    assert_one_error_line(result, 1, "Could not reach http://127.0.0.1:", "'config.json'", "not in the cache")
+    assert elapsed - baseline < 10, (elapsed, baseline)
+
+
+def test_trust_remote_code(env: dict[str, str], tmp_path: Path) -> None:
+    folder = save_tiny_gpt2(tmp_path / "remote", with_tokenizer=False).path
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["FancyForCausalLM"]
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_fancy.py").write_text(
+        "from transformers import GPT2LMHeadModel\n\n\nclass FancyForCausalLM(GPT2LMHeadModel):\n    pass\n"
+    )
+    result = hf_bigmodel(env, "plan", folder, "--max-memory", "cpu=1GiB")
+    line = assert_one_error_line(result, 2, "code shipped in the repo", "Pass --trust-remote-code if you trust")
+    assert "trust_remote_code=" not in line
+    result = hf_bigmodel(env, "plan", folder, "--max-memory", "cpu=1GiB", "--trust-remote-code", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model_class"] == "FancyForCausalLM"

@@ -116,7 +116,7 @@ class _Repo:
         return self.revision or "main"
 
     @property
-    def ids(self) -> dict[str, str | None]:
+    def ids(self) -> dict[str, Any]:  # keyword arguments of HubError: repo_id, revision
         return {"repo_id": self.repo_id, "revision": self.rev}
 
     def __str__(self) -> str:
@@ -146,7 +146,7 @@ def resolve_config(
         return folder / config_name
     repo = _Repo.of(name_or_path, subfolder, revision, cache_dir, token)
     why = _offline_reason(local_files_only)
-    return Path(_cached_or_raise(repo, config_name, why) if why else _fetch(repo, config_name, revision))
+    return Path(_cached_or_raise(repo, config_name, why) if why else _fetch(repo, config_name, revision, probe=True))
 
 
 def resolve_model_files(
@@ -286,7 +286,7 @@ def _resolve_local(
 
 # -- the Hub, online -------------------------------------------------------------------------------
 def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> ModelFiles:
-    config = Path(_fetch(repo, config_name, repo.revision))
+    config = Path(_fetch(repo, config_name, repo.revision, probe=True))
     snapshot, commit = _snapshot_of(config, repo.path(config_name))
     try:
         listing = _list_files(repo, commit)
@@ -317,11 +317,17 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
     )
 
 
-def _fetch(repo: _Repo, name: str, revision: str | None) -> str:
-    """``hf_hub_download`` one file (with the library's progress bar), translating the Hub's errors."""
+def _fetch(repo: _Repo, name: str, revision: str | None, *, probe: bool = False) -> str:
+    """``hf_hub_download`` one file (with the library's progress bar), translating the Hub's errors.
+
+    ``probe`` (the first file of a model, its config): when it is not in the cache, ask for it once
+    without retries first, so an unreachable Hub fails at once where ``hf_hub_download`` would retry
+    for ~25 s. Later files come after the Hub has answered.
+    """
     from huggingface_hub import hf_hub_download
 
-
+    if probe and _cached(repo, name, revision) is None:
+        _probe(repo, name, revision)
     try:
         return hf_hub_download(
             repo.repo_id, name, subfolder=repo.subfolder, revision=revision, cache_dir=repo.cache_dir,
@@ -332,6 +338,29 @@ def _fetch(repo: _Repo, name: str, revision: str | None) -> str:
         if translated is None:
             raise
         raise translated from err
+
+
+def _probe(repo: _Repo, name: str, revision: str | None) -> None:
+    """Ask the Hub for ``name``'s metadata once (no retries); raise at once when it cannot be reached.
+
+    Other answers (found, not found, gated...) are left to ``hf_hub_download``, which asks again.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo.repo_id, name, subfolder=repo.subfolder, revision=revision)
+    logger.info("Asking %s for %r of %s", constants.ENDPOINT, repo.path(name), repo)
+    try:
+        get_hf_file_metadata(url, token=repo.token, library_name="hf_bigmodel", library_version=__version__)
+    except Exception as err:  # noqa: BLE001 - only transport failures are ours to report here
+        if not _is_unreachable(err):
+            return
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OfflineCacheMissError(
+            f"Could not reach {constants.ENDPOINT} to fetch {repo.path(name)!r} of {repo} ({cause}), and it is "
+            f"not in the cache {_cache_dir(repo)!r}. Check the network or proxy settings (HF_ENDPOINT, "
+            "HTTPS_PROXY), or download the model once while online.",
+            filename=repo.path(name), **repo.ids,
+        ) from err
 
 
 def _list_files(repo: _Repo, revision: str) -> dict[str, int | None]:
@@ -354,7 +383,7 @@ def _translate(err: Exception, repo: _Repo, filename: str | None) -> HubError | 
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
-    ids: dict[str, Any] = {**repo.ids, "filename": filename}
+    ids = {**repo.ids, "filename": filename}
     hub = constants.ENDPOINT
     if isinstance(err, hf.GatedRepoError):  # before RepositoryNotFoundError, its base class
         told = "the token given has no access" if isinstance(repo.token, str) else "no token was sent"
@@ -397,9 +426,14 @@ def _is_connection_error(err: Exception) -> bool:
     """Network trouble: any HTTP client's transport errors, 5xx answers, offline mode."""
     from huggingface_hub import errors as hf
 
-    if isinstance(err, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+    if isinstance(err, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError)) or _is_unreachable(err):
         return True
-    if isinstance(err, hf.HfHubHTTPError) and getattr(err.response, "status_code", 0) >= 500:
+    return isinstance(err, hf.HfHubHTTPError) and getattr(err.response, "status_code", 0) >= 500
+
+
+def _is_unreachable(err: Exception) -> bool:
+    """No answer at all: refused, no route, no DNS, timed out (any HTTP client's transport errors)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
         return True
     return any(c.__name__ in ("TransportError", "TimeoutException") for c in type(err).__mro__)
 
@@ -425,10 +459,11 @@ def _cache_dir(repo: _Repo) -> str:
     return repo.cache_dir if repo.cache_dir is not None else constants.HF_HUB_CACHE
 
 
-def _cached(repo: _Repo, name: str) -> str | None:
+def _cached(repo: _Repo, name: str, revision: str | None = None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo.repo_id, repo.path(name), cache_dir=repo.cache_dir, revision=repo.rev)
+    found = try_to_load_from_cache(repo.repo_id, repo.path(name), cache_dir=repo.cache_dir,
+                                   revision=revision or repo.rev)
     return found if isinstance(found, str) else None
 
 

@@ -108,7 +108,8 @@ class TransformersLoader(PretrainedLoader):
         remote = ctx.trust_remote_code and "auto_map" in ctx.raw_config
         try:
             if remote:  # the config's code lives in the repo: let transformers fetch it
-                return AutoConfig.from_pretrained(ctx.name_or_path, trust_remote_code=True, **ctx.hub_kwargs)
+                hub = {**ctx.hub_kwargs, "subfolder": ctx.subfolder or ""}  # transformers joins paths with it
+                return AutoConfig.from_pretrained(ctx.name_or_path, trust_remote_code=True, **hub)
             assert ctx.config_file is not None
             return AutoConfig.from_pretrained(str(ctx.config_file.parent), local_files_only=True)
         except (ValueError, KeyError) as err:
