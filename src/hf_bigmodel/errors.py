@@ -188,6 +188,14 @@ class OffloadError(BigModelError, OSError):
         self.path = path
 
 
+class UnsupportedQuantizationError(BigModelError, ValueError):
+    """A model is quantized with a method hf_bigmodel does not load (refused before anything is read)."""
+
+    def __init__(self, message: str, *, method: str | None = None) -> None:
+        super().__init__(message)
+        self.method = method
+
+
 class ModelClassNotFoundError(BigModelError, ValueError):
     """A config names a model class that no installed library provides."""
 

@@ -220,8 +220,9 @@ def _run(converter: Any, keys: Mapping[str, list[str]], tensors: Mapping[str, to
     except SkipParameters:
         why = "; ".join(str(e).strip().splitlines()[-1] for e in info.conversion_errors.values())
         raise CheckpointError(
-            f"transformers' {_label(conv)} failed on {summarize(list(tensors))} for {first}: {why}. The "
-            "checkpoint does not fit this model's conversion; load the checkpoint made for this model.",
+            f"transformers' {_label(conv)} failed on {summarize(list(tensors))} for {first}: {why}. This is "
+            "the operation from_pretrained runs while loading, and it fails there the same way: a kernel this "
+            "machine lacks, or a checkpoint that does not fit the model. Nothing was loaded.",
         ) from None
     return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
 
@@ -263,7 +264,16 @@ def _conversion(converter: Any, keys: dict[str, list[str]], infos: Mapping[str, 
         return _run(converter, keys, tensors, first, model, quantizer)
 
     targets = tuple(shapes) if shapes else (first,)
-    return Conversion(sources, targets, convert=convert, source_dtypes=dtypes, shapes=shapes, label=label)
+    return Conversion(sources, targets, convert=convert, source_dtypes=dtypes, shapes=shapes, label=label,
+                      disk=not _keeps_quantized(converter, quantizer))
+
+
+def _keeps_quantized(converter: Any, quantizer: Any) -> bool:
+    """Whether the converter makes quantized values (a quantize or deserialize operation, not a dequantization)."""
+    if quantizer is None or getattr(quantizer.quantization_config, "dequantize", False):
+        return False
+    ops = [*getattr(converter, "operations", ()), converter.quantization_operation]
+    return any(op is not None and getattr(op, "hf_quantizer", None) is not None for op in ops)
 
 
 def plan_conversions(

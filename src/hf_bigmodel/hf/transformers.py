@@ -38,6 +38,7 @@ from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
 from .conversions import TransformersKeys, plan_conversions
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
+from .quantization import make_quantizer
 
 __all__ = ["TransformersLoader", "hook_encoder_outputs", "no_init_of_meta_modules"]
 
@@ -188,6 +189,8 @@ class TransformersLoader(PretrainedLoader):
         )
 
     def apply_kwargs(self, ctx: LoadContext, kwargs: dict[str, Any]) -> None:
+        # Before any weight is downloaded or read: an unsupported quantization method is refused here.
+        ctx.cache["quantizer"] = make_quantizer(ctx.config, kwargs.pop("quantization_config", None), ctx.name_or_path)
         if "attn_implementation" in kwargs:
             ctx.config._attn_implementation = kwargs.pop("attn_implementation")
         for key in list(kwargs):
@@ -197,12 +200,19 @@ class TransformersLoader(PretrainedLoader):
     def resolve_dtype(self, ctx: LoadContext, requested: DtypeArg) -> torch.dtype | None:
         if requested is None and int(_transformers_version().split(".")[0]) >= 5:
             requested = "auto"  # transformers 5 loads in the checkpoint's dtype unless told otherwise
-        return super().resolve_dtype(ctx, requested)
+        dtype = super().resolve_dtype(ctx, requested)
+        quantizer = ctx.cache.get("quantizer")
+        return dtype if quantizer is None else quantizer.update_dtype(dtype)
 
     # -- build and plan ----------------------------------------------------------------------------
     def build_model(self, ctx: LoadContext) -> nn.Module:
         assert ctx.model_class is not None  # set by model_class(), which always returns a class here
-        return ctx.model_class(ctx.config)  # inside init_empty_weights(), which skips all-meta inits
+        model = ctx.model_class(ctx.config)  # inside init_empty_weights(), which skips all-meta inits
+        quantizer = ctx.cache.get("quantizer")
+        if quantizer is not None:  # quantized module classes in place of plain ones, still empty
+            quantizer.preprocess_model(model=model, dtype=ctx.dtype, device_map=None,
+                                       checkpoint_files=list(self.checkpoint(ctx).files), use_kernels=False)
+        return model
 
     def keep_in_fp32_modules(self, ctx: LoadContext) -> list[str]:
         assert ctx.model is not None
@@ -234,7 +244,7 @@ class TransformersLoader(PretrainedLoader):
                 ctx.cache["transformers_keys"] = None
                 return None
             assert ctx.model is not None
-            keys = plan_conversions(ctx.model, self.checkpoint(ctx).scan(),
+            keys = plan_conversions(ctx.model, self.checkpoint(ctx).scan(), quantizer=ctx.cache.get("quantizer"),
                                     source_dtype=lambda key, target: self._source_dtype(ctx, key, target))
             ctx.cache["transformers_keys"] = keys
             ctx.cache["transformers_converted"] = keys.converted
@@ -277,6 +287,10 @@ class TransformersLoader(PretrainedLoader):
         if ctx.dtype is not None:
             config.dtype = ctx.dtype
         config.name_or_path = ctx.name_or_path
+        quantizer = ctx.cache.get("quantizer")
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
+            quantizer.postprocess_model(model)
         can_generate = getattr(model, "can_generate", None)
         if callable(can_generate) and can_generate():
             model.generation_config = self._generation_config(ctx)

@@ -46,7 +46,8 @@ class Conversion:
     ``convert`` receives ``{key: tensor}`` for every source (each first cast to ``source_dtypes[key]`` when
     that is set) and returns ``{model name: tensor}``. ``shapes`` are the targets' shapes when known before
     anything is read (checked against the model). ``label`` names the conversion in errors and in the
-    identity of what it writes to an offload folder.
+    identity of what it writes to an offload folder; ``disk=False`` refuses, before loading, a plan that
+    puts its targets on disk.
     """
 
     sources: tuple[str, ...]
@@ -56,6 +57,8 @@ class Conversion:
     source_dtypes: Mapping[str, torch.dtype | None] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     label: str = ""
+    #: False when its results cannot be written to an offload folder (quantized tensor subclasses).
+    disk: bool = True
 
     @property
     def is_layout(self) -> bool:

@@ -211,6 +211,15 @@ def load_checkpoint(
         dest[name] = "cpu" if device == "disk" and slots[name].is_buffer and not offload_buffers else device
     _check_devices_present({name: _device_of(name, dm, slot) for name, slot in slots.items()})  # tied aliases too
     to_disk = [n for n, d in dest.items() if d == "disk"]
+    unwritable = [t for conv in conversions if not conv.disk for t in conv.targets if dest.get(t) == "disk"]
+    if unwritable:
+        raise OffloadError(
+            f"The device map puts {len(unwritable)} quantized tensor(s) on 'disk' ({summarize(unwritable, 3)}); "
+            f"their kind ({made[unwritable[0]].label}) cannot be written to an offload folder yet. Nothing was "
+            "loaded.",
+            advice=[Advice("Give them room in RAM or on an accelerator with {}.", "max_memory",
+                           "{'cpu': '...'}")],
+        )
     folder: OffloadFolder | None = None
     in_place = _fused_on_disk(conversions, dest, infos, slots, cast, keep)
     copies = [n for n in to_disk if (n in made and n not in in_place) or (n in by_model_name and

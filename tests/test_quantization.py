@@ -1,0 +1,174 @@
+"""Quantized models through transformers' quantizers, compared with from_pretrained exactly.
+
+Fine-grained fp8 checkpoints (dense and MoE, made here the way fp8 checkpoints store them: fp8 weights and
+one float32 ``weight_scale_inv`` per block) are dequantized while loading where the machine has no fp8
+(as transformers does on CPU); torchao int8 weight-only quantizes while loading and loads pre-quantized
+checkpoints. Any other method is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.core_model_loading")
+
+from moe_models import save_moe
+from tiny_models import save_tiny_llama
+
+from hf_bigmodel import load_pretrained_dispatched
+from hf_bigmodel.errors import OffloadError, UnsupportedQuantizationError
+from hf_bigmodel.storage.fused import FusedDiskTensor
+
+PROMPT = torch.tensor([[1, 7, 12, 30, 4, 9, 100, 64]])
+BLOCK = 8
+
+
+def quantize_fp8(path: Path) -> Path:
+    """Rewrite a saved model as a fine-grained fp8 checkpoint: linear weights in float8_e4m3fn, block scales."""
+    file = path / "model.safetensors"
+    state = load_file(file)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight")
+        if value.ndim != 2 or not key.endswith(".weight") or any(s in key for s in skip) \
+                or value.shape[0] % BLOCK or value.shape[1] % BLOCK:
+            out[key] = value
+            continue
+        rows, cols = value.shape
+        blocks = value.float().reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        out[key] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+        out[key + "_scale_inv"] = scale
+    save_file(out, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [BLOCK, BLOCK]}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def assert_same(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    assert [(n, type(p), p.dtype, tuple(p.shape)) for n, p in ours.named_parameters()] == \
+        [(n, type(p), p.dtype, tuple(p.shape)) for n, p in ref.named_parameters()]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(PROMPT).logits, ref(PROMPT).logits, rtol=0, atol=0)
+    greedy = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    assert torch.equal(ours.generate(PROMPT, **greedy), ref.generate(PROMPT, **greedy))
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("accelerate")  # transformers' fp8 quantizer insists on it
+    root = tmp_path_factory.mktemp("fp8")
+    return {"llama": quantize_fp8(save_tiny_llama(root / "llama", with_tokenizer=False).path),
+            "qwen3_moe": quantize_fp8(save_moe("qwen3_moe", root / "qwen3_moe", shard_size=None).path)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_fp8_checkpoints_are_dequantized_as_from_pretrained(fp8: dict[str, Path], family: str,
+                                                             tmp_path: Path) -> None:
+    path = fp8[family]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert not hasattr(ref.config, "quantization_config")  # dequantized: a plain model
+    assert_same(load_pretrained_dispatched(path, device_map="cpu"), ref)
+    with pytest.raises(OffloadError, match="offload_folder="):  # dequantized values must be written somewhere
+        load_pretrained_dispatched(path, device_map={"": "disk"})
+    ours = load_pretrained_dispatched(path, device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+    assert list((tmp_path / "offload").glob("*.safetensors"))
+    assert_same(ours, ref)
+
+
+def test_fp8_scales_are_applied_not_dropped(fp8: dict[str, Path]) -> None:
+    """The bug this fixes: weight_scale_inv ignored and fp8 values cast as if unscaled."""
+    ours = load_pretrained_dispatched(fp8["llama"], device_map="cpu")
+    stored = load_file(fp8["llama"] / "model.safetensors")
+    q = stored["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(ours.model.layers[0].mlp.up_proj.weight, q.to(torch.float32))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("plain") / "llama", with_tokenizer=False).path
+
+
+def _int8() -> object:
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return transformers.TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def test_torchao_int8_quantizes_while_loading_as_from_pretrained(llama: Path) -> None:
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=_int8(), dtype=torch.bfloat16)
+    ours = load_pretrained_dispatched(llama, quantization_config=_int8(), dtype=torch.bfloat16, device_map="cpu")
+    weight = ours.model.layers[0].mlp.up_proj.weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8  # quantized bytes in RAM
+    assert ours.hf_quantizer.quantization_config.quant_method == "torchao"
+    assert_same(ours, ref)
+
+
+def test_torchao_pre_quantized_checkpoint_loads_as_from_pretrained(llama: Path, tmp_path: Path) -> None:
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=_int8(),
+                                                                  dtype=torch.bfloat16)
+    quantized.save_pretrained(tmp_path / "int8")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
+    assert_same(load_pretrained_dispatched(tmp_path / "int8", device_map="cpu"), ref)
+
+
+def test_torchao_weights_planned_on_disk_are_refused_before_loading(llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(OffloadError, match="quantized tensor.*TorchAoQuantize.*max_memory"):
+        load_pretrained_dispatched(llama, quantization_config=_int8(), dtype=torch.bfloat16,
+                                   device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+    assert not list((tmp_path / "offload").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["config", "argument"])
+def test_other_methods_are_refused_before_anything_is_read(llama: Path, tmp_path: Path, where: str) -> None:
+    folder = tmp_path / "bnb"
+    folder.mkdir()
+    config = json.loads((llama / "config.json").read_text())
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    kwargs = {}
+    if where == "config":
+        config["quantization_config"] = bnb
+    else:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not a checkpoint")  # never opened
+    with pytest.raises(UnsupportedQuantizationError, match="'bitsandbytes'.*from_pretrained") as err:
+        load_pretrained_dispatched(folder, device_map="cpu", **kwargs)
+    assert err.value.method == "bitsandbytes"
+    assert isinstance(err.value, ValueError)
+
+
+def test_plain_moe_experts_stay_byte_ranges_next_to_fp8(fp8: dict[str, Path], tmp_path: Path) -> None:
+    """fp8 MoE experts are dequantized (a computation), so they are written once; nothing reads fp8 as floats."""
+    ours = load_pretrained_dispatched(fp8["qwen3_moe"], device_map={"": "disk"}, offload_folder=tmp_path / "o")
+    weights = ours._hf_bigmodel_weights
+    gate_up = weights.disk["model.layers.0.mlp.experts.gate_up_proj"]
+    assert not isinstance(gate_up, FusedDiskTensor) and gate_up.dtype == torch.float32
+
+
+def test_a_quantize_operation_that_fails_here_fails_the_load_naming_it(llama: Path) -> None:
+    """torchao int4 needs kernels this CPU build lacks: from_pretrained fails, and so does the load, loudly."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    from hf_bigmodel.errors import CheckpointError
+
+    config = transformers.TorchAoConfig(Int4WeightOnlyConfig(group_size=16))
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=config, dtype=torch.bfloat16)
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("this machine has torchao's int4 kernels")
+    with pytest.raises(CheckpointError, match="TorchAoQuantize.*Nothing was loaded"):
+        load_pretrained_dispatched(llama, quantization_config=transformers.TorchAoConfig(
+            Int4WeightOnlyConfig(group_size=16)), dtype=torch.bfloat16, device_map="cpu")
