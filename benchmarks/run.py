@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO / "src"))
 
 import build_checkpoint
 import report
-import runner
 import system
 from loaders import LOADERS
 
@@ -63,6 +62,7 @@ class Harness:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cgroup_note = ""
+        self.compute_runs: list[dict[str, Any]] = []  # in-RAM generation of the last cold scenario (the floor)
         self._counter = 0
 
     def launch(self, loader: str, tag: str, *, extra: list[str], memory_limit: int | None) -> dict[str, Any]:
@@ -140,6 +140,7 @@ class Harness:
         args = self.args
         cold = scenario == "cold"
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
+        self.compute_runs = []
         for repeat in range(args.repeat):
             for loader in loaders:
                 extra = ["--reference", str(self.reference)]
@@ -158,6 +159,10 @@ class Harness:
                     result["offload_folder_bytes"] = sum(f.stat().st_size for f in system.iter_files([self.offload]))
                     system.reset_folder(self.offload)
                 runs[loader].append(result)
+            if cold:  # the same generation with every weight in RAM: each forward's compute time, for the floor
+                system.warm_page_cache([self.checkpoint])
+                self.compute_runs.append(self.launch("transformers", f"compute-{scenario}-{repeat}",
+                                                     extra=["--reference", str(self.reference)], memory_limit=None))
         return runs
 
 
@@ -251,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, Any] = {
         "machine": system.machine_description(),
+        "disk": system.disk_description(args.work_dir),
         "versions": _versions(),
         "checkpoint": {"path": str(checkpoint), "bytes": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
                        "shape": build_checkpoint.MODEL_SHAPE},
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     cpu_budget = parse_size(args.cpu_budget)
     md = [f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['ram']} "
-          f"RAM, Linux {results['machine']['kernel']}; "
+          f"RAM, Linux {results['machine']['kernel']}, disk {results['disk']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
     disk_bandwidth: float | None = None  # measured once, before the first cold scenario's checks
     for scenario in args.scenario_list:
@@ -287,12 +293,15 @@ def main(argv: list[str] | None = None) -> None:
             if disk_bandwidth is None:
                 disk_bandwidth = system.direct_read_bandwidth([checkpoint])
                 results["disk_read_bytes_per_s"] = disk_bandwidth
+            compute = report.compute_times(harness.compute_runs)
+            entry["compute_runs"] = harness.compute_runs
+            entry["compute_forward_s"] = compute
             floors = {}
             for loader, summary in summaries.items():
-                floor = report.disk_floor(summary, bandwidth=disk_bandwidth, forwards=runner.NEW_TOKENS)
+                floor = report.floor(summary, compute=compute, bandwidth=disk_bandwidth)
                 if floor:
                     floors[loader] = floor
-            entry["disk_floor"] = floors
+            entry["floor"] = floors
         entry["notes"] = notes
         results["scenarios"][scenario] = entry
         title = f"{scenario}: {SCENARIOS[scenario].replace('<budget>', args.cpu_budget)}"
@@ -302,12 +311,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"note: {note}")
         for loader, check in entry.get("memory_formula", {}).items():
             print(f"memory formula, {loader}: {check['text']}")
-        for loader, floor in entry.get("disk_floor", {}).items():
-            print(f"disk floor, {loader}: {floor['text']}")
+        for loader, floor in entry.get("floor", {}).items():
+            print(f"floor, {loader}: {floor['text']}")
         md += [f"\n### {title} (median of {args.repeat})\n", report.table(summaries, markdown=True)]
         md += [f"\n{note}" for note in notes]
         md += [f"\nMemory formula, {loader}: {c['text']}" for loader, c in entry.get("memory_formula", {}).items()]
-        md += [f"\nDisk floor, {loader}: {f['text']}" for loader, f in entry.get("disk_floor", {}).items()]
+        md += [f"\nFloor, {loader}: {f['text']}" for loader, f in entry.get("floor", {}).items()]
 
     (args.work_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (args.work_dir / "results.md").write_text("\n".join(md) + "\n")

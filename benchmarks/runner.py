@@ -51,6 +51,39 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+class ForwardTimer:
+    """Times each call of ``model`` (each forward ``generate`` makes) and counts the bytes read from storage.
+
+    ``read_bytes`` is ``/proc/self/io``'s counter (every thread of the process, O_DIRECT reads and page
+    faults of mapped files alike) taken around each forward; a prefetcher also reads between forwards, so
+    the total over generation is what :meth:`start` / :meth:`stop` measure.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.seconds: list[float] = []
+        self.read_bytes: list[int] = []
+        self.total_read_bytes = 0
+        self._t = 0.0
+        self._io = 0
+        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _pre(self, module: Any, args: Any) -> None:
+        self._io = system.proc_io()["read_bytes"]
+        self._t = time.perf_counter()
+
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._t)
+        self.read_bytes.append(system.proc_io()["read_bytes"] - self._io)
+
+    def start(self) -> None:
+        self._total_io = system.proc_io()["read_bytes"]
+
+    def stop(self) -> None:
+        self.total_read_bytes = system.proc_io()["read_bytes"] - self._total_io
+        for handle in self._handles:
+            handle.remove()
+
+
 class Result:
     """The JSON record of one run, flushed to disk after each phase."""
 
@@ -69,12 +102,12 @@ class Result:
         os.replace(tmp, self.path)
 
 
-def prompt_ids(vocab_size: int) -> Any:
-    """The fixed 32-token prompt every loader sees."""
+def prompt_ids(vocab_size: int, batch: int = 1) -> Any:
+    """The fixed 32-token prompts every loader sees (``batch`` of them, all the same length: no padding)."""
     import torch
 
     generator = torch.Generator().manual_seed(PROMPT_SEED)
-    return torch.randint(3, vocab_size, (1, PROMPT_TOKENS), generator=generator)
+    return torch.randint(3, vocab_size, (batch, PROMPT_TOKENS), generator=generator)
 
 
 def placement_summary(model: Any) -> dict[str, Any]:
@@ -115,8 +148,15 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         except ImportError:
             pass  # the load itself fails and is reported
     result.update(import_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
-    input_ids = prompt_ids(config["vocab_size"])
+    input_ids = prompt_ids(config["vocab_size"], args.batch)
     max_memory = {"cpu": args.max_memory_cpu} if args.max_memory_cpu else None
+    assistant = None
+    if args.assistant is not None:  # the draft model, kept whole in RAM (same for every loader)
+        result.update(phase="assistant")
+        t0 = time.perf_counter()
+        assistant = transformers.AutoModelForCausalLM.from_pretrained(str(args.assistant), dtype=torch.bfloat16)
+        assistant.eval()
+        result.update(assistant_load_s=time.perf_counter() - t0)
 
     result.update(phase="load")
     t0 = time.perf_counter()
@@ -130,33 +170,41 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         t0 = time.perf_counter()
         logits = model(input_ids).logits
         result.update(forward_s=time.perf_counter() - t0)
-        logits = logits.float().cpu()
+        logits = logits[:1].float().cpu()
 
         result.update(phase="generate")
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        timer = ForwardTimer(model)
+        timer.start()
         t0 = time.perf_counter()
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
             use_cache=True,
             pad_token_id=config.get("eos_token_id", 0),
+            **extra,
         )
-        result.update(generate_s=time.perf_counter() - t0)
-    generated = out[0, PROMPT_TOKENS:].tolist()
-    result.update(generated=generated, phase="compare")
+        generate_s = time.perf_counter() - t0
+        timer.stop()
+    generated = out[:, PROMPT_TOKENS:].tolist()
+    result.update(generate_s=generate_s, tokens_per_s=args.batch * args.new_tokens / generate_s,
+                  batch=args.batch, new_tokens=args.new_tokens, assistant=str(args.assistant or ""),
+                  generate_forward_s=timer.seconds, generate_forward_read_bytes=timer.read_bytes,
+                  generate_read_bytes=timer.total_read_bytes, generated_all=generated,
+                  generated=generated[0], phase="compare")
 
     if args.save_reference:
-        torch.save({"input_ids": input_ids, "logits": logits, "generated": generated}, args.save_reference)
-    if args.reference and args.reference.is_file():
+        torch.save({"input_ids": input_ids, "logits": logits, "generated": generated[0]}, args.save_reference)
+    if args.reference and args.reference.is_file() and args.batch == 1:
         reference = torch.load(args.reference, weights_only=True)
         if not torch.equal(reference["input_ids"], input_ids):
             raise RuntimeError(f"reference {args.reference} was made for another prompt; delete it and rerun")
-        result.update(
-            logits_max_diff=float((logits - reference["logits"]).abs().max()),
-            tokens_match=generated == reference["generated"],
-        )
+        result.update(logits_max_diff=float((logits - reference["logits"]).abs().max()))
+        if assistant is None:  # assisted decoding verifies several tokens per forward: other kernels, own reference
+            result.update(tokens_match=generated[0] == reference["generated"])
     result.update(phase="done")
 
 
@@ -187,6 +235,10 @@ def main() -> None:
     parser.add_argument("--offload-folder", type=Path, default=None)
     parser.add_argument("--reference", type=Path, default=None, help="reference logits to compare with")
     parser.add_argument("--save-reference", type=Path, default=None, help="save this run's logits there")
+    parser.add_argument("--batch", type=int, default=1, help="prompts generated together")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens generated per prompt")
+    parser.add_argument("--assistant", type=Path, default=None, help="draft model (kept in RAM) for assisted "
+                        "generation: transformers' assistant_model=")
     args = parser.parse_args()
 
     result = Result(args.result, loader=args.loader, pid=os.getpid())

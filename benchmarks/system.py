@@ -171,6 +171,16 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return fields
 
 
+def proc_io() -> dict[str, int]:
+    """``/proc/self/io``: ``read_bytes`` counts what this process (all its threads) fetched from storage.
+
+    O_DIRECT reads and page faults of memory-mapped files alike, so every loader's disk traffic is measured
+    the same way; pages already in the page cache are not counted.
+    """
+    with open("/proc/self/io") as handle:
+        return {key: int(value) for key, _, value in (line.partition(":") for line in handle)}
+
+
 def machine_description() -> dict[str, str]:
     """CPU model, cores, RAM and kernel: what the figures were measured on."""
     cpu = "unknown CPU"
@@ -189,6 +199,21 @@ def machine_description() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
+
+
+def disk_description(path: Path) -> str:
+    """The block device holding ``path``: name, driver, size and whether it spins (``vda, virtio_blk, 256 GiB``)."""
+    try:
+        dev = os.stat(path).st_dev
+        block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+        if (block / "partition").exists():
+            block = block.parent
+        size = int((block / "size").read_text()) * 512
+        driver = Path(os.path.realpath(block / "device" / "driver")).name if (block / "device").exists() else "?"
+        rotational = (block / "queue" / "rotational").read_text().strip() == "1"
+    except (OSError, ValueError):
+        return "unknown disk"
+    return f"{block.name}, {driver}, {size / 2**30:.0f} GiB, {'rotational' if rotational else 'non-rotational'} per the kernel"
 
 
 def proc_meminfo() -> dict[str, int]:

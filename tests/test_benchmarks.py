@@ -67,10 +67,34 @@ def test_memory_formula_and_disk_floor(bench):
     over = report.memory_formula({**summary, "peak_rss": 1400 * mib}, cpu_budget=600 * mib, prefetch_depth=2,
                                  baseline=baseline)
     assert not over["holds"] and over["text"].endswith("EXCEEDED")
-    floor = report.disk_floor(summary, bandwidth=3e9, forwards=8)
-    assert floor["floor_s"] == pytest.approx(4.0) and floor["ratio"] == pytest.approx(1.0)
-    assert report.disk_floor(summary, bandwidth=None, forwards=8) is None
-    assert report.disk_floor({**summary, "disk_bytes": None}, bandwidth=3e9, forwards=8) is None
+
+
+def test_floor_takes_the_larger_of_compute_and_reading_in_each_forward(bench):
+    report, _ = bench
+    # 4 forwards reading 3 GB in all (0.75 GB each = 0.25 s at 3 GB/s); the prefill computes for 1 s.
+    summary = {"generate_s": 2.2, "generate_read_bytes": 3e9, "forwards": 4}
+    compute = [1.0, 0.1, 0.1, 0.1]
+    floor = report.floor(summary, compute=compute, bandwidth=3e9)
+    assert floor["floor_s"] == pytest.approx(1.0 + 3 * 0.25)
+    assert floor["ratio"] == pytest.approx(2.2 / 1.75)
+    assert floor["serial_s"] == pytest.approx(1.3 + 1.0)
+    assert "disk-bound in 3 of 4 forwards" in floor["text"]
+    assert report.floor(summary, compute=compute, bandwidth=None) is None
+    assert report.floor(summary, compute=compute[:3], bandwidth=3e9) is None  # another number of forwards
+    assert report.floor({**summary, "generate_read_bytes": None}, compute=compute, bandwidth=3e9) is None
+    nothing_read = report.floor({**summary, "generate_read_bytes": 0}, compute=compute, bandwidth=3e9)
+    assert nothing_read["floor_s"] == pytest.approx(1.3)  # all in RAM: the floor is the compute
+
+
+def test_compute_times_are_medians_per_forward(bench):
+    report, _ = bench
+    runs = [run(generate_forward_s=[1.0, 0.2, 0.1]), run(generate_forward_s=[3.0, 0.1, 0.3]),
+            run(generate_forward_s=[2.0, 0.3, 0.2]), run("FAILED", generate_forward_s=[9.0, 9.0, 9.0])]
+    assert report.compute_times(runs) == [2.0, 0.2, 0.2]
+    assert report.compute_times([run(generate_forward_s=[1.0]), run(generate_forward_s=[1.0, 2.0])]) is None
+    assert report.compute_times([]) is None
+    summary = report.summarize_runs([run(generate_s=1.0, generate_read_bytes=10, generate_forward_s=[0.5, 0.5])])
+    assert summary["generate_read_bytes"] == 10 and summary["forwards"] == 2
 
 
 def test_direct_read_bandwidth_reads_every_byte(bench, tmp_path, monkeypatch):
@@ -91,3 +115,74 @@ def test_direct_read_bandwidth_reads_every_byte(bench, tmp_path, monkeypatch):
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
     assert bandwidth > 0
     assert sum(reads) == 2 * data.stat().st_size  # two passes, each over the whole file
+
+
+def test_forward_timer_counts_each_call_and_the_bytes_read_from_storage(bench, tmp_path, monkeypatch):
+    import torch
+
+    _, system = bench
+    import runner
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(2**20))
+    system.evict_from_page_cache([data])
+
+    class Reads(torch.nn.Module):
+        def forward(self, x):
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.pread(fd, 2**20, 0)
+            finally:
+                os.close(fd)
+            return x
+
+    model = Reads()
+    timer = runner.ForwardTimer(model)
+    timer.start()
+    for _ in range(3):
+        model(torch.zeros(1))
+    timer.stop()
+    model(torch.zeros(1))  # after stop(): not counted
+    assert len(timer.seconds) == len(timer.read_bytes) == 3
+    if system.proc_io()["read_bytes"] == 0:
+        pytest.skip("this kernel does not account storage reads in /proc/self/io")
+    assert all(n >= 2**20 for n in timer.read_bytes)  # each forward fetched the file from storage
+    assert timer.total_read_bytes >= 3 * 2**20
+
+
+def test_the_disk_is_named(bench, tmp_path):
+    _, system = bench
+    text = system.disk_description(tmp_path)
+    assert text == "unknown disk" or "GiB" in text
+
+
+def test_scale_checkpoints_are_llama_checkpoints_transformers_loads(bench, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import scale
+
+    tiny = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 128}
+    monkeypatch.setitem(scale.SHAPES, "tiny", tiny)
+    monkeypatch.setattr(scale, "SHARD_BYTES", 40_000)  # several shards
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(LlamaConfig(**tiny)).state_dict().items()}
+    assert dict(scale.tensor_specs(tiny)) == expected
+    path = scale.build(tmp_path, "tiny")
+    assert len(list(path.glob("*.safetensors"))) > 1
+    assert sum(f.stat().st_size for f in path.glob("*.safetensors")) >= scale.checkpoint_bytes(tiny)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    assert model.lm_head.weight.shape == (128, 64) and model.lm_head.weight.dtype == torch.bfloat16
+    assert scale.build(tmp_path, "tiny") == path  # built once
+
+
+def test_scale_rows_report_decode_time_against_the_floor(bench):
+    report, _ = bench
+    entry = {"bytes": 2**30, "bandwidth": 1e9, "runs": {
+        "hf_bigmodel": run(generate_forward_s=[5.0, 1.0, 1.2, 1.1], generate_read_bytes=4 * 10**9, peak_rss=2**30),
+        "accelerate": {"status": "SKIPPED", "error": "disk"}}}
+    rows = report.scale_rows("8b", entry, new_tokens=4)
+    assert rows[0].startswith("| 8b (1.00 GiB) | hf_bigmodel | 1.10 | 1.00 | 1.10x |")
+    assert "SKIPPED (disk)" in rows[1]
