@@ -33,8 +33,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
 import build_checkpoint
+import draft_pair
 import report
 import system
+import throughput
 from loaders import LOADERS
 
 from hf_bigmodel.model.sizes import format_size, parse_size
@@ -44,6 +46,7 @@ logger = logging.getLogger("benchmarks.run")
 SCENARIOS = {
     "warm": "warm page cache, no memory cap",
     "cold": "cold page cache, max_memory={'cpu': <budget>} (rest offloaded to disk), memory cgroup",
+    "throughput": "as cold, on the drafted target: tokens/s at batch 1, 8, 32 and with a draft model in RAM",
 }
 
 
@@ -65,13 +68,14 @@ class Harness:
         self.compute_runs: list[dict[str, Any]] = []  # in-RAM generation of the last cold scenario (the floor)
         self._counter = 0
 
-    def launch(self, loader: str, tag: str, *, extra: list[str], memory_limit: int | None) -> dict[str, Any]:
+    def launch(self, loader: str, tag: str, *, extra: list[str], memory_limit: int | None,
+               checkpoint: Path | None = None) -> dict[str, Any]:
         """Run ``runner.py --loader <loader>`` in a fresh process; never raises for the child's failures."""
         self._counter += 1
         result_path = self.logs / f"{tag}.json"
         log_path = self.logs / f"{tag}.log"
         result_path.unlink(missing_ok=True)
-        cmd = [sys.executable, str(HERE / "runner.py"), "--loader", loader, "--checkpoint", str(self.checkpoint),
+        cmd = [sys.executable, str(HERE / "runner.py"), "--loader", loader, "--checkpoint", str(checkpoint or self.checkpoint),
                "--result", str(result_path), *extra]
         group = None
         if memory_limit is not None and not self.args.no_cgroup:
@@ -166,6 +170,23 @@ class Harness:
         return runs
 
 
+def _throughput(harness: Harness, args: argparse.Namespace, checkpoint: Path) -> tuple[dict[str, Any], str]:
+    target, draft = draft_pair.build_pair(args.work_dir, checkpoint)
+    loaders = [name for name in args.loader_list if name in ("transformers", "accelerate", "hf_bigmodel")]
+
+    def evict() -> None:
+        system.reset_folder(harness.offload)
+        system.evict_from_page_cache([target])
+
+    runs = throughput.run_modes(harness, loaders, target=target, draft=draft, repeat=args.repeat, evict=evict,
+                                memory_limit=parse_size(args.memory_limit))
+    text = throughput.table(runs)
+    busiest = max((r.get("loadavg_before", 0.0) for m in runs.values() for rs in m.values() for r in rs), default=0)
+    if busiest > args.busy_load:
+        text += f"\n\nnote: other processes were busy (1-min load average up to {busiest:.1f}): figures are noisy"
+    return {"description": SCENARIOS["throughput"], "runs": runs}, text
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -187,7 +208,7 @@ def _versions() -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated, from {', '.join(LOADERS)}")
-    parser.add_argument("--scenarios", default="warm,cold", help="comma-separated, from warm, cold")
+    parser.add_argument("--scenarios", default="warm,cold", help="comma-separated, from warm, cold, throughput")
     parser.add_argument("--repeat", type=int, default=1, help="runs per loader and scenario; the median is shown")
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work", help="checkpoint, logs and results")
     parser.add_argument("--cpu-budget", default="600MiB", help="max_memory['cpu'] in the cold scenario")
@@ -271,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     disk_bandwidth: float | None = None  # measured once, before the first cold scenario's checks
     for scenario in args.scenario_list:
         logger.info("scenario %s: %s", scenario, SCENARIOS[scenario])
+        if scenario == "throughput":
+            entry, text = _throughput(harness, args, checkpoint)
+            results["scenarios"][scenario] = entry
+            print(f"\n== throughput: {SCENARIOS[scenario]} (median of {args.repeat})\n{text}")
+            md += [f"\n### throughput: {SCENARIOS[scenario]} (median of {args.repeat})\n", text]
+            continue
         harness.cgroup_note = ""
         runs = harness.run_scenario(scenario, args.loader_list)
         summaries = {loader: report.summarize_runs(r) for loader, r in runs.items()}

@@ -158,10 +158,9 @@ def test_the_disk_is_named(bench, tmp_path):
 
 
 def test_scale_checkpoints_are_llama_checkpoints_transformers_loads(bench, tmp_path, monkeypatch):
+    import scale
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    import scale
 
     tiny = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 128}
@@ -186,3 +185,37 @@ def test_scale_rows_report_decode_time_against_the_floor(bench):
     rows = report.scale_rows("8b", entry, new_tokens=4)
     assert rows[0].startswith("| 8b (1.00 GiB) | hf_bigmodel | 1.10 | 1.00 | 1.10x |")
     assert "SKIPPED (disk)" in rows[1]
+
+
+def test_throughput_table_compares_each_mode_with_transformers(bench):
+    import throughput
+
+    def ok(rate, tokens, forwards, batch=1):
+        return run(tokens_per_s=rate, generated_all=tokens, generate_forward_s=[0.1] * forwards, batch=batch,
+                   new_tokens=8, peak_rss=2**30)
+
+    runs = {"batch 8": {"transformers": [ok(2.0, [[1]], 8, 8)], "hf_bigmodel": [ok(6.0, [[1]], 8, 8)]},
+            "batch 1 + draft": {"transformers": [ok(1.0, [[2]], 3)], "hf_bigmodel": [ok(2.5, [[3]], 3)]}}
+    text = throughput.table(runs)
+    assert "| batch 8 | hf_bigmodel | 6.00 | 3.00x | 8.00 | yes | 1.00 GiB | OK |" in text
+    assert "| batch 1 + draft | hf_bigmodel | 2.50 | 2.50x | 2.67 | NO |" in text  # other tokens: said
+
+
+def test_the_draft_model_predicts_what_the_drafted_target_says(bench, tmp_path, monkeypatch):
+    import draft_pair
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(draft_pair, "RANK", 16)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "source")
+    target_dir, draft_dir = draft_pair.build_pair(tmp_path, tmp_path / "source")
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32).eval()
+    ids = torch.randint(3, 512, (64, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agree = (target(ids).logits[:, -1].argmax(-1) == draft(ids).logits[:, -1].argmax(-1)).float().mean()
+    assert agree >= 0.6  # a useful draft, as a trained pair's
+    assert draft_pair.build_pair(tmp_path, tmp_path / "source") == (target_dir, draft_dir)  # built once

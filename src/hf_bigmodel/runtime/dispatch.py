@@ -27,6 +27,7 @@ from ..plan.devices import Device, device_rank, is_present, torch_device
 from ..plan.placement import Placement
 from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_index
 from ..storage.weights_map import DiskRef, WeightsMap
+from .embedding_rows import EmbeddingRowsHook, reads_by_row
 from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from .prefetch import Prefetcher, prefetch_depth
 
@@ -276,13 +277,17 @@ def _dispatch(
         for unit, names in units.items():
             module = model.get_submodule(unit) if unit else model
             dot = len(unit) + 1 if unit else 0
-            hook = AlignDevicesHook(
+            by_row = reads_by_row(module, names, weights)  # reads its batch's rows itself: never prefetched
+            hook = (EmbeddingRowsHook if by_row else AlignDevicesHook)(
                 execution(where[names[0]]), offload=True, weights_map=weights, offload_buffers=offload_buffers,
                 skip_keys=skip_keys, tied_params_map=shared, prefix=unit, tensor_names=[n[dot:] for n in names],
             )
             add_hook_to_module(module, hook, append=True)
             added.append(module)
-            unit_hooks.append((str(owner(names[0], dm)), hook))
+            if not by_row:
+                unit_hooks.append((str(owner(names[0], dm)), hook))
+            else:
+                _say_rows(names[0], weights, streamed)
         fetcher = Prefetcher.create(unit_hooks, depth=depth, device=torch_device(main))
         for _, hook in unit_hooks:
             hook.fetcher = fetcher
@@ -302,6 +307,16 @@ def _dispatch(
     _finish(model, dm, main)
     logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(units), main)
     return model
+
+
+def _say_rows(name: str, weights: WeightsMap, streamed: set[str]) -> None:
+    ref = weights.disk[name]
+    tied = sorted(n for n in streamed if n != name and weights.disk.get(n) == ref)
+    if tied:
+        logger.info("%s is read by row (only the rows of each batch's tokens); %s, tied to it, still reads the "
+                    "whole matrix at every forward", name, ", ".join(tied))
+    else:
+        logger.info("%s is read by row (only the rows of each batch's tokens)", name)
 
 
 def _is_module(model: nn.Module, name: str) -> bool:
