@@ -172,3 +172,18 @@ def test_a_quantize_operation_that_fails_here_fails_the_load_naming_it(llama: Pa
     with pytest.raises(CheckpointError, match="TorchAoQuantize.*Nothing was loaded"):
         load_pretrained_dispatched(llama, quantization_config=transformers.TorchAoConfig(
             Int4WeightOnlyConfig(group_size=16)), dtype=torch.bfloat16, device_map="cpu")
+
+
+def test_fp8_tensors_without_their_quantizer_are_refused_not_cast(fp8: dict[str, Path], tmp_path: Path) -> None:
+    """An fp8 checkpoint whose config lost its quantization_config: loading it unscaled would be silently wrong."""
+    from hf_bigmodel.errors import CheckpointMismatchError
+
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    for file in fp8["llama"].iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match=r"float8_e4m3fn.*fp8 ones not at all"):
+        load_pretrained_dispatched(folder, device_map="cpu")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import Advice, CheckpointMismatchError, DeviceMapError, OffloadError, summarize
-from ..model.dtypes import resolve_dtype, target_dtype
+from ..model.dtypes import FLOAT8, resolve_dtype, target_dtype
 from ..model.naming import lookup
 from ..model.sizes import find_tied_parameters
 from ..model.tensors import ModelTensor, model_tensors, put_tensor, set_tensor
@@ -48,6 +48,8 @@ OFFLOAD_ATTR = "_hf_bigmodel_weights"
 def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
     if src == dst:
         return True
+    if src in FLOAT8 or dst in FLOAT8:  # fp8 values need their scales: only a quantizer's conversion may cast
+        return False
     if src.is_complex or dst.is_complex:
         return src.is_complex and dst.is_complex
     if src.is_floating_point or dst.is_floating_point:
@@ -179,7 +181,9 @@ def load_checkpoint(
         hint = ""
         if uncastable:
             hint += (f"  Tensors that cannot be loaded as they are ({len(uncastable)}): {summarize(uncastable)}. "
-                     "Integer, bool and floating-point tensors only convert within their kind, and converted "
+                     "Integer, bool and floating-point tensors only convert within their kind (fp8 ones not at "
+                     "all: their values need their scales, which only the checkpoint's quantizer applies), and "
+                     "converted "
                      "tensors must fill the model's shapes; the checkpoint was saved from a different model or "
                      "is damaged: load the checkpoint made for this model.\n")
         if missing_unloadable:
@@ -419,7 +423,7 @@ def _final_dtype(
     current = slot.tensor.dtype
     if cast is None:
         return current
-    if not current.is_floating_point:
+    if not current.is_floating_point or current in FLOAT8:
         return current
     return target_dtype(name, ckpt_dtype, cast, keep)
 

@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["resolve_dtype", "target_dtype", "matches_module"]
+__all__ = ["FLOAT8", "resolve_dtype", "target_dtype", "matches_module"]
+
+#: The 8-bit float dtypes this torch has. Their values mean something only with the scales stored beside
+#: them, so they are never cast to or from another dtype implicitly.
+FLOAT8 = frozenset(getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name))
 
 _ALIASES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -55,7 +60,7 @@ def target_dtype(
     Only floating-point tensors are cast, and only when ``dtype`` is given; tensors of modules named in
     ``keep_in_fp32_modules`` then go to float32 instead.
     """
-    if not tensor_dtype.is_floating_point or dtype is None:
+    if not tensor_dtype.is_floating_point or dtype is None or tensor_dtype in FLOAT8:
         return tensor_dtype
     if keep_in_fp32_modules and matches_module(name, keep_in_fp32_modules):
         return torch.float32
