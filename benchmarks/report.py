@@ -55,6 +55,7 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     reads = [r["generate_read_bytes"] for r in ok if isinstance(r.get("generate_read_bytes"), int)]
     summary["generate_read_bytes"] = statistics.median(reads) if reads else None
     summary["forwards"] = next((len(r["generate_forward_s"]) for r in ok if r.get("generate_forward_s")), None)
+    summary["prefetch"] = next((r["prefetch"] for r in ok if r.get("prefetch")), None)
     summary["largest_disk_block"] = next(
         (r["largest_block_per_device"]["disk"] for r in ok if "disk" in (r.get("largest_block_per_device") or {})),
         None,
@@ -159,32 +160,29 @@ def table(summaries: dict[str, dict[str, Any]], *, markdown: bool) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
 
 
-def memory_formula(
-    summary: dict[str, Any], *, cpu_budget: int, prefetch_depth: int, baseline: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Check ``peak RSS <= cpu budget + (prefetch depth + 1) x largest offloaded block + baseline``.
+def memory_formula(summary: dict[str, Any], *, cpu_budget: int, baseline: dict[str, Any]) -> dict[str, Any] | None:
+    """Check ``peak RSS <= cpu budget + prefetch memory bound + baseline`` for a run that reported its prefetcher.
 
-    The block is the largest disk-mapped module the loader reported, else one decoder layer; the
-    baseline is the RSS of a process that imported torch + transformers and built the empty model.
+    The bound is the prefetcher's own (``largest group + window`` with a window of bytes, ``(groups + 1) x
+    largest group`` with a number of groups); the baseline is the RSS of a process that imported torch +
+    transformers and built the empty model.
     """
-    peak = summary.get("peak_rss")
-    if peak is None or not baseline.get("baseline_rss"):
+    peak, stats = summary.get("peak_rss"), summary.get("prefetch")
+    if peak is None or not stats or not baseline.get("baseline_rss"):
         return None
-    block_info = summary.get("largest_disk_block")
-    block = block_info["bytes"] if block_info else baseline["decoder_layer_bytes"]
-    block_name = block_info["module"] if block_info else "one decoder layer"
-    bound = cpu_budget + (prefetch_depth + 1) * block + baseline["baseline_rss"]
+    bound = cpu_budget + stats["memory_bound"] + baseline["baseline_rss"]
+    window = (f"{format_size(stats['largest_group'])} largest group + {format_size(stats['window_bytes'])} window"
+              if stats.get("window_bytes") is not None else f"({stats['depth']}+1) x {format_size(stats['largest_group'])}")
     return {
         "peak_rss": peak,
         "bound": bound,
         "holds": peak <= bound,
         "text": (
             f"peak RSS {format_size(peak)} {'<=' if peak <= bound else '>'} {format_size(bound)} = "
-            f"{format_size(cpu_budget)} budget + ({prefetch_depth}+1) x {format_size(block)} ({block_name}) "
-            f"+ {format_size(baseline['baseline_rss'])} baseline: {'HOLDS' if peak <= bound else 'EXCEEDED'}"
+            f"{format_size(cpu_budget)} budget + {window} + {format_size(baseline['baseline_rss'])} baseline: "
+            f"{'HOLDS' if peak <= bound else 'EXCEEDED'}"
         ),
     }
-
 
 SCALE_HEADER = ("| size | loader | s per token (decode) | floor s per token | x floor | read per token | peak RSS | "
                 "status |\n|---|---|---|---|---|---|---|---|")

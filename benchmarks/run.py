@@ -214,8 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-budget", default="600MiB", help="max_memory['cpu'] in the cold scenario")
     parser.add_argument("--memory-limit", default="1.3GB", help="memory cgroup limit of a cold-scenario runner")
     parser.add_argument("--no-cgroup", action="store_true", help="never confine runners to a memory cgroup")
-    parser.add_argument("--prefetch-depth", type=int, default=None, help="hf_bigmodel's prefetch depth, used by "
-                        "its runs and the memory formula check (default: the library's)")
+    parser.add_argument("--prefetch", default=None, help="hf_bigmodel's prefetch window for its runs: a size "
+                        "('256MiB'), a number of groups, or 0 (default: the library's, twice the median group)")
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds before a runner is killed")
     parser.add_argument("--busy-load", type=float, default=1.0, help="flag a scenario as noisy when the 1-min "
                         "load average exceeds this when a run starts")
@@ -257,11 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         gpu.main(args.gpu_args, work_dir=args.work_dir)
         return
 
-    if args.prefetch_depth is None:
-        from hf_bigmodel.runtime.prefetch import prefetch_depth
+    if args.prefetch is not None:
+        from hf_bigmodel.runtime.prefetch_window import ENV_VAR, prefetch_window
 
-        args.prefetch_depth = prefetch_depth(None)
-    os.environ["HF_BIGMODEL_PREFETCH"] = str(args.prefetch_depth)  # the runners inherit it
+        prefetch_window(args.prefetch)  # a bad value fails here, not in every runner
+        os.environ[ENV_VAR] = args.prefetch  # the runners inherit it
     checkpoint = build_checkpoint.checkpoint_dir(args.work_dir)
     if args.rebuild or not build_checkpoint.is_built(checkpoint):
         (args.work_dir / f"{checkpoint.name}.reference.pt").unlink(missing_ok=True)
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  if not args.no_cgroup else "runs NOT memory-capped (--no-cgroup)"))
             checks = {}
             for loader, summary in summaries.items():
-                check = report.memory_formula(summary, cpu_budget=cpu_budget, prefetch_depth=args.prefetch_depth,
-                                              baseline=baseline)
+                check = report.memory_formula(summary, cpu_budget=cpu_budget, baseline=baseline)
                 if check:
                     checks[loader] = check
             entry["memory_formula"] = checks

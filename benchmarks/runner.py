@@ -190,6 +190,7 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         generate_s = time.perf_counter() - t0
         timer.stop()
     generated = out[:, PROMPT_TOKENS:].tolist()
+    result.update(prefetch=_prefetch_stats(model))
     result.update(generate_s=generate_s, tokens_per_s=args.batch * args.new_tokens / generate_s,
                   batch=args.batch, new_tokens=args.new_tokens, assistant=str(args.assistant or ""),
                   generate_forward_s=timer.seconds, generate_forward_read_bytes=timer.read_bytes,
@@ -206,6 +207,16 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         if assistant is None:  # assisted decoding verifies several tokens per forward: other kernels, own reference
             result.update(tokens_match=generated[0] == reference["generated"])
     result.update(phase="done")
+
+
+def _prefetch_stats(model: Any) -> dict[str, Any] | None:
+    """hf_bigmodel's prefetcher counters (window, memory bound, hits), or None for other loaders."""
+    try:
+        from hf_bigmodel.runtime.prefetch import prefetcher_of
+    except ImportError:
+        return None
+    fetcher = prefetcher_of(model)
+    return fetcher.stats() if fetcher is not None else None
 
 
 def measure_baseline(result: Result, checkpoint: Path) -> None:

@@ -55,18 +55,22 @@ def test_ratios_are_to_the_best_anchor_in_each_column(bench):
     assert "| hf_bigmodel | 1.00 (0.50x) | 4.00 (0.33x) |" in text
 
 
-def test_memory_formula_and_disk_floor(bench):
+def test_memory_formula_uses_the_prefetchers_own_bound(bench):
     report, _ = bench
     mib = 2**20
     baseline = {"baseline_rss": 376 * mib, "decoder_layer_bytes": 86 * mib}
-    summary = {"peak_rss": 1260 * mib, "largest_disk_block": {"module": "lm_head", "bytes": 125 * mib},
-               "generate_s": 4.0, "disk_bytes": 1.5e9}
-    check = report.memory_formula(summary, cpu_budget=600 * mib, prefetch_depth=2, baseline=baseline)
-    assert check["bound"] == (600 + 3 * 125 + 376) * mib and check["holds"]
-    assert "(2+1) x 125.00 MiB (lm_head)" in check["text"] and check["text"].endswith("HOLDS")
-    over = report.memory_formula({**summary, "peak_rss": 1400 * mib}, cpu_budget=600 * mib, prefetch_depth=2,
-                                 baseline=baseline)
+    stats = {"memory_bound": 297 * mib, "largest_group": 125 * mib, "window_bytes": 172 * mib, "depth": 18}
+    summary = {"peak_rss": 1260 * mib, "prefetch": stats}
+    check = report.memory_formula(summary, cpu_budget=600 * mib, baseline=baseline)
+    assert check["bound"] == (600 + 297 + 376) * mib and check["holds"]
+    assert "125.00 MiB largest group + 172.00 MiB window" in check["text"] and check["text"].endswith("HOLDS")
+    over = report.memory_formula({**summary, "peak_rss": 1400 * mib}, cpu_budget=600 * mib, baseline=baseline)
     assert not over["holds"] and over["text"].endswith("EXCEEDED")
+    groups = report.memory_formula({**summary, "prefetch": {**stats, "window_bytes": None, "depth": 2,
+                                                            "memory_bound": 375 * mib}},
+                                   cpu_budget=600 * mib, baseline=baseline)
+    assert "(2+1) x 125.00 MiB" in groups["text"] and groups["bound"] == (600 + 375 + 376) * mib
+    assert report.memory_formula({"peak_rss": 1}, cpu_budget=1, baseline=baseline) is None  # not hf_bigmodel
 
 
 def test_floor_takes_the_larger_of_compute_and_reading_in_each_forward(bench):

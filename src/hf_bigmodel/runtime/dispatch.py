@@ -29,7 +29,8 @@ from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_ind
 from ..storage.weights_map import DiskRef, WeightsMap
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
 from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
-from .prefetch import Prefetcher, prefetch_depth
+from .prefetch import Prefetcher
+from .prefetch_window import prefetch_window
 
 __all__ = [
     "dispatch_model",
@@ -107,7 +108,7 @@ def dispatch_model(
     preload_module_classes: Sequence[str] | None = None,
     force_hooks: bool = False,
     *,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
 ) -> nn.Module:
     """Place ``model`` per ``device_map`` and hook offloaded modules so they run on the main device.
 
@@ -116,8 +117,9 @@ def dispatch_model(
     ``state_dict``, or from the offload folder ``offload_dir``. ``skip_keys`` names inputs/outputs left
     where they are (e.g. ``"past_key_values"``); modules of ``preload_module_classes`` get all their
     subtree's weights at once. With everything on one device no hook is attached unless ``force_hooks``.
-    ``prefetch`` is how many groups of offloaded weights are fetched ahead of use (None: the default,
-    ``$HF_BIGMODEL_PREFETCH`` or 2; 0: off, each module reads its weights when it runs).
+    ``prefetch`` is how far ahead offloaded weights are fetched: a size (``"256MiB"``: the bytes read ahead), a
+    number of groups, or 0 (off: each module reads its weights when it runs); None: ``$HF_BIGMODEL_PREFETCH``,
+    else twice the median group's bytes (:mod:`hf_bigmodel.runtime.prefetch_window`).
 
     Example::
 
@@ -143,9 +145,9 @@ def _dispatch(
     preload_module_classes: Sequence[str] | None = None,
     force_hooks: bool = False,
     offload_cpu: bool | None = None,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
 ) -> nn.Module:
-    depth = prefetch_depth(prefetch)
+    window = prefetch_window(prefetch)
     dm = check_device_map(model, device_map)
     _check_present(set(dm.values()))
     recorded = getattr(model, OFFLOAD_ATTR, None)
@@ -288,7 +290,7 @@ def _dispatch(
                 unit_hooks.append((str(owner(names[0], dm)), hook))
             else:
                 _say_rows(names[0], weights, streamed)
-        fetcher = Prefetcher.create(unit_hooks, depth=depth, device=torch_device(main))
+        fetcher = Prefetcher.create(unit_hooks, window=window, device=torch_device(main))
         for _, hook in unit_hooks:
             hook.fetcher = fetcher
         executions = {execution(d) for d in devices}
@@ -370,7 +372,7 @@ def load_checkpoint_and_dispatch(
     full_state_dict: bool = True,
     broadcast_from_rank0: bool = False,
     *,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
 ) -> nn.Module:
     """Plan (for a strategy string), load ``checkpoint`` into the empty ``model``, and dispatch it.
 

@@ -32,7 +32,7 @@ def cpu_offload(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     preload_module_classes: Sequence[str] | None = None,
     *,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
 ) -> nn.Module:
     """Keep every weight in RAM and bring each module's weights to ``execution_device`` only while it runs.
 
@@ -73,7 +73,7 @@ def disk_offload(
     offload_buffers: bool = False,
     preload_module_classes: Sequence[str] | None = None,
     *,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
 ) -> nn.Module:
     """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
 

@@ -4,10 +4,12 @@ A :class:`Prefetcher` serves the offloading hooks of one dispatched model (``hoo
 cut into *groups*, each fetched as a whole: a device-map entry such as a decoder layer (an entry over
 :data:`GROUP_BYTES` is cut into its children, e.g. ``{"": "disk"}`` into layers; small neighbours are
 merged up to :data:`MERGE_BYTES`). While a group runs, a background thread (:mod:`.prefetch_reader`)
-fetches the next ``depth`` groups, cyclically (after the last group of a forward, the first of the next):
+fetches the next groups, cyclically (after the last group of a forward, the first of the next), as many
+as fit the prefetch window (:mod:`.prefetch_window`: bytes, by default twice the median group):
 
-- CPU runs: disk -> RAM into reusable aligned buffers (a pool of ``depth + 1``, sized for the largest
-  group) whose views the modules use; ``O_DIRECT`` keeps the page cache empty (:mod:`.diskio`);
+- CPU runs: disk -> RAM into reusable aligned buffers, each sized for its group (the group in use plus
+  those read ahead: at most ``largest group + window`` bytes), whose views the modules use; ``O_DIRECT``
+  keeps the page cache empty (:mod:`hf_bigmodel.storage.direct_io`);
 - CUDA runs: disk -> a few pinned staging chunks -> GPU, and pinned RAM -> GPU, with copies on a side
   stream; the compute stream waits on an event (``wait_event``) and the tensors are ``record_stream``-ed,
   so nothing synchronises the host.
@@ -22,7 +24,7 @@ abandoned to whoever holds it and a fresh one takes its place. Errors of the rea
 the forward that needs the group, naming the file. The thread stops on :meth:`Prefetcher.close`
 (called when hooks are removed) or when the prefetcher is garbage-collected with its model.
 
-``HF_BIGMODEL_PREFETCH`` sets the default depth (``0`` turns prefetching off).
+``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from torch import nn
 from ..errors import BigModelError, OffloadError
 from ..model.naming import is_within, parent
 from ..model.sizes import format_size
-from ..storage.direct_io import DirectReader, aligned_empty
+from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty
 from ..storage.weights_map import WeightsMap
 from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
+from .prefetch_window import Window, prefetch_memory
 
 __all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "MERGE_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
 
@@ -58,6 +61,8 @@ DEFAULT_DEPTH = 2
 GROUP_BYTES = 128 * 2**20
 #: Consecutive small blocks of one entry (norms, small layers) are fetched together up to this size.
 MERGE_BYTES = 32 * 2**20
+#: Host buffers are sized in multiples of this (a huge page): groups of one shape share buffers.
+_ROUND = 2 * 2**20
 
 
 def prefetch_depth(prefetch: int | None = None) -> int:
@@ -106,19 +111,19 @@ class Prefetcher:
     """
 
     @classmethod
-    def create(cls, hooks: Sequence[tuple[str, Any]], *, depth: int, device: torch.device) -> Prefetcher | None:
+    def create(cls, hooks: Sequence[tuple[str, Any]], *, window: Window, device: torch.device) -> Prefetcher | None:
         """A prefetcher for ``hooks`` (those with a :class:`WeightsMap` and tensors), or None (see above)."""
-        if depth <= 0 or not hooks or device.type not in ("cpu", "cuda"):
+        if window.off or not hooks or device.type not in ("cpu", "cuda"):
             return None
         ok = [(k, h) for k, h in hooks if isinstance(h.weights_map, WeightsMap) and h.slots]
         if device.type == "cpu" and not any(
             h.weights_map.is_on_disk(s.name) for _, h in ok for s in h.slots
         ):
             return None
-        return cls(ok, depth=depth, device=device) if ok else None
+        return cls(ok, window=window, device=device) if ok else None
 
-    def __init__(self, hooks: Sequence[tuple[str, Any]], *, depth: int, device: torch.device) -> None:
-        self.depth = depth
+    def __init__(self, hooks: Sequence[tuple[str, Any]], *, window: Window, device: torch.device) -> None:
+        self.window = window
         self.device = device
         self._keys = {id(h): k for k, h in hooks}
         self._sizes = {id(h): sum(_nbytes(*h.weights_map.spec(s.name)) for s in h.slots) for _, h in hooks}
@@ -140,10 +145,10 @@ class Prefetcher:
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, stop_reader, self._jobs, self._thread)
-        logger.debug("Prefetching %d group(s) (largest %s) %d ahead to %s", len(self._groups),
-                     format_size(self._capacity), depth, device)
-        for group in self._groups[:depth]:  # the first forward finds its first groups on their way
-            self._inflight.append(self._submit(group))
+        sizes = [_rounded(g.fetch_bytes) for g in self._groups]
+        logger.debug("Prefetching %d group(s) (largest %s) %s ahead to %s", len(self._groups),
+                     format_size(self._capacity), window.describe(sizes), device)
+        self._fill(len(self._groups) - 1)  # the first forward finds its first groups on their way
 
     def _build(self, order: Sequence[Any]) -> bool:
         """Cut ``order`` into groups: runs of one block, small ones merged up to MERGE_BYTES within an entry.
@@ -175,6 +180,10 @@ class Prefetcher:
         self._groups = [plan_group(i, run, on_cpu) for i, run in enumerate(runs)]
         self._group_of = {hook_id: g for g in self._groups for hook_id in g.slots}
         self._capacity = max((g.host_bytes for g in self._groups), default=0)
+        sizes = [_rounded(g.fetch_bytes) for g in self._groups]
+        self._limit = self.window.bytes_for(sizes)  # None: a number of groups
+        self.depth = min(self.window.groups if self.window.groups is not None else len(sizes), max(len(sizes) - 1, 1))
+        self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
         return True
 
     # The hook protocol ---------------------------------------------------------------------------------
@@ -273,14 +282,25 @@ class Prefetcher:
     def _top_up(self) -> None:
         if self._current is None or self._current.group is None:
             return
-        start = self._current.group.index
+        self._fill(self._current.group.index)
+
+    def _fill(self, start: int) -> None:
+        """Submit the groups after ``start`` (cyclically, never ``start`` itself) while they fit the window.
+
+        One group is always read ahead, even one larger than the window.
+        """
         last = self._inflight[-1].group.index if self._inflight else start  # type: ignore[union-attr]
+        ahead = sum(_rounded(job.group.fetch_bytes) for job in self._inflight if job.group is not None)
         count = len(self._groups)
         while len(self._inflight) < self.depth:
             nxt = (last + 1) % count
             if nxt == start:
                 break
+            size = _rounded(self._groups[nxt].fetch_bytes)
+            if self._inflight and self._limit is not None and ahead + size > self._limit:
+                break
             self._inflight.append(self._submit(self._groups[nxt]))
+            ahead += size
             last = nxt
 
     def _submit(self, group: Group) -> Job:
@@ -292,7 +312,13 @@ class Prefetcher:
         return job
 
     def _acquire(self, nbytes: int) -> Buffer:
-        """A pool buffer no live tensor uses, of at least ``nbytes`` (pool: depth + 1 buffers)."""
+        """A pool buffer of ``nbytes`` (rounded up to 2 MiB, or 4 KiB when smaller) that no live tensor uses.
+
+        Buffers are sized for their group, so what the pool holds stays within ``largest group + window``:
+        idle buffers of other sizes are let go (back to the OS) before a new one would exceed that.
+        """
+        size = _rounded(nbytes)
+
         def free(buffer: Buffer) -> bool:
             owner = buffer.job
             if owner is not None:
@@ -302,20 +328,22 @@ class Prefetcher:
             return buffer.baseline is not None and use_count(buffer.tensor) == buffer.baseline
 
         for buffer in self._buffers:
-            if free(buffer) and buffer.tensor.numel() >= nbytes:
+            if buffer.tensor.numel() == size and free(buffer):
                 return buffer
-        if len(self._buffers) > self.depth:  # pool full: wait for cancelled reads, else give up a buffer
-            for buffer in self._buffers:
-                if buffer.job is not None and buffer.job.retired and not buffer.job.done.is_set():
-                    buffer.job.done.wait()
-                    if free(buffer) and buffer.tensor.numel() >= nbytes:
-                        return buffer
-            victim = next((b for b in self._buffers if b.job is None or b.job.retired), None)
-            if victim is not None:
-                self._buffers.remove(victim)  # still referenced elsewhere (or too small): left to its holders
-                victim.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
-                self.abandoned += 1
-        tensor = aligned_empty(max(nbytes, self._capacity))
+        for buffer in self._buffers:  # cancelled reads still running: wait for them, their buffer may fit
+            if buffer.job is not None and buffer.job.retired and not buffer.job.done.is_set():
+                buffer.job.done.wait()
+                if buffer.tensor.numel() == size and free(buffer):
+                    return buffer
+        for buffer in list(self._buffers):
+            if sum(b.tensor.numel() for b in self._buffers) + size <= self._bound:
+                break
+            if buffer.job is None or buffer.job.retired:
+                self._buffers.remove(buffer)  # idle: freed; still referenced elsewhere: left to its holders
+                if not free(buffer):
+                    self.abandoned += 1
+                buffer.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
+        tensor = aligned_empty(size)
         buffer = Buffer(tensor, use_count(tensor))
         self._buffers.append(buffer)
         return buffer
@@ -333,7 +361,8 @@ class Prefetcher:
     def stats(self) -> dict[str, Any]:
         """Counters: groups fetched ahead (``hits``), synchronously (``misses``, ``unscheduled``), and waits."""
         return {
-            "depth": self.depth, "groups": len(self._groups), "hits": self.hits, "misses": self.misses,
+            "depth": self.depth, "window_bytes": self._limit, "memory_bound": self._bound,
+            "largest_group": self._capacity, "groups": len(self._groups), "hits": self.hits, "misses": self.misses,
             "unscheduled": self.unscheduled, "wait_s": round(self.wait_s, 4), "buffers": len(self._buffers),
             "buffer_bytes": sum(b.tensor.numel() for b in self._buffers), "abandoned": self.abandoned,
         }
@@ -360,6 +389,11 @@ class Prefetcher:
     def __repr__(self) -> str:
         return (f"Prefetcher(depth={self.depth}, groups={len(self._groups)}, device={self.device}, "
                 f"closed={self._closed})")
+
+
+def _rounded(nbytes: int) -> int:
+    unit = _ROUND if nbytes >= _ROUND else ALIGNMENT
+    return -(-nbytes // unit) * unit
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:

@@ -59,10 +59,20 @@ class Group:
     slots: dict[int, list[int]]  # id(hook) -> item index per slot
     host_bytes: int
     scratch: tuple[int, int] = (0, 0)  # CPU runs: (offset, bytes) where fused tensors' pieces are read first
+    #: CPU runs: one read per run of adjacent tensors in a file, (the run's byte range, its offset in the buffer)
+    reads: list[tuple[TensorEntry, int]] = field(default_factory=list)
 
     @property
     def names(self) -> str:
         return summarize([p or "<root>" for p in self.prefixes], 3)
+
+    @property
+    def fetch_bytes(self) -> int:
+        """What reading this group ahead holds: its host buffer (CPU runs), else its tensors on the device."""
+        if self.host_bytes:
+            return self.host_bytes
+        return sum(i.ref.nbytes if i.ref is not None else (i.memory.nbytes if i.memory is not None else 0)
+                   for i in self.items)
 
 
 def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
@@ -95,9 +105,11 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
         slots[id(hook)] = picks
     size = 0
     scratch = (0, 0)
+    reads: list[tuple[TensorEntry, int]] = []
     if on_cpu:
+        reads, size = _coalesce([i for i in items if isinstance(i.ref, DiskTensor)])
         for item in items:
-            if item.ref is not None:
+            if isinstance(item.ref, FusedDiskTensor):
                 item.offset = size
                 size += _host_span(item.ref)
         for item in items:
@@ -108,7 +120,40 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
         if fused:
             scratch = (size, max(scratch_bytes(r, lambda e: padded_span(e)[1]) for r in fused))
             size += scratch[1]
-    return Group(index, [h.prefix for h in hooks], items, slots, size, scratch)
+    return Group(index, [h.prefix for h in hooks], items, slots, size, scratch, reads)
+
+
+def _coalesce(items: list[Item]) -> tuple[list[tuple[TensorEntry, int]], int]:
+    """Lay ``items`` (plain disk tensors) out in a host buffer as their files hold them, one read per run.
+
+    Tensors adjacent in a file (a decoder layer's, in a safetensors shard) form one run: a single aligned
+    read fetches them all, so the reader thread makes one system call, and takes the GIL back once, per
+    run instead of per tensor. Sets each item's ``offset`` (its aligned first page in the buffer);
+    returns the reads and the bytes they need.
+    """
+    runs: list[list[Item]] = []
+    for item in sorted(items, key=lambda i: (i.ref.entry.path, i.ref.entry.start)):  # type: ignore[union-attr]
+        entry = item.ref.entry  # type: ignore[union-attr]
+        if runs:
+            last = runs[-1][-1].ref.entry  # type: ignore[union-attr]
+            end = max(i.ref.entry.end for i in runs[-1])  # type: ignore[union-attr]
+            if last.path == entry.path and padded_span(entry)[0] <= -(-end // ALIGNMENT) * ALIGNMENT:
+                runs[-1].append(item)
+                continue
+        runs.append([item])
+    reads: list[tuple[TensorEntry, int]] = []
+    size = 0
+    for run in runs:
+        entries = [i.ref.entry for i in run]  # type: ignore[union-attr]
+        start, end = entries[0].start, max(e.end for e in entries)
+        span = replace(entries[0], key=summarize([e.key for e in entries], 2), dtype=torch.uint8,
+                       shape=(end - start,), start=start, end=end)
+        first = padded_span(span)[0]
+        for item, entry in zip(run, entries):
+            item.offset = size + padded_span(entry)[0] - first
+        reads.append((span, size))
+        size += padded_span(span)[1]
+    return reads, size
 
 
 def _aligned(nbytes: int) -> int:
@@ -250,6 +295,10 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
     values: list[torch.Tensor] = []
     if device.type != "cuda":
         buf = job.buffer.tensor if job.buffer is not None else None
+        for span, offset in job.group.reads if job.group is not None else ():
+            assert buf is not None
+            job.path = span.path
+            reader.read_into(span, buf[offset:])
         for item in job.items:
             if item.memory is not None:
                 values.append(item.memory)
@@ -260,9 +309,9 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
                 job.path = ", ".join(ref.paths)
                 offset, size = job.group.scratch if job.group is not None else (0, 0)
                 value = read_fused_into(ref, reader.read_into, buf[item.offset :], buf[offset : offset + size])
-            else:
-                job.path = ref.entry.path
-                value = _typed(reader.read_into(ref.entry, buf[item.offset :]), ref)
+            else:  # read with its run, above
+                skip = ref.entry.start % ALIGNMENT
+                value = _typed(buf[item.offset + skip : item.offset + skip + ref.entry.nbytes], ref)
             if item.cast_offset >= 0:
                 out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
                 value = out.copy_(value)
