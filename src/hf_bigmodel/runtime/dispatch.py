@@ -29,6 +29,7 @@ from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_ind
 from ..storage.weights_map import DiskRef, WeightsMap
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
 from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+from .pinned import pin_blocks
 from .prefetch import Prefetcher
 from .prefetch_window import prefetch_window
 
@@ -262,8 +263,12 @@ def _dispatch(
                 weights.disk.update(folder.write(group_tensors))
             folder.write_index(weights.disk)
         if pin:  # page-locked RAM copies to the GPU asynchronously; tied names keep sharing one copy
+            blocks: dict[str, list[str]] = {}
+            for name in [n for n in slots if n in streamed]:  # model order; one exactly sized arena per block
+                blocks.setdefault(str(owner(name, dm)), []).append(name)
+            pin_blocks(weights, blocks)
             pinned: dict[int, torch.Tensor] = {}
-            for name in streamed:
+            for name in streamed:  # what an arena could not take (non-contiguous tensors)
                 t = weights.memory.get(name)
                 if t is not None and not t.is_pinned():
                     if id(t) not in pinned:

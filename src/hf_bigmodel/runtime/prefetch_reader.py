@@ -22,9 +22,10 @@ from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_s
 from ..storage.fused import FusedDiskTensor, box_shape, contiguous_span, read_fused_into, scratch_bytes
 from ..storage.safetensors_io import TensorEntry
 from ..storage.weights_map import DiskRef, DiskTensor, WeightsMap
+from .pinned import spans
 
-__all__ = ["Buffer", "Group", "Item", "Job", "Staging", "fetch", "plan_group", "reader_loop", "stop_reader",
-           "use_count"]
+__all__ = ["Buffer", "Group", "Item", "Job", "Staging", "copy_from_ram", "fetch", "plan_group", "reader_loop",
+           "stop_reader", "use_count"]
 
 #: CUDA runs stage disk reads through this many pinned chunks of this size (64 MiB of pinned RAM).
 STAGING_CHUNK = 16 * 2**20
@@ -319,9 +320,10 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
         return values
     assert staging is not None
     with torch.cuda.device(device), torch.cuda.stream(stream):
-        for item in job.items:
-            if item.memory is not None:  # pinned by dispatch: an asynchronous copy
-                values.append(item.memory.to(device, non_blocking=True))
+        placed = copy_from_ram(job.items, device)
+        for index, item in enumerate(job.items):
+            if index in placed:
+                values.append(placed[index])
                 continue
             assert item.ref is not None
             job.path = item.ref.entry.path if isinstance(item.ref, DiskTensor) else ", ".join(item.ref.paths)
@@ -329,6 +331,31 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
         job.event = torch.cuda.Event()
         job.event.record(stream)
     return values
+
+
+def copy_from_ram(items: list[Item], device: torch.device) -> dict[int, torch.Tensor]:
+    """The RAM items of a group on ``device``, by item index: one asynchronous copy per span of an arena.
+
+    Dispatch lays a block's RAM tensors out in one pinned arena (:mod:`.pinned`), so a group's tensors
+    usually cross in one copy, and come out as views of one device buffer; anything else is copied alone.
+    """
+    placed: dict[int, torch.Tensor] = {}
+    memory = [(i, item.memory) for i, item in enumerate(items) if item.memory is not None]
+    together = [(i, t) for i, t in memory if t.is_contiguous() and t.device.type == "cpu"]
+    for i, tensor in memory:
+        if not (tensor.is_contiguous() and tensor.device.type == "cpu"):
+            placed[i] = tensor.to(device, non_blocking=True)
+    for span in spans([t for _, t in together]):
+        if len(span.members) == 1:
+            i, tensor = together[span.members[0][0]]
+            placed[i] = tensor.to(device, non_blocking=True)
+            continue
+        out = torch.empty(span.source.numel(), dtype=torch.uint8, device=device)
+        out.copy_(span.source, non_blocking=True)
+        for member, offset in span.members:
+            i, tensor = together[member]
+            placed[i] = out[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+    return placed
 
 
 def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, device: torch.device,
