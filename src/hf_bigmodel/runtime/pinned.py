@@ -67,7 +67,8 @@ def pin_blocks(weights: WeightsMap, blocks: Mapping[str, Sequence[str]], *, regi
     ``cudaHostRegister``), ``unregister`` undoes it when ``weights`` is collected.
     """
     register = register or _cuda_register
-    arenas: list[torch.Tensor] = []
+    arenas: list[torch.Tensor] = []  # registered ones, unregistered with ``weights`` (even if a later one fails)
+    finalizer = weakref.finalize(weights, unregister or _cuda_unregister, arenas)
     for names in blocks.values():
         distinct: dict[int, torch.Tensor] = {}
         for name in names:
@@ -80,7 +81,7 @@ def pin_blocks(weights: WeightsMap, blocks: Mapping[str, Sequence[str]], *, regi
         offsets, total = arena_layout([t.nbytes for t in tensors])
         arena = aligned_empty(total)
         register(arena)
-        arenas.append(arena)
+        arenas.append(arena)  # the finalizer's list
         moved: dict[int, torch.Tensor] = {}
         for tensor, offset in zip(tensors, offsets):
             view = arena[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
@@ -89,9 +90,9 @@ def pin_blocks(weights: WeightsMap, blocks: Mapping[str, Sequence[str]], *, regi
             tensor = weights.memory.get(name)
             if tensor is not None and id(tensor) in moved:
                 weights.memory[name] = moved[id(tensor)]
-    if arenas:
-        weakref.finalize(weights, unregister or _cuda_unregister, arenas)
-    return arenas
+    if not arenas:
+        finalizer.detach()
+    return list(arenas)
 
 
 @dataclass
