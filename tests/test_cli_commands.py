@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
 from conftest import _closed_port_url
 from hub_server import HubServer
 from tiny_models import save_tiny_gpt2, save_tiny_llama
+
+from hf_bigmodel.model.sizes import format_size
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_LINE = re.compile(r"^hf-bigmodel: error: \S.*$")
@@ -177,3 +180,60 @@ def test_trust_remote_code(env: dict[str, str], tmp_path: Path) -> None:
     result = hf_bigmodel(env, "plan", folder, "--max-memory", "cpu=1GiB", "--trust-remote-code", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model_class"] == "FancyForCausalLM"
+
+
+# -- plan: config only, collapsed runs, the prefetch window -------------------------------------------------
+def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str], models: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """A folder with only config.json (no dtype in it) plans as from_pretrained would load: float32, said
+    so once. The table collapses runs of layers on one device; --json keeps every entry; both show the
+    prefetch window."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_bigmodel import compute_module_sizes, init_empty_weights, resolve_device_map
+    from hf_bigmodel.runtime.prefetch import plan_prefetch
+
+    folder = tmp_path / "config_only"
+    folder.mkdir()
+    config = json.loads((models["llama"] / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    config["num_hidden_layers"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    budgets = ["--max-memory", "0=50KB,cpu=30KB"]
+    result = hf_bigmodel(env, "plan", folder, *budgets, "--json")
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "assuming float32" in warnings[0] and "--dtype" in warnings[0]
+    report = json.loads(result.stdout)
+    assert report["dtype"] == "float32" and report["dtype_assumed"] is True
+    # The plan of the model built in float32 from the same config, as from_pretrained would build it.
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    sizes = compute_module_sizes(model, torch.float32)
+    expected = resolve_device_map(model, "auto", max_memory={0: 50_000, "cpu": 30_000},
+                                  no_split_module_classes=["LlamaDecoderLayer"], dtype=torch.float32,
+                                  check_devices=False)
+    assert report["device_map"] == expected
+    assert report["total_size"] == sizes[""]
+    layers = {k: v for k, v in report["device_map"].items() if k.startswith("model.layers.")}
+    assert len(layers) == 8  # --json keeps one entry per layer
+    planned = plan_prefetch(model, expected, sizes=sizes)
+    assert report["prefetch"] == {"device": 0, "window": planned.window_text, "total": planned.total,
+                                  "groups": planned.groups, "largest_group": list(planned.largest),
+                                  "largest_group_size": planned.largest_bytes}
+
+    text = hf_bigmodel(env, "plan", folder, *budgets)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert "in float32 (assumed" in lines[0]
+    rows = [line.split() for line in lines if line.startswith("model.layers.")]
+    covered = []
+    for row in rows:  # e.g. ['model.layers.0-2', '27.38', 'KiB', '(3', 'x', '9.12', 'KiB)', '0']
+        first, _, last = row[0].removeprefix("model.layers.").partition("-")
+        span = range(int(first), int(last or first) + 1)
+        assert {layers[f"model.layers.{i}"] for i in span} == {int(row[-1]) if row[-1].isdigit() else row[-1]}
+        covered += span
+    assert covered == list(range(8)) and len(rows) < 8  # every layer once, in fewer rows
+    prefetch_line = next(line for line in lines if line.startswith("Prefetching:"))
+    assert f"up to {format_size(planned.total)} on 0 while the model runs" in prefetch_line
+    assert f"{format_size(planned.largest_bytes)}) and {planned.window_text} read ahead" in prefetch_line

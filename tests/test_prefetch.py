@@ -27,6 +27,7 @@ from hf_bigmodel import (
 )
 from hf_bigmodel.errors import CheckpointError
 from hf_bigmodel.runtime import prefetch as prefetch_module
+from hf_bigmodel.runtime import prefetch_plan
 from hf_bigmodel.runtime.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
 from hf_bigmodel.storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, drop_page_cache, padded_span
 from hf_bigmodel.storage.safetensors_io import read_header
@@ -146,8 +147,8 @@ def _chain(tmp_path, prefetch):
 
 @pytest.fixture
 def one_group_per_module(monkeypatch):
-    monkeypatch.setattr(prefetch_module, "GROUP_BYTES", 1)
-    monkeypatch.setattr(prefetch_module, "MERGE_BYTES", 0)
+    monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 1)  # the grouping lives in prefetch_plan
+    monkeypatch.setattr(prefetch_plan, "MERGE_BYTES", 0)
 
 
 def test_order_is_learned_from_the_first_forward(tmp_path, one_group_per_module):

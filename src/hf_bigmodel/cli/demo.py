@@ -23,7 +23,8 @@ from torch import nn
 from ..model.sizes import format_size
 from ..plan.devices import Device
 from .model import EmptyModel, Source, build_empty_model
-from .plan import PlanReport, format_plan, plan_empty
+from .plan import plan_empty
+from .report import PlanReport, format_plan
 
 __all__ = ["DEMO_PACKAGE", "PAIRS", "TOLERANCE", "demo_command", "demo_model_dir", "embed", "pick_budget"]
 

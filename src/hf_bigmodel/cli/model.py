@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ModelFileNotFoundError
 from ..hf.hub import resolve_config
 from ..hf.loader import LoadContext, PretrainedLoader
 from ..model.dtypes import matches_module
@@ -37,6 +38,8 @@ class EmptyModel:
     dtype: torch.dtype | None
     no_split: list[str] = field(default_factory=list)
     special_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    #: True when the config names no dtype and no weights were read: float32 was assumed.
+    dtype_assumed: bool = False
 
 
 def _is_local(name: str, subfolder: str | None) -> bool:
@@ -105,11 +108,13 @@ def build_empty_model(
     dtype: torch.dtype | str | None = None,
     loader: PretrainedLoader | type[PretrainedLoader] | None = None,
 ) -> EmptyModel:
-    """Fetch only the config of ``name_or_path`` and build its model on the meta device.
+    """Fetch only the config of ``source`` and build its model on the meta device.
 
-    ``dtype`` is ``--dtype`` (``None``: the family's default). When that default is "the checkpoint's
-    dtype" and the config does not say it, a local model's weight headers are read; for a Hub repo
-    nothing more is downloaded, a warning says so and sizes use the dtypes the model is built with.
+    ``dtype`` is ``--dtype`` (``None``: the family's default). When that default is the checkpoint's
+    dtype and the config does not name one, a local model's weight headers are read, as
+    ``from_pretrained`` would; without weights to read (a Hub repo, whose weights planning never
+    downloads, or a folder holding only ``config.json``) float32 is assumed, as ``from_pretrained``
+    does without a dtype, a warning says so and ``EmptyModel.dtype_assumed`` is set.
 
     Example::
 
@@ -117,21 +122,23 @@ def build_empty_model(
         empty.model.model.layers[0].mlp.up_proj.weight.device  # device(type='meta')
     """
     ctx, chosen = prepare(source, loader=loader)
-    name_or_path = source.name_or_path
     needs_weights = dtype in (None, "auto") and not _config_names_dtype(ctx.raw_config)
-    if needs_weights and _is_local(name_or_path, source.subfolder):
-        ctx.files = chosen.resolve_files(ctx)  # local: only headers are read, nothing is copied
+    if needs_weights and _is_local(source.name_or_path, source.subfolder):
+        try:
+            ctx.files = chosen.resolve_files(ctx)  # local: only headers are read, nothing is copied
+        except ModelFileNotFoundError:
+            logger.info("%s holds no weights: planning from the config alone", source.name_or_path)
+    assumed = False
     try:
         ctx.dtype = chosen.resolve_dtype(ctx, dtype)
-    except RuntimeError:
+    except RuntimeError:  # the loader wants the checkpoint's dtype, which only weights could tell
         if ctx.files is not None:
             raise
-        # The loader wants the checkpoint's dtype, which only the weights tell: plan in the build dtypes.
         logger.warning(
-            "The config of %s names no dtype and planning downloads no weights: sizes assume the dtypes the "
-            "model is built with (float32 for most). Pass --dtype to plan for another.", name_or_path,
+            "The config of %s names no dtype and planning reads no weights: assuming float32, as from_pretrained "
+            "does without one. Pass --dtype to plan for another.", source.name_or_path,
         )
-        ctx.dtype = None
+        ctx.dtype, assumed = torch.float32, True
     from ..hf.pretrained import _default_dtype
 
     with init_empty_weights(), _default_dtype(ctx.dtype):
@@ -141,4 +148,4 @@ def build_empty_model(
         name: torch.float32 for name, slot in model_tensors(ctx.model).items()
         if keep and slot.tensor.is_floating_point() and matches_module(name, keep)
     }
-    return EmptyModel(ctx.model, chosen, ctx, ctx.dtype, chosen.no_split_modules(ctx), special)
+    return EmptyModel(ctx.model, chosen, ctx, ctx.dtype, chosen.no_split_modules(ctx), special, assumed)

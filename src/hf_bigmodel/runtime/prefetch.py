@@ -25,6 +25,7 @@ the forward that needs the group, naming the file. The thread stops on :meth:`Pr
 (called when hooks are removed) or when the prefetcher is garbage-collected with its model.
 
 ``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off).
+:func:`~hf_bigmodel.runtime.prefetch_plan.plan_prefetch` tells, before loading, the memory it will hold.
 """
 
 from __future__ import annotations
@@ -43,26 +44,30 @@ import torch
 from torch import nn
 
 from ..errors import BigModelError, OffloadError
-from ..model.naming import is_within, parent
 from ..model.sizes import format_size
-from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty
+from ..storage.direct_io import DirectReader, aligned_empty
 from ..storage.weights_map import WeightsMap
+from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, cut_groups, find_blocks, plan_prefetch
+from .prefetch_plan import rounded_buffer as _rounded
 from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
 from .prefetch_window import Window, prefetch_memory
 
-__all__ = ["DEFAULT_DEPTH", "ENV_VAR", "GROUP_BYTES", "MERGE_BYTES", "Prefetcher", "prefetch_depth", "prefetcher_of"]
+__all__ = [
+    "DEFAULT_DEPTH",
+    "ENV_VAR",
+    "GROUP_BYTES",
+    "MERGE_BYTES",
+    "PlannedPrefetch",
+    "Prefetcher",
+    "plan_prefetch",
+    "prefetch_depth",
+    "prefetcher_of",
+]
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_BIGMODEL_PREFETCH"
 DEFAULT_DEPTH = 2
-#: A device-map entry (or module) holding more than this is cut into its children (``{"": "disk"}``
-#: into layers); a decoder layer below it stays whole, so its inner execution order never matters.
-GROUP_BYTES = 128 * 2**20
-#: Consecutive small blocks of one entry (norms, small layers) are fetched together up to this size.
-MERGE_BYTES = 32 * 2**20
-#: Host buffers are sized in multiples of this (a huge page): groups of one shape share buffers.
-_ROUND = 2 * 2**20
 
 
 def prefetch_depth(prefetch: int | None = None) -> int:
@@ -128,7 +133,8 @@ class Prefetcher:
         self._keys = {id(h): k for k, h in hooks}
         self._sizes = {id(h): sum(_nbytes(*h.weights_map.spec(s.name)) for s in h.slots) for _, h in hooks}
         self._hooks = [h for _, h in hooks]
-        self._blocks = _blocks(hooks, self._sizes)
+        found = find_blocks([(k, h.prefix, self._sizes[id(h)]) for k, h in hooks])
+        self._blocks = {id(h): block for (_, h), block in zip(hooks, found)}
         self._recording: list[Any] | None = []
         self._recorded: set[int] = set()
         self._inflight: deque[Job] = deque()
@@ -156,23 +162,8 @@ class Prefetcher:
         Returns False (and keeps the current groups) when the groups and their order are unchanged:
         the order of hooks inside a group does not matter, the whole group is fetched at once.
         """
-        runs: list[list[Any]] = []
-        for hook in order:
-            if runs and self._blocks[id(runs[-1][-1])] == self._blocks[id(hook)]:
-                runs[-1].append(hook)
-            else:
-                runs.append([hook])
-        merged: list[list[Any]] = []
-        size = 0
-        for run in runs:
-            run_size = sum(self._sizes[id(h)] for h in run)
-            if merged and self._keys[id(merged[-1][0])] == self._keys[id(run[0])] and size + run_size <= MERGE_BYTES:
-                merged[-1].extend(run)
-                size += run_size
-            else:
-                merged.append(list(run))
-                size = run_size
-        runs = merged
+        cuts = cut_groups([(self._keys[id(h)], self._blocks[id(h)], self._sizes[id(h)]) for h in order])
+        runs = [[order[i] for i in cut] for cut in cuts]
         existing = getattr(self, "_groups", None)
         if existing is not None and [set(g.slots) for g in existing] == [{id(h) for h in run} for run in runs]:
             return False
@@ -391,44 +382,8 @@ class Prefetcher:
                 f"closed={self._closed})")
 
 
-def _rounded(nbytes: int) -> int:
-    unit = _ROUND if nbytes >= _ROUND else ALIGNMENT
-    return -(-nbytes // unit) * unit
-
-
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     n = dtype.itemsize
     for d in shape:
         n *= d
     return n
-
-
-def _blocks(hooks: Sequence[tuple[str, Any]], sizes: dict[int, int]) -> dict[int, str]:
-    """id(hook) -> the largest module around it, inside its device-map entry, holding <= GROUP_BYTES.
-
-    A decoder layer mapped as one entry stays one block; ``{"model.layers": "disk"}`` or ``{"": "disk"}``
-    is cut at the layers (or deeper, until a block fits), never in the middle of a small module.
-    """
-    totals: dict[tuple[str, str], int] = {}
-    for key, hook in hooks:
-        prefix = hook.prefix
-        if not is_within(prefix, key):
-            continue
-        probe = prefix
-        while True:
-            totals[key, probe] = totals.get((key, probe), 0) + sizes[id(hook)]
-            if probe == key:
-                break
-            probe = parent(probe)
-    blocks: dict[int, str] = {}
-    for key, hook in hooks:
-        block = key
-        prefix = hook.prefix
-        if is_within(prefix, key):
-            depth = key.count(".") + 1 if key else 0
-            parts = prefix.split(".") if prefix else []
-            while block != prefix and totals[key, block] > GROUP_BYTES:
-                depth += 1
-                block = ".".join(parts[:depth])
-        blocks[id(hook)] = block
-    return blocks
