@@ -120,15 +120,16 @@ def save_tiny_llama(
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
     seed: int = SEED,
+    layers: int = 2,
 ) -> SavedModel:
-    """A 2-layer ``LlamaForCausalLM`` (hidden 16, GQA 2 heads / 1 kv head, untied head, vocab 128)."""
+    """A 2-layer (or ``layers``) ``LlamaForCausalLM`` (hidden 16, GQA 2 heads / 1 kv head, untied head, vocab 128)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=64,
@@ -160,15 +161,16 @@ def save_tiny_gpt2(
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
     seed: int = SEED,
+    layers: int = 2,
 ) -> SavedModel:
-    """A 2-layer ``GPT2LMHeadModel`` whose ``lm_head`` is tied to ``transformer.wte`` (saved once)."""
+    """A 2-layer (or ``layers``) ``GPT2LMHeadModel`` whose ``lm_head`` is tied to ``transformer.wte`` (saved once)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
         vocab_size=TINY_VOCAB,
         n_positions=64,
         n_embd=16,
-        n_layer=2,
+        n_layer=layers,
         n_head=2,
         bos_token_id=1,
         eos_token_id=2,

@@ -276,6 +276,31 @@ def _keeps_quantized(converter: Any, quantizer: Any) -> bool:
     return any(op is not None and getattr(op, "hf_quantizer", None) is not None for op in ops)
 
 
+def conversion_targets(model: nn.Module) -> Callable[[str], str] | None:
+    """``key -> the model tensor it is renamed or converted into``, from names alone (no shard read).
+
+    ``None`` when this transformers has no conversion registry. The same rules as :func:`plan_conversions`.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return None
+    transforms = get_model_conversion_mapping(model, None, None)  # type: ignore[arg-type]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict.fromkeys(model.state_dict(), True)
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def target(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, names)
+        if renamed not in names and key in names:
+            renamed, _ = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=names)
+        return str(renamed)
+
+    return target
+
+
 def plan_conversions(
     model: nn.Module,
     infos: Mapping[str, TensorInfo],

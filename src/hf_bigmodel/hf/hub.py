@@ -41,6 +41,7 @@ __all__ = [
     "DIFFUSERS_WEIGHT_NAMES",
     "TRANSFORMERS_WEIGHT_NAMES",
     "ModelFiles",
+    "fetch_weight_files",
     "resolve_config",
     "resolve_model_files",
 ]
@@ -159,10 +160,13 @@ def resolve_model_files(
     local_files_only: bool = False,
     weight_names: Sequence[str] | None = None,
     config_name: str = "config.json",
+    fetch_shards: bool = True,
 ) -> ModelFiles:
     """Find, downloading what is missing, the config and exactly the weight files a model needs.
 
-    ``weight_names`` replaces :data:`DEFAULT_WEIGHT_NAMES` (the first one present wins). Raises
+    ``weight_names`` replaces :data:`DEFAULT_WEIGHT_NAMES` (the first one present wins). With
+    ``fetch_shards=False`` the shards an index names are neither downloaded nor checked: ``weight_files``
+    says where they will be, and :func:`fetch_weight_files` gets the ones wanted (a pipeline stage's). Raises
     ``ModelNotFoundError``, ``RevisionNotFoundError``, ``ModelFileNotFoundError``,
     ``GatedModelError``, ``OfflineCacheMissError`` (from :mod:`hf_bigmodel.errors`, all ``OSError``)
     or ``InvalidIndexError``, each naming the repo, revision and file.
@@ -174,12 +178,42 @@ def resolve_model_files(
     names = tuple(weight_names) if weight_names else DEFAULT_WEIGHT_NAMES
     folder = _local_folder(name_or_path, subfolder)
     if folder is not None:
-        return _resolve_local(folder, names, config_name, os.fspath(name_or_path), subfolder)
+        return _resolve_local(folder, names, config_name, os.fspath(name_or_path), subfolder, fetch_shards)
     repo = _Repo.of(name_or_path, subfolder, revision, cache_dir, token)
     why = _offline_reason(local_files_only)
     if why:
-        return _resolve_cached(repo, names, config_name, why)
-    return _resolve_online(repo, names, config_name)
+        return _resolve_cached(repo, names, config_name, why, fetch_shards)
+    return _resolve_online(repo, names, config_name, fetch_shards)
+
+
+def fetch_weight_files(
+    files: ModelFiles,
+    wanted: Iterable[str | os.PathLike[str]],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> None:
+    """Download (or find in the cache) the weight files ``wanted`` of ``files`` resolved with ``fetch_shards=False``.
+
+    Files are taken from the commit the config was resolved at. A local folder must already hold them.
+    """
+    paths = [Path(w) for w in wanted]
+    if files.repo_id is None:
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise _missing_local(files.folder, missing[0], str(files.folder))
+        return
+    repo = _Repo.of(files.repo_id, files.subfolder, files.revision, cache_dir, token)
+    why = _offline_reason(local_files_only)
+    for path in paths:
+        if path.is_file():
+            continue
+        name = path.relative_to(files.folder).as_posix()
+        if why:
+            _cached_or_raise(repo, name, why)
+        else:
+            _fetch(repo, name, files.commit_hash)
 
 
 def _cap(what: object) -> str:
@@ -198,11 +232,13 @@ def _collect(
     ids: dict[str, str | None],
     hint: str,
     advice: Sequence[Advice] = (),
+    fetch_shards: bool = True,
 ) -> tuple[str, Path, tuple[Path, ...]]:
     """Pick the first of ``names`` that ``has``; return ``(name, checkpoint, weight files)``.
 
     An index is read and every shard it names must be there too; ``get`` returns (downloads) a file.
-    ``hint`` (a sentence) and ``advice`` say what to do when files are missing.
+    ``hint`` (a sentence) and ``advice`` say what to do when files are missing. Without ``fetch_shards``
+    the shards are only named: paths next to the index, for :func:`fetch_weight_files`.
     """
     chosen = next((n for n in names if has(n)), None)
     if chosen is None:
@@ -215,6 +251,8 @@ def _collect(
     if not chosen.endswith(_INDEX):
         return chosen, checkpoint, (checkpoint,)
     shards = _index_shards(checkpoint, chosen)
+    if not fetch_shards:
+        return chosen, checkpoint, tuple(checkpoint.parent / s for s in shards)
     missing = [s for s in shards if not has(s)]
     if missing:
         raise error(
@@ -271,21 +309,22 @@ def _missing_local(folder: Path, name: str, asked: str | os.PathLike[str]) -> Mo
 
 
 def _resolve_local(
-    folder: Path, names: tuple[str, ...], config_name: str, asked: str, subfolder: str | None
+    folder: Path, names: tuple[str, ...], config_name: str, asked: str, subfolder: str | None,
+    fetch_shards: bool = True,
 ) -> ModelFiles:
     if not (folder / config_name).is_file():
         raise _missing_local(folder, config_name, asked)
     chosen, checkpoint, weights = _collect(
         names, has=lambda n: (folder / n).is_file(), get=lambda n: folder / n,
         where=f"local model folder {str(folder)!r}", found=lambda: sorted(p.name for p in folder.iterdir()),
-        error=ModelFileNotFoundError, ids={"repo_id": asked}, hint="Copy them there.",
+        error=ModelFileNotFoundError, ids={"repo_id": asked}, hint="Copy them there.", fetch_shards=fetch_shards,
     )
     config = folder / config_name
     return ModelFiles(folder, config, checkpoint, weights, _format(chosen), subfolder=subfolder or None)
 
 
 # -- the Hub, online -------------------------------------------------------------------------------
-def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> ModelFiles:
+def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str, fetch_shards: bool = True) -> ModelFiles:
     config = Path(_fetch(repo, config_name, repo.revision, probe=True))
     snapshot, commit = _snapshot_of(config, repo.path(config_name))
     try:
@@ -294,7 +333,7 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
         if not _is_connection_error(err):
             raise (_translate(err, repo, None) or err) from None
         logger.warning("Could not list the files of %s (%s); resolving from the cache instead.", repo, err)
-        return _resolve_cached(repo, names, config_name, "the Hub could not be reached")
+        return _resolve_cached(repo, names, config_name, "the Hub could not be reached", fetch_shards)
     prefix, sizes = repo.path(""), dict[str, int]()
 
     def get(name: str) -> Path:  # pinned to the config's commit: one consistent snapshot
@@ -307,6 +346,7 @@ def _resolve_online(repo: _Repo, names: tuple[str, ...], config_name: str) -> Mo
         names, has=lambda n: repo.path(n) in listing, get=get, where=str(repo),
         found=lambda: sorted(n[len(prefix) :] for n in listing if n.startswith(prefix)),
         error=ModelFileNotFoundError, ids=repo.ids, hint="Ask the repo's owner to add them.",
+        fetch_shards=fetch_shards,
     )
     expected = {str(w): sizes[str(w)] for w in weights if str(w) in sizes}
     logger.info("%s: %s, %d file(s), %s", repo, chosen, len(weights), format_size(sum(expected.values())))
@@ -488,7 +528,9 @@ def _cached_or_raise(repo: _Repo, name: str, why: str) -> str:
     return found
 
 
-def _resolve_cached(repo: _Repo, names: tuple[str, ...], config_name: str, why: str) -> ModelFiles:
+def _resolve_cached(
+    repo: _Repo, names: tuple[str, ...], config_name: str, why: str, fetch_shards: bool = True
+) -> ModelFiles:
     config = Path(_cached_or_raise(repo, config_name, why))
     snapshot, commit = _snapshot_of(config, repo.path(config_name))
     folder = snapshot / repo.subfolder if repo.subfolder else snapshot
@@ -497,7 +539,7 @@ def _resolve_cached(repo: _Repo, names: tuple[str, ...], config_name: str, why: 
         names, has=lambda n: _cached(repo, n) is not None, get=lambda n: Path(_cached_or_raise(repo, n, why)),
         where=f"the cached copy of {repo} (in {_cache_dir(repo)!r})",
         found=lambda: sorted(p.name for p in folder.iterdir()), error=OfflineCacheMissError, ids=repo.ids,
-        hint=sentence, advice=advice,
+        hint=sentence, advice=advice, fetch_shards=fetch_shards,
     )
     return ModelFiles(
         folder, config, checkpoint, weights, _format(chosen),

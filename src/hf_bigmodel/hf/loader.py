@@ -52,6 +52,8 @@ class LoadContext:
     dtype: torch.dtype | None = None
     model: nn.Module | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    #: False for a pipeline stage: the shards an index names are fetched later, only the stage's own.
+    fetch_shards: bool = True
 
     @property
     def hub_kwargs(self) -> dict[str, Any]:
@@ -128,7 +130,7 @@ class PretrainedLoader:
         """Find (download) the config and weight files: :func:`~hf_bigmodel.hf.hub.resolve_model_files`."""
         return resolve_model_files(
             ctx.name_or_path, **ctx.hub_kwargs, weight_names=self.weight_names or DEFAULT_WEIGHT_NAMES,
-            config_name=self.config_name,
+            config_name=self.config_name, fetch_shards=ctx.fetch_shards,
         )
 
     def resolve_dtype(self, ctx: LoadContext, requested: DtypeArg) -> torch.dtype | None:
@@ -161,7 +163,7 @@ class PretrainedLoader:
         if "checkpoint" not in ctx.cache:
             if ctx.files is None:
                 raise RuntimeError("checkpoint() needs ctx.files; call it after resolve_files().")
-            ctx.cache["checkpoint"] = find_checkpoint(ctx.files.checkpoint)
+            ctx.cache["checkpoint"] = find_checkpoint(ctx.files.checkpoint, require_shards=ctx.fetch_shards)
         return ctx.cache["checkpoint"]
 
     # -- the model ---------------------------------------------------------------------------------
@@ -193,6 +195,14 @@ class PretrainedLoader:
     def rename_key(self, key: str, ctx: LoadContext) -> str | None:
         """The model name for checkpoint ``key``; ``None`` drops it. Default: unchanged."""
         return key
+
+    def target_name(self, key: str, ctx: LoadContext) -> str | None:
+        """The model tensor checkpoint ``key`` ends up in (renamed or converted into), from its name alone.
+
+        A pipeline stage picks the keys (and shards) it needs with it before any shard is read.
+        Default: :meth:`rename_key`; loaders whose renames need the shards' contents override it.
+        """
+        return self.rename_key(key, ctx)
 
     def ignore_unexpected_key(self, key: str, ctx: LoadContext) -> bool:
         """True to drop, silently, a checkpoint key that matches nothing in the model."""

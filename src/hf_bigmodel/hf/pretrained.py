@@ -20,19 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointMismatchError, summarize
-from ..load.loading import OFFLOAD_ATTR, load_checkpoint
-from ..model.dtypes import matches_module, resolve_dtype
+from ..errors import PipelineError, summarize
+from ..model.dtypes import resolve_dtype
 from ..model.empty import init_empty_weights
-from ..model.naming import lookup
-from ..model.sizes import find_tied_parameters
-from ..model.tensors import model_tensors
 from ..plan.device_map import resolve_device_map
-from ..runtime.dispatch import _dispatch
-from ..storage.checkpoint import TensorInfo
 from .hub import resolve_config
-from .loader import DtypeArg, LoadContext, PretrainedLoader, _model
+from .loader import DtypeArg, LoadContext, PretrainedLoader
+from .pipeline_load import load_pipelined
 from .registry import select_loader
+from .steps import LoadSteps
 
 __all__ = ["load_pretrained_dispatched"]
 
@@ -40,12 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: Keyword arguments of transformers' ``from_pretrained`` that are accepted and have no effect here.
 _IGNORED_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init")
-
-
-
-
-
-
 
 
 # -- the call --------------------------------------------------------------------------------------
@@ -65,6 +55,7 @@ def load_pretrained_dispatched(
     local_files_only: bool = False,
     trust_remote_code: bool = False,
     loader: PretrainedLoader | type[PretrainedLoader] | None = None,
+    pipeline: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a pretrained model (local folder or Hub repo id) straight into a device map.
@@ -88,6 +79,12 @@ def load_pretrained_dispatched(
     ``attn_implementation="eager"``); ``offload_buffers=True`` streams buffers of offloaded modules too.
     Any other keyword raises ``TypeError`` naming it.
 
+    ``pipeline=True`` (in every process of a ``torchrun`` launch, one host or several) cuts the model into
+    one stage per process: each process downloads and reads only its stage's shards, fits its stage in its
+    own ``max_memory`` (offloading the rest), and ``model.generate(...)`` / ``model(...)``, called on every
+    process, run across the stages and return the same result everywhere. Decoder-only models; greedy
+    generation. See :mod:`hf_bigmodel.parallel`.
+
     Example::
 
         model = load_pretrained_dispatched("bigscience/T0pp", model_class=AutoModelForSeq2SeqLM,
@@ -98,11 +95,33 @@ def load_pretrained_dispatched(
     offload_buffers = bool(kwargs.pop("offload_buffers", False))
     for name in _IGNORED_KWARGS:
         kwargs.pop(name, None)
+    if pipeline and not (device_map == "auto" or device_map is None):
+        raise PipelineError(
+            f"With pipeline=True every process plans its own stage; device_map={device_map!r} cannot be honoured. "
+            "Leave device_map='auto' and give each process its budget with max_memory.")
     ctx = LoadContext(
         os.fspath(pretrained_model_name_or_path), subfolder=subfolder or None, revision=revision,
         cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, fetch_shards=not pipeline,
     )
+
+    def prepared() -> LoadSteps:
+        chosen = _prepare(ctx, loader, model_class, requested_dtype, kwargs)
+        no_split = list(dict.fromkeys([*chosen.no_split_modules(ctx), *(no_split_module_classes or [])]))
+        keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
+        return LoadSteps(chosen, ctx, no_split, keep)
+
+    if pipeline:  # the processes join first: a failure while preparing is then reported to all
+        return load_pipelined(prepared, max_memory=max_memory, offload_folder=offload_folder,
+                              offload_buffers=offload_buffers)
+    return _load_in_process(prepared(), device_map=device_map, max_memory=max_memory,
+                            offload_folder=offload_folder, offload_buffers=offload_buffers)
+
+
+def _prepare(ctx: LoadContext, loader: PretrainedLoader | type[PretrainedLoader] | None,
+             model_class: type[nn.Module] | str | None, requested_dtype: DtypeArg,
+             kwargs: dict[str, Any]) -> PretrainedLoader:
+    """Config, class, files and dtype into ``ctx``, then the empty model; returns the loader chosen."""
     config_name = getattr(loader, "config_name", None) or "config.json"
     ctx.config_file = resolve_config(ctx.name_or_path, **ctx.hub_kwargs, config_name=config_name)
     ctx.raw_config = _read_json(ctx.config_file)
@@ -122,52 +141,26 @@ def load_pretrained_dispatched(
     ctx.files = chosen.resolve_files(ctx)
     ctx.dtype = chosen.resolve_dtype(ctx, requested_dtype)
     with init_empty_weights(), _default_dtype(ctx.dtype):
-        ctx.model = model = chosen.build_model(ctx)
+        ctx.model = chosen.build_model(ctx)
+    return chosen
 
-    no_split = list(dict.fromkeys([*chosen.no_split_modules(ctx), *(no_split_module_classes or [])]))
-    keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
-    checkpoint = chosen.checkpoint(ctx)
-    table = _key_table(chosen, ctx, checkpoint.scan())
-    conversions = chosen.conversions(ctx)
-    missing = _missing_names(model, table, {t for conv in conversions for t in conv.targets})
-    if missing:
-        chosen.init_missing(ctx, missing)
-        still = [n for n in missing if model_tensors(model)[n].tensor.device.type == "meta"]
-        if still:
-            raise CheckpointMismatchError(
-                missing=still, path=checkpoint.path,
-                hint=f"  {type(chosen).__name__}.init_missing() left them on the meta device (no value).",
-            )
-        logger.warning("%d weight(s) of %s are not in the checkpoint and were newly initialised: %s. Train "
-                       "the model before relying on them.", len(missing), type(model).__name__,
-                       summarize(missing))
 
-    special = {name: torch.float32 for name, slot in model_tensors(model).items()
-               if keep and slot.tensor.is_floating_point() and matches_module(name, keep)}
-
+def _load_in_process(steps: LoadSteps, *, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
+                     offload_folder: str | os.PathLike[str] | None, offload_buffers: bool) -> nn.Module:
+    """The whole model in this process: plan the device map, load every shard, dispatch."""
+    model, ctx = steps.model, steps.ctx
+    checkpoint = steps.loader.checkpoint(ctx)
+    steps.read_keys(checkpoint.keys())
+    missing = steps.init_missing(steps.missing())
     plan = resolve_device_map(
         model, "cpu" if device_map is None else device_map, max_memory=max_memory,
-        no_split_module_classes=no_split, dtype=ctx.dtype, special_dtypes=special, offload_buffers=offload_buffers,
+        no_split_module_classes=steps.no_split, dtype=ctx.dtype, special_dtypes=steps.special,
+        offload_buffers=offload_buffers,
     )
-    report = load_checkpoint(
-        model, checkpoint, device_map=plan, offload_folder=offload_folder, dtype=ctx.dtype,
-        offload_buffers=offload_buffers, keep_in_fp32_modules=keep,
-        key_mapping=lambda key: table.get(key, key), conversions=conversions,
-    )
-    if report.weights:
-        setattr(model, OFFLOAD_ATTR, report.weights)
-    chosen.after_load(ctx)
-    # Newly initialised tensors planned on disk stay in RAM unless an offload folder can receive them.
-    in_ram = {} if offload_folder is not None else {
-        n: model_tensors(model)[n].tensor for n in missing if lookup(n, plan) == "disk"
-    }
-
-    _dispatch(model, plan, offload_dir=offload_folder, offload_buffers=offload_buffers,
-              skip_keys=chosen.skip_keys(ctx), state_dict=in_ram or None)
+    steps.load(checkpoint, plan, lambda key: steps.table.get(key, key), missing,
+               offload_folder=offload_folder, offload_buffers=offload_buffers)
     model.eval()
     return model
-
-
 
 
 def _merge_dtype(torch_dtype: DtypeArg, dtype: DtypeArg) -> DtypeArg:
@@ -208,50 +201,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
             f"Config {str(path)!r} holds a {type(data).__name__}, not a JSON object.")
     return data
-
-
-def _key_table(
-    loader: PretrainedLoader, ctx: LoadContext, infos: Mapping[str, TensorInfo]
-) -> dict[str, str | None]:
-    """Checkpoint key -> model name (``None``: dropped); keys left unchanged are unexpected ones."""
-    model = _model(ctx)
-    names = set(model_tensors(model))
-    transient = set(model_tensors(model, persistent_only=False)) - names  # non-persistent buffers
-    prefix = loader.base_model_prefix(ctx)
-
-    def matched(name: str, pool: set[str]) -> str | None:
-        if name in pool:
-            return name
-        if prefix:
-            if name.startswith(prefix + ".") and name[len(prefix) + 1:] in pool:
-                return name[len(prefix) + 1:]  # checkpoint of a model with a head, loaded into the base model
-            if f"{prefix}.{name}" in pool:
-                return f"{prefix}.{name}"  # checkpoint of the base model, loaded into a model with a head
-        return None
-
-    table: dict[str, str | None] = {}
-    for key in infos:
-        renamed = loader.rename_key(key, ctx)
-        if renamed is None:
-            table[key] = None
-            continue
-        found = matched(renamed, names) or (matched(key, names) if renamed != key else None)
-        if found is not None:
-            table[key] = found
-        elif matched(renamed, transient) is not None or loader.ignore_unexpected_key(renamed, ctx):
-            table[key] = None  # e.g. position_ids saved by older versions: recomputed, not loaded
-        else:
-            table[key] = renamed  # unexpected: reported by the loader, then ignored
-    return table
-
-
-def _missing_names(model: nn.Module, table: Mapping[str, str | None], made: set[str]) -> list[str]:
-    """Model tensors no checkpoint key fills (a tied tensor is filled by any name of its group)."""
-
-    provided = {v for v in table.values() if v is not None} | made
-    partners = {n: set(g) for g in find_tied_parameters(model) for n in g}
-    return [
-        name for name, slot in model_tensors(model).items()
-        if slot.tensor.device.type == "meta" and name not in provided
-        and not partners.get(name, set()) & provided
-    ]

@@ -35,7 +35,7 @@ from ..model.dtypes import target_dtype
 from ..model.naming import owner
 from ..model.tensors import ModelTensor, put_tensor
 from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
-from .conversions import TransformersKeys, plan_conversions
+from .conversions import TransformersKeys, conversion_targets, plan_conversions
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
 from .quantization import make_quantizer
@@ -230,6 +230,13 @@ class TransformersLoader(PretrainedLoader):
         if keys is None:
             return key
         return None if key in ctx.cache["transformers_converted"] else keys.renames.get(key, key)
+
+    def target_name(self, key: str, ctx: LoadContext) -> str | None:
+        """transformers' rename of ``key``, or the tensor a weight conversion fuses it into (names only)."""
+        if "transformers_targets" not in ctx.cache:
+            ctx.cache["transformers_targets"] = conversion_targets(ctx.model) if ctx.model is not None else None
+        targets = ctx.cache["transformers_targets"]
+        return key if targets is None else targets(key)
 
     def conversions(self, ctx: LoadContext) -> list[Conversion]:
         keys = self._keys(ctx)

@@ -26,7 +26,7 @@ from ..errors import (
 from ..model.sizes import format_size
 from .safetensors_io import TensorEntry, read_header, read_tensor, refetch_advice
 
-__all__ = ["Checkpoint", "TensorInfo", "find_checkpoint", "load_torch_file", "read_index"]
+__all__ = ["Checkpoint", "TensorInfo", "find_checkpoint", "load_torch_file", "read_index", "read_weight_map"]
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".bin", ".pt", ".pth", ".ckpt")
@@ -99,6 +99,13 @@ class Checkpoint:
             for key, tensor in shard.items():
                 if keys is None or key in keys:
                     yield key, tensor
+
+    def keys(self) -> list[str]:
+        """Every tensor key of :attr:`files`: from the index when sharded (no shard is opened), else the file's."""
+        if self.index_file is not None:
+            files = set(self.files)
+            return [key for key, file in read_weight_map(self.index_file).items() if file in files]
+        return list(self.scan())
 
     def release(self) -> None:
         """Drop cached torch shards (their mmaps)."""
@@ -225,17 +232,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def read_index(index_file: str | Path) -> list[str]:
-    """Validate a ``*.index.json`` and return its shard paths in first-use order.
+def read_weight_map(index_file: str | Path) -> dict[str, str]:
+    """Validate a ``*.index.json`` and return its ``weight_map`` (tensor key -> shard path), shards unchecked.
 
     Rejects non-JSON, a missing ``weight_map``, shard names that are not strings, are absolute, contain
     ``..``, backslashes or drive letters, or do not end in a weights extension (:class:`InvalidIndexError`),
-    and shards that do not exist (:class:`CheckpointNotFoundError`), naming the index and every culprit.
+    naming the index and every culprit. The shards need not exist: a pipeline stage fetches only its own.
 
     Example::
 
-        read_index("ckpt/model.safetensors.index.json")
-        # ["ckpt/model-00001-of-00002.safetensors", "ckpt/model-00002-of-00002.safetensors"]
+        read_weight_map("ckpt/model.safetensors.index.json")
+        # {"embed.weight": "ckpt/model-00001-of-00002.safetensors", ...}
     """
     index_file = Path(index_file)
     where = str(index_file)
@@ -280,14 +287,28 @@ def read_index(index_file: str | Path) -> list[str]:
             path=where,
         )
     folder = index_file.parent
-    missing = [s for s in shards if not _is_file(folder / s)]
+    return {key: str(folder / shard) for key, shard in weight_map.items()}
+
+
+def read_index(index_file: str | Path) -> list[str]:
+    """Validate a ``*.index.json`` (see :func:`read_weight_map`) and return its shard paths in first-use order.
+
+    Shards that do not exist raise :class:`CheckpointNotFoundError` naming the index and every missing one.
+
+    Example::
+
+        read_index("ckpt/model.safetensors.index.json")
+        # ["ckpt/model-00001-of-00002.safetensors", "ckpt/model-00002-of-00002.safetensors"]
+    """
+    shards = list(dict.fromkeys(read_weight_map(index_file).values()))
+    missing = [os.path.relpath(s, Path(index_file).parent) for s in shards if not _is_file(Path(s))]
     if missing:
         raise CheckpointNotFoundError(
-            f"Index file {where!r} names shard(s) that are not in {str(folder)!r}: {summarize(missing)}. "
-            "The download is incomplete; fetch the missing shards.",
-            path=where,
+            f"Index file {str(index_file)!r} names shard(s) that are not in {str(Path(index_file).parent)!r}: "
+            f"{summarize(missing)}. The download is incomplete; fetch the missing shards.",
+            path=str(index_file),
         )
-    return [str(folder / s) for s in shards]
+    return shards
 
 
 def _format_of(files: list[str], where: str) -> str:
@@ -297,15 +318,19 @@ def _format_of(files: list[str], where: str) -> str:
     return kinds.pop()
 
 
-def find_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Resolve a file, an index or a folder into a :class:`Checkpoint` (nothing is read but the index)."""
+def find_checkpoint(path: str | os.PathLike[str], *, require_shards: bool = True) -> Checkpoint:
+    """Resolve a file, an index or a folder into a :class:`Checkpoint` (nothing is read but the index).
+
+    ``require_shards=False`` accepts an index whose shards are not all present yet (a pipeline stage
+    fetches only its own; reading an absent shard then fails naming it).
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"Checkpoint {str(p)!r} does not exist.", path=str(p))
     if p.is_file():
         name = p.name
         if name.endswith(".index.json"):
-            files = read_index(p)
+            files = read_index(p) if require_shards else list(dict.fromkeys(read_weight_map(p).values()))
             return Checkpoint(str(p), _format_of(files, str(p)), files, index_file=str(p))
         if name.endswith(SAFETENSORS_EXT):
             return Checkpoint(str(p), "safetensors", [str(p)])
@@ -317,7 +342,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for names in (_INDEX_PREFERENCE, _SINGLE_PREFERENCE, _TORCH_INDEX_PREFERENCE, _TORCH_SINGLE_PREFERENCE):
         for name in names:
             if (p / name).is_file():
-                return find_checkpoint(p / name)
+                return find_checkpoint(p / name, require_shards=require_shards)
     entries = sorted(os.listdir(p))
     for ext_group in ((".safetensors.index.json",), (".index.json",), SAFETENSORS_EXT, TORCH_EXT):
         found = [e for e in entries if e.endswith(ext_group) and (p / e).is_file()]
@@ -326,7 +351,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 raise InvalidIndexError(
                     f"Folder {str(p)!r} holds several indexes ({summarize(found)}); pass the one to load.", path=str(p)
                 )
-            return find_checkpoint(p / found[0])
+            return find_checkpoint(p / found[0], require_shards=require_shards)
         if found:
             files = [str(p / e) for e in found]
             return Checkpoint(str(p), _format_of(files, str(p)), files)
