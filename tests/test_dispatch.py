@@ -304,3 +304,16 @@ def test_cpu_offload_keeps_one_ram_copy_of_tied_weights():
     memory = model._hf_bigmodel_weights.memory
     assert memory["head.weight"] is memory["embed.weight"]  # one tensor: read (and pinned, on CUDA) once
     assert torch.equal(model(IDS), ref(IDS))
+
+
+def test_a_tied_name_on_disk_without_a_value_reuses_its_partner_and_needs_no_offload_folder():
+    """Only tensors the model holds are written to the offload folder; a tied name with no value of its own
+    (its partner is in the state dict) shares the partner's entry instead of asking for offload_dir."""
+    ref = reference_tiny_lm()
+    state = {k: v for k, v in ref.state_dict().items() if k != "head.weight"}  # head.weight is embed.weight
+    with init_empty_weights():
+        model = TinyLM()
+    model = dispatch_model(model, {"": "disk"}, state_dict=state)
+    weights = model._hf_bigmodel_weights
+    assert weights.memory["head.weight"] is weights.memory["embed.weight"]
+    assert torch.equal(model(IDS), ref(IDS))

@@ -206,7 +206,8 @@ def _dispatch(
     empty = [n for n in slots if not has_data(n)]
     if empty:
         raise _no_data_error(empty)
-    to_write = {n for n in streamed if n not in weights and where[n] == "disk" and not slots[n].is_buffer}
+    to_write = {n for n in streamed if n not in weights and where[n] == "disk" and not slots[n].is_buffer
+                and slots[n].tensor.device.type != "meta"}  # a meta name is tied to a held one: it shares its entry
     folder = None
     if to_write:
         if offload_dir is None:
