@@ -136,7 +136,7 @@ def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 
 #: Functions being split into a plan and an apply step (issue 12); strict: the test fails once they are short.
-_PENDING = {"load/loading.py", "runtime/dispatch.py"}
+_PENDING = {"load/loading.py"}
 
 
 def _cases() -> list:

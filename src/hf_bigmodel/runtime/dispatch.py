@@ -17,21 +17,20 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from ..errors import CheckpointMismatchError, DeviceMapError, OffloadError, summarize
+from ..errors import DeviceMapError, summarize
 from ..load.loading import OFFLOAD_ATTR, load_checkpoint
-from ..model.naming import lookup, owner, parent
-from ..model.sizes import find_tied_parameters
 from ..model.tensors import ModelTensor, model_tensors, move_tensor, put_tensor, set_tensor
 from ..plan.device_map import check_device_map, resolve_device_map
 from ..plan.devices import Device, device_rank, is_present, torch_device
 from ..plan.placement import Placement
 from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_index
 from ..storage.weights_map import DiskRef, WeightsMap
+from .dispatch_plan import DispatchPlan, plan_dispatch
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
 from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
-from .prefetch_window import prefetch_window
+from .prefetch_window import Window, prefetch_window
 
 __all__ = [
     "dispatch_model",
@@ -85,18 +84,6 @@ def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) ->
 
 
 
-def _fill_from_weights(name: str, slot: ModelTensor, weights: WeightsMap, device: torch.device) -> None:
-    set_tensor(slot, weights[name].to(device))
-
-
-def _no_data_error(names: list[str]) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
-        missing=names,
-        hint="  These tensors are still on the meta device (no data): load a checkpoint into the model first "
-        "(load_checkpoint_in_model / load_checkpoint_and_dispatch), or pass state_dict= / offload_dir=.",
-    )
-
-
 def dispatch_model(
     model: nn.Module,
     device_map: Mapping[str, int | str | torch.device],
@@ -148,12 +135,57 @@ def _dispatch(
     offload_cpu: bool | None = None,
     prefetch: int | str | None = None,
 ) -> nn.Module:
+    """Plan (:func:`~.dispatch_plan.plan_dispatch`, every check before any change), then apply the plan."""
     window = prefetch_window(prefetch)
     dm = check_device_map(model, device_map)
     _check_present(set(dm.values()))
+    weights, given = _collect_weights(model, offload_dir, offload_index, state_dict)
+    placement = Placement.of(dm, main_device=main_device, offload_cpu=offload_cpu)
+    _check_present({placement.main})
+    slots = model_tensors(model, persistent_only=False)
+    plan = plan_dispatch(
+        model, placement, slots, weights, given=given, offload_buffers=offload_buffers,
+        preload_module_classes=preload_module_classes or (), force_hooks=force_hooks,
+        pin=torch.cuda.is_available() and isinstance(placement.main, int), can_write=offload_dir is not None,
+    )
+    if not plan.hooked:
+        target = torch_device(next(iter(dm.values())))
+        for name in plan.fill:
+            set_tensor(slots[name], weights[name].to(target))
+        model.to(target)
+        _finish(model, dm, placement.main)
+        return model
+    folder = None
+    if plan.to_write:
+        assert offload_dir is not None  # plan_dispatch checked it
+        folder = OffloadFolder(offload_dir)
+        folder.prepare()
+    added: list[nn.Module] = []
+    try:
+        _place_resident(plan, slots, weights)
+        _stage_streamed(plan, slots, weights, folder)
+        _attach_hooks(model, plan, weights, added, skip_keys=skip_keys, offload_buffers=offload_buffers, window=window)
+    except BaseException:
+        for module in added:
+            remove_hook_from_module(module)  # closes the prefetcher too
+        raise
+    setattr(model, OFFLOAD_ATTR, weights)
+    _finish(model, dm, placement.main)
+    logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(plan.units),
+                placement.main)
+    return model
+
+
+def _collect_weights(
+    model: nn.Module,
+    offload_dir: str | os.PathLike[str] | None,
+    offload_index: Mapping[str, DiskRef] | None,
+    state_dict: Mapping[str, torch.Tensor] | None,
+) -> tuple[WeightsMap, set[str]]:
+    """The weights map dispatch serves from (what loading recorded, plus what the caller hands over), and
+    the names handed over: their values win over what the model holds (e.g. buffers built in __init__)."""
     recorded = getattr(model, OFFLOAD_ATTR, None)
     weights: WeightsMap = recorded if recorded is not None else WeightsMap()
-    # Values the caller hands over win over what the model holds (e.g. buffers built in __init__).
     given: set[str] = set()
     if offload_index is not None:
         weights.disk.update(offload_index)
@@ -166,158 +198,84 @@ def _dispatch(
     if state_dict:
         weights.memory.update(state_dict)
         given.update(state_dict)
-
-    placement = Placement.of(dm, main_device=main_device, offload_cpu=offload_cpu)
-    main = placement.main
-    _check_present({main})
-    offloaded, execution = placement.is_offloaded, placement.execution_device
-
-    slots = model_tensors(model, persistent_only=False)
-    devices = set(dm.values())
-    if not force_hooks and len(devices) == 1 and not offloaded(next(iter(devices))):
-        target = torch_device(next(iter(devices)))
-        empty = [n for n, s in slots.items() if s.tensor.device.type == "meta" and n not in weights]
-        if empty:
-            raise _no_data_error(empty)
-        for name, slot in slots.items():
-            if slot.tensor.device.type == "meta" or name in given:
-                _fill_from_weights(name, slot, weights, target)
-        model.to(target)
-        _finish(model, dm, main)
-        return model
-
-    # Decide each tensor's fate before changing anything.
-    where = {name: lookup(name, dm) for name in slots}
-    streamed = {n for n, d in where.items() if offloaded(d) and (not slots[n].is_buffer or offload_buffers)}
-    ties = find_tied_parameters(model)
-    for group in ties:  # an offloaded alias of a resident tensor on the same device simply shares it
-        resident = [n for n in group if n not in streamed]
-        if resident:
-            for name in group:
-                if name in streamed and execution(where[name]) == execution(where[resident[0]]):
-                    streamed.discard(name)
-    partners = {n: g for g in ties for n in g}
-
-    def has_data(name: str) -> bool:
-        if name in weights or slots[name].tensor.device.type != "meta":
-            return True
-        return any(p in weights or slots[p].tensor.device.type != "meta" for p in partners.get(name, ()))
-
-    empty = [n for n in slots if not has_data(n)]
-    if empty:
-        raise _no_data_error(empty)
-    to_write = {n for n in streamed if n not in weights and where[n] == "disk" and not slots[n].is_buffer
-                and slots[n].tensor.device.type != "meta"}  # a meta name is tied to a held one: it shares its entry
-    folder = None
-    if to_write:
-        if offload_dir is None:
-            raise OffloadError(
-                f"The device map puts {len(to_write)} tensor(s) that are in memory on 'disk' "
-                f"({summarize(sorted(to_write), 3)}); pass offload_dir= so they can be written there."
-            )
-        folder = OffloadFolder(offload_dir)
-        folder.prepare()
-
-    pin = torch.cuda.is_available() and isinstance(main, int)
-    added: list[nn.Module] = []
-    try:
-        # Resident tensors go to their device now.
-        for name, slot in slots.items():
-            if name not in streamed:
-                if slot.tensor.device.type == "meta" or name in given:
-                    _fill_from_weights(name, slot, weights, torch_device(execution(where[name])))
-                else:
-                    move_tensor(slot, torch_device(execution(where[name])))
-        for group in ties:
-            for name in group:
-                if name not in streamed:
-                    for other in group:
-                        if other in streamed or other == name:
-                            continue
-                        s = slots[other]
-                        if s.tensor is not slots[name].tensor and execution(where[other]) == execution(where[name]):
-                            put_tensor(s, slots[name].tensor)
-        # Streamed tensors must be in the weights map (in RAM or on disk).
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        in_ram: dict[int, torch.Tensor] = {}  # id(resident tensor) -> its RAM copy: tied names share one
-        for name in streamed:
-            if name in weights:
-                continue
-            tensor = slots[name].tensor
-            if tensor.device.type == "meta":
-                partner = next((p for p in partners[name] if p in weights), None)
-                if partner is None:  # tied to a tensor resident on another device: copy it from there
-                    holder = next(p for p in partners[name] if slots[p].tensor.device.type != "meta")
-                    weights.memory[name] = slots[holder].tensor.detach()
-                elif weights.is_on_disk(partner):
-                    weights.disk[name] = weights.disk[partner]
-                else:
-                    weights.memory[name] = weights.memory[partner]
-            elif name in to_write:
-                pending.setdefault(parent(name), {})[name] = tensor.detach().to("cpu")
-            else:
-                if id(tensor) not in in_ram:
-                    in_ram[id(tensor)] = tensor.detach().to("cpu")
-                weights.memory[name] = in_ram[id(tensor)]
-        if folder is not None:
-            for group_tensors in pending.values():
-                weights.disk.update(folder.write(group_tensors))
-            folder.write_index(weights.disk)
-        if pin:  # page-locked RAM copies to the GPU asynchronously; tied names keep sharing one copy
-            blocks: dict[str, list[str]] = {}
-            for name in [n for n in slots if n in streamed]:  # model order; one exactly sized arena per block
-                blocks.setdefault(str(owner(name, dm)), []).append(name)
-            pin_blocks(weights, blocks)
-            pinned: dict[int, torch.Tensor] = {}
-            for name in streamed:  # what an arena could not take (non-contiguous tensors)
-                t = weights.memory.get(name)
-                if t is not None and not t.is_pinned():
-                    if id(t) not in pinned:
-                        pinned[id(t)] = t.pin_memory()
-                    weights.memory[name] = pinned[id(t)]
-
-        root_hook = AlignDevicesHook(main, io_same_device=True, skip_keys=skip_keys)
-        add_hook_to_module(model, root_hook, append=True)
-        added.append(model)
-        units = _units(model, streamed, dm, preload_module_classes or ())
-        shared: dict[str, torch.Tensor] = {}
-        unit_hooks: list[tuple[str, AlignDevicesHook]] = []
-        for unit, names in units.items():
-            module = model.get_submodule(unit) if unit else model
-            dot = len(unit) + 1 if unit else 0
-            by_row = reads_by_row(module, names, weights)  # reads its batch's rows itself: never prefetched
-            hook = (EmbeddingRowsHook if by_row else AlignDevicesHook)(
-                execution(where[names[0]]), offload=True, weights_map=weights, offload_buffers=offload_buffers,
-                skip_keys=skip_keys, tied_params_map=shared, prefix=unit, tensor_names=[n[dot:] for n in names],
-            )
-            add_hook_to_module(module, hook, append=True)
-            added.append(module)
-            if not by_row:
-                unit_hooks.append((str(owner(names[0], dm)), hook))
-            else:
-                _say_rows(names[0], weights, streamed)
-        fetcher = Prefetcher.create(unit_hooks, window=window, device=torch_device(main))
-        for _, hook in unit_hooks:
-            hook.fetcher = fetcher
-        executions = {execution(d) for d in devices}
-        if len(executions) > 1:  # model parallel: each mapped module pulls its inputs to its device
-            for key, device in dm.items():
-                module_name = key if _is_module(model, key) else parent(key)
-                if module_name:
-                    module = model.get_submodule(module_name)
-                    add_hook_to_module(module, AlignDevicesHook(execution(device), skip_keys=skip_keys), append=True)
-                    added.append(module)
-    except BaseException:
-        for module in added:
-            remove_hook_from_module(module)  # closes the prefetcher too
-        raise
-    setattr(model, OFFLOAD_ATTR, weights)
-    _finish(model, dm, main)
-    logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(units), main)
-    return model
+    return weights, given
 
 
-def _say_rows(name: str, weights: WeightsMap, streamed: set[str]) -> None:
+def _place_resident(plan: DispatchPlan, slots: Mapping[str, ModelTensor], weights: WeightsMap) -> None:
+    """Resident tensors to their execution device (from the weights map, or moved); tied ones shared again."""
+    fill = set(plan.fill)
+    for name, device in plan.resident.items():
+        if name in fill:
+            set_tensor(slots[name], weights[name].to(torch_device(device)))
+        else:
+            move_tensor(slots[name], torch_device(device))
+    for alias, source in plan.share.items():
+        put_tensor(slots[alias], slots[source].tensor)
+
+
+def _stage_streamed(
+    plan: DispatchPlan, slots: Mapping[str, ModelTensor], weights: WeightsMap, folder: OffloadFolder | None
+) -> None:
+    """Every streamed tensor into the weights map: RAM copies, tied aliases, offload-folder files; pinned."""
+    in_ram: dict[int, torch.Tensor] = {}  # id(model tensor) -> its RAM copy: tied names share one
+    for name in plan.to_ram:
+        tensor = slots[name].tensor
+        if id(tensor) not in in_ram:
+            in_ram[id(tensor)] = tensor.detach().to("cpu")
+        weights.memory[name] = in_ram[id(tensor)]
+    for name, partner in plan.alias.items():  # a partner is held, or an alias staged before
+        if weights.is_on_disk(partner):
+            weights.disk[name] = weights.disk[partner]
+        else:
+            weights.memory[name] = weights.memory[partner]
+    if folder is not None:
+        for names in plan.to_write.values():  # one file per module
+            weights.disk.update(folder.write({n: slots[n].tensor.detach().to("cpu") for n in names}))
+        folder.write_index(weights.disk)
+    if plan.pin:  # page-locked RAM copies to the GPU asynchronously; tied names keep sharing one copy
+        pin_blocks(weights, plan.pin_blocks)  # one exactly sized arena per device-map block
+        pinned: dict[int, torch.Tensor] = {}
+        for name in plan.streamed:  # what an arena could not take (non-contiguous tensors)
+            t = weights.memory.get(name)
+            if t is not None and not t.is_pinned():
+                if id(t) not in pinned:
+                    pinned[id(t)] = t.pin_memory()
+                weights.memory[name] = pinned[id(t)]
+
+
+def _attach_hooks(
+    model: nn.Module, plan: DispatchPlan, weights: WeightsMap, added: list[nn.Module], *,
+    skip_keys: str | Sequence[str] | None, offload_buffers: bool, window: Window,
+) -> None:
+    """The root hook (inputs to the main device, outputs back), one offloading hook per unit, the
+    prefetcher they share, and, for model parallelism, input hooks; ``added`` lists the hooked modules."""
+    main = plan.placement.main
+    add_hook_to_module(model, AlignDevicesHook(main, io_same_device=True, skip_keys=skip_keys), append=True)
+    added.append(model)
+    unit_hooks: list[tuple[str, AlignDevicesHook]] = []
+    for unit in plan.units:
+        module = model.get_submodule(unit.prefix) if unit.prefix else model
+        by_row = reads_by_row(module, list(unit.names), weights)  # reads its batch's rows itself: never prefetched
+        hook = (EmbeddingRowsHook if by_row else AlignDevicesHook)(
+            unit.device, offload=True, weights_map=weights, offload_buffers=offload_buffers, skip_keys=skip_keys,
+            prefix=unit.prefix, tensor_names=unit.local_names,
+        )
+        add_hook_to_module(module, hook, append=True)
+        added.append(module)
+        if not by_row:
+            unit_hooks.append((unit.key, hook))
+        else:
+            _say_rows(unit.names[0], weights, plan.streamed)
+    fetcher = Prefetcher.create(unit_hooks, window=window, device=torch_device(main))
+    for _, hook in unit_hooks:
+        hook.fetcher = fetcher
+    for module_name, device in plan.input_hooks:
+        module = model.get_submodule(module_name)
+        add_hook_to_module(module, AlignDevicesHook(device, skip_keys=skip_keys), append=True)
+        added.append(module)
+
+
+def _say_rows(name: str, weights: WeightsMap, streamed: Mapping[str, Device]) -> None:
     ref = weights.disk[name]
     tied = sorted(n for n in streamed if n != name and weights.disk.get(n) == ref)
     if tied:
@@ -325,40 +283,6 @@ def _say_rows(name: str, weights: WeightsMap, streamed: set[str]) -> None:
                     "whole matrix at every forward", name, ", ".join(tied))
     else:
         logger.info("%s is read by row (only the rows of each batch's tokens)", name)
-
-
-def _is_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _units(
-    model: nn.Module, streamed: set[str], device_map: Mapping[str, Device], preload: Sequence[str]
-) -> dict[str, list[str]]:
-    """Group streamed tensors by the module whose forward needs them (in model order).
-
-    A tensor belongs to its direct owner, unless an ancestor inside the same device-map entry is of a
-    ``preload_module_classes`` class: that ancestor then fetches its whole subtree at once.
-    """
-    preload_at: dict[str, str] = {}
-    if preload:
-        for name, module in model.named_modules():
-            if type(module).__name__ in preload:
-                preload_at.setdefault(name, name)
-    units: dict[str, list[str]] = {}
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    for name in sorted(streamed, key=lambda n: (order.get(parent(n), 0), n)):
-        unit = parent(name)
-        probe = unit
-        while preload_at and probe:
-            if probe in preload_at and lookup(probe, device_map) == lookup(name, device_map):
-                unit = probe
-            probe = parent(probe)
-        units.setdefault(unit, []).append(name)
-    return units
 
 
 def load_checkpoint_and_dispatch(

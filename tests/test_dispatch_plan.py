@@ -1,0 +1,155 @@
+"""The dispatch plan (runtime/dispatch_plan.py): what goes where, decided on meta models without touching data.
+
+Each test builds the plan alone and checks its decisions; ``no_data_touched`` fails a test if planning
+runs any torch operation other than reading a tensor's attributes (device, dtype, shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from core_models import TinyLM
+from torch.overrides import TorchFunctionMode
+
+from hf_bigmodel import CheckpointMismatchError, OffloadError, init_empty_weights
+from hf_bigmodel.model.tensors import model_tensors
+from hf_bigmodel.plan.placement import Placement
+from hf_bigmodel.runtime.dispatch_plan import DispatchPlan, HookUnit, plan_dispatch
+
+MIXED = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk", "blocks.3": "cpu",
+         "norm": "disk", "head": "cpu"}
+
+
+class _Record(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def no_data_touched() -> Iterator[None]:
+    with _Record() as record:
+        yield
+    assert set(record.calls) <= {"__get__"}, f"planning ran torch operations: {sorted(set(record.calls))}"
+
+
+def _meta_lm() -> TinyLM:
+    with init_empty_weights():
+        return TinyLM()
+
+
+def _plan(model: torch.nn.Module, device_map, *, held=None, main_device=None, **kwargs) -> DispatchPlan:
+    slots = model_tensors(model, persistent_only=False)
+    held = set(model_tensors(model)) if held is None else held  # as after loading a checkpoint
+    with no_data_touched():
+        return plan_dispatch(model, Placement.of(device_map, main_device=main_device), slots, held, **kwargs)
+
+
+def test_one_device_means_no_hooks_and_every_empty_tensor_filled():
+    model = _meta_lm()
+    plan = _plan(model, {"": "cpu"})
+    assert not plan.hooked and plan.units == [] and plan.streamed == {}
+    assert plan.fill == [n for n, s in model_tensors(model, persistent_only=False).items()
+                         if s.tensor.device.type == "meta"]
+    assert "blocks.0.scale" not in plan.fill  # a real buffer (built in __init__) keeps its value...
+    given = _plan(model, {"": "cpu"}, given={"blocks.0.scale"})
+    assert "blocks.0.scale" in given.fill  # ...unless the caller hands one over
+    assert "no hooks" in str(plan)
+
+
+def test_disk_entries_are_streamed_by_their_direct_modules_in_model_order():
+    plan = _plan(_meta_lm(), MIXED)
+    assert plan.hooked and plan.placement.main == "cpu"
+    disk = ["blocks.1.fc1.weight", "blocks.1.fc1.bias", "blocks.1.fc2.weight", "blocks.1.fc2.bias",
+            "blocks.2.fc1.weight", "blocks.2.fc1.bias", "blocks.2.fc2.weight", "blocks.2.fc2.bias",
+            "norm.weight", "norm.bias"]
+    assert list(plan.streamed) == disk and set(plan.streamed.values()) == {"disk"}
+    assert "blocks.1.scale" in plan.resident  # buffers of offloaded modules stay, unless offload_buffers
+    assert [(u.prefix, u.key, u.device) for u in plan.units] == [
+        ("blocks.1.fc1", "blocks.1", "cpu"), ("blocks.1.fc2", "blocks.1", "cpu"),
+        ("blocks.2.fc1", "blocks.2", "cpu"), ("blocks.2.fc2", "blocks.2", "cpu"), ("norm", "norm", "cpu")]
+    assert plan.units[0].local_names == ["bias", "weight"]  # by name within a module
+    assert plan.to_write == {} and plan.to_ram == [] and not plan.pin  # all held (loaded from a checkpoint)
+    assert plan.share == {"head.weight": "embed.weight"}  # the tie survives on one device
+    assert plan.input_hooks == []  # everything runs on the CPU
+    text = str(plan)
+    assert "10 streamed (10 from 'disk')" in text and "hook blocks.1.fc1 [blocks.1] -> 'cpu'" in text
+
+
+def test_cpu_entries_stream_to_an_accelerator_main_device_and_are_pinned():
+    device_map = {"embed": 0, "blocks": "cpu", "norm": 0, "head": 0}
+    plan = _plan(_meta_lm(), device_map, pin=True)
+    assert plan.placement.main == 0
+    assert all(n.startswith("blocks.") for n in plan.streamed) and set(plan.streamed.values()) == {"cpu"}
+    assert {u.device for u in plan.units} == {0} and plan.pin
+    assert plan.pin_blocks == {"blocks": list(plan.streamed)}  # one page-locked arena per device-map entry
+    assert plan.resident["blocks.2.scale"] == 0  # kept buffers run on the main device
+    assert plan.input_hooks == []  # cpu weights run on GPU 0: one execution device
+
+
+def test_an_offloaded_tied_alias_of_a_resident_tensor_on_the_same_device_shares_it():
+    plan = _plan(_meta_lm(), {"embed": "disk", "blocks": 0, "norm": 0, "head": 0})
+    assert "embed.weight" not in plan.streamed and plan.resident["embed.weight"] == 0
+    assert plan.share == {"head.weight": "embed.weight"}
+    streamed_alias = _plan(_meta_lm(), {"embed": "disk", "blocks": "cpu", "norm": "cpu", "head": "cpu"})
+    assert "embed.weight" not in streamed_alias.streamed  # main is the CPU: runs where the resident head runs
+
+
+def test_a_tied_name_without_value_takes_its_partners_entry():
+    model = _meta_lm()
+    held = set(model_tensors(model)) - {"head.weight"}
+    plan = _plan(model, {"": "disk"}, held=held)
+    assert plan.alias == {"head.weight": "embed.weight"} and plan.to_write == {}
+
+
+def test_tensors_with_no_value_anywhere_fail_before_anything_changes():
+    model = _meta_lm()
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.fc1.weight"):
+        _plan(model, MIXED, held=set())
+    with pytest.raises(CheckpointMismatchError, match="embed.weight"):
+        _plan(model, {"": "cpu"}, held=set())
+
+
+def test_tensors_held_by_the_model_on_disk_are_written_once_per_module_or_need_a_folder():
+    model = TinyLM()  # real tensors, nothing in the weights map
+    plan = _plan(model, MIXED, held=set(), can_write=True)
+    assert list(plan.to_write) == ["blocks.1.fc1", "blocks.1.fc2", "blocks.2.fc1", "blocks.2.fc2", "norm"]
+    assert plan.to_write["norm"] == ["norm.weight", "norm.bias"]  # model order
+    ram = _plan(model, {"embed": 0, "blocks": "cpu", "norm": 0, "head": 0}, held=set())
+    assert ram.to_ram == [n for n in ram.streamed] and ram.to_write == {}
+    with pytest.raises(OffloadError, match="offload_dir"):
+        _plan(model, MIXED, held=set(), can_write=False)
+
+
+def test_offload_buffers_streams_them_too():
+    plan = _plan(_meta_lm(), MIXED, offload_buffers=True)
+    assert "blocks.1.scale" in plan.streamed and "blocks.1.offset" in plan.streamed
+    assert ("blocks.1", "blocks.1", "cpu") in [(u.prefix, u.key, u.device) for u in plan.units]
+
+
+def test_preload_module_classes_fetch_a_whole_block_at_once():
+    plan = _plan(_meta_lm(), MIXED, preload_module_classes=["Block"])
+    assert plan.units == [
+        HookUnit("blocks.1", "blocks.1", ("blocks.1.fc1.bias", "blocks.1.fc1.weight", "blocks.1.fc2.bias",
+                                         "blocks.1.fc2.weight"), "cpu"),
+        HookUnit("blocks.2", "blocks.2", ("blocks.2.fc1.bias", "blocks.2.fc1.weight", "blocks.2.fc2.bias",
+                                         "blocks.2.fc2.weight"), "cpu"),
+        HookUnit("norm", "norm", ("norm.bias", "norm.weight"), "cpu"),
+    ]
+
+
+def test_model_parallel_maps_get_input_hooks_per_entry():
+    device_map = {"embed": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2.fc1.weight": 1, "blocks.2": 0,
+                  "blocks.3": 1, "norm": 1, "head": 0}
+    plan = _plan(_meta_lm(), device_map, force_hooks=True)
+    assert plan.streamed == {} and plan.units == []
+    assert plan.input_hooks == [("embed", 0), ("blocks.0", 0), ("blocks.1", 1), ("blocks.2.fc1", 1),
+                                ("blocks.2", 0), ("blocks.3", 1), ("norm", 1), ("head", 0)]
+    assert plan.resident["blocks.2.fc1.weight"] == 1 and plan.resident["blocks.2.fc1.bias"] == 0
