@@ -135,16 +135,7 @@ def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     return lines
 
 
-#: Functions being split into a plan and an apply step (issue 12); strict: the test fails once they are short.
-_PENDING = {"load/loading.py"}
-
-
-def _cases() -> list:
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="being split")) if str(p.relative_to(
-        PACKAGE)) in _PENDING else p for p in sorted(PACKAGE.rglob("*.py"))]
-
-
-@pytest.mark.parametrize("path", _cases(), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_function_is_longer_than_80_lines(path: Path) -> None:
     tree = ast.parse(path.read_text())
     long = [f"{node.name}: {_code_lines(node)} lines" for node in ast.walk(tree)
