@@ -311,11 +311,9 @@ def test_fused_tensors_with_strided_pieces_read_exactly(tmp_path: Path) -> None:
     weights = WeightsMap(disk={"w": ref})
     assert torch.equal(weights["w"], expected)
 
-    class Hook:  # what plan_group reads from an offloading hook
-        weights_map, prefix = weights, "m"
-        slots = [type("Slot", (), {"name": "w"})()]
+    from hf_bigmodel.runtime.streaming import StreamedUnit  # what plan_group reads from an offloading hook
 
-    group = plan_group(0, [Hook()], on_cpu=True)
+    group = plan_group(0, [(0, StreamedUnit("m", ("w",), weights, torch.device("cpu")))], on_cpu=True)
     job = Job(group.items, type("Buf", (), {"tensor": aligned_empty(group.host_bytes)})(), group)
     assert torch.equal(fetch(job, DirectReader(), torch.device("cpu"), None)[0], expected)
 

@@ -18,6 +18,7 @@ from hf_bigmodel import CheckpointMismatchError, OffloadError, init_empty_weight
 from hf_bigmodel.model.tensors import model_tensors
 from hf_bigmodel.plan.placement import Placement
 from hf_bigmodel.runtime.dispatch_plan import DispatchPlan, HookUnit, plan_dispatch
+from hf_bigmodel.storage.weights_map import WeightsMap
 
 MIXED = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk", "blocks.3": "cpu",
          "norm": "disk", "head": "cpu"}
@@ -46,10 +47,12 @@ def _meta_lm() -> TinyLM:
 
 
 def _plan(model: torch.nn.Module, device_map, *, held=None, main_device=None, **kwargs) -> DispatchPlan:
+    """The plan, with the weights map holding ``held`` (default: every state-dict name, as after loading)."""
     slots = model_tensors(model, persistent_only=False)
-    held = set(model_tensors(model)) if held is None else held  # as after loading a checkpoint
+    held = set(model_tensors(model)) if held is None else held
+    weights = WeightsMap(memory={name: slots[name].tensor.to("meta") for name in held})  # shapes and dtypes
     with no_data_touched():
-        return plan_dispatch(model, Placement.of(device_map, main_device=main_device), slots, held, **kwargs)
+        return plan_dispatch(model, Placement.of(device_map, main_device=main_device), slots, weights, **kwargs)
 
 
 def test_one_device_means_no_hooks_and_every_empty_tensor_filled():
@@ -153,3 +156,41 @@ def test_model_parallel_maps_get_input_hooks_per_entry():
     assert plan.input_hooks == [("embed", 0), ("blocks.0", 0), ("blocks.1", 1), ("blocks.2.fc1", 1),
                                 ("blocks.2", 0), ("blocks.3", 1), ("norm", 1), ("head", 0)]
     assert plan.resident["blocks.2.fc1.weight"] == 1 and plan.resident["blocks.2.fc1.bias"] == 0
+
+
+def test_prefetch_groups_are_decided_with_the_plan(monkeypatch):
+    from hf_bigmodel.runtime import prefetch_plan
+
+    plan = _plan(_meta_lm(), MIXED)
+    assert plan.groups == [[0, 1], [2, 3], [4]]  # one group per device-map entry (each well under GROUP_BYTES)
+    assert "prefetch group 1" in str(plan)
+    whole = _plan(_meta_lm(), {"": "disk"})
+    assert whole.groups == [list(range(len(whole.units)))]  # small: the whole model is one block
+    monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 3000)  # a Block holds 16*32*2*4 + 48*4 = 4288 bytes
+    monkeypatch.setattr(prefetch_plan, "MERGE_BYTES", 0)
+    cut = _plan(_meta_lm(), {"": "disk"})
+    prefixes = [[cut.units[i].prefix for i in group] for group in cut.groups]
+    assert prefixes[:3] == [["embed"], ["blocks.0.fc1"], ["blocks.0.fc2"]]  # cut below the blocks
+    assert sorted(i for group in cut.groups for i in group) == list(range(len(cut.units)))
+
+
+def test_an_embedding_on_disk_reads_by_row_and_is_in_no_prefetch_group():
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+    from hf_bigmodel.storage.weights_map import DiskTensor
+
+    model = _meta_lm()
+    slots = model_tensors(model, persistent_only=False)
+    weights = WeightsMap(memory={n: s.tensor.to("meta") for n, s in model_tensors(model).items()})
+    entry = TensorEntry("ckpt/model.safetensors", "embed.weight", torch.float32, (50, 16), 0, 50 * 16 * 4)
+    del weights.memory["embed.weight"]
+    weights.disk["embed.weight"] = DiskTensor(entry, torch.float32)  # a plain byte range of the checkpoint
+    device_map = {"embed": "disk", "blocks": "disk", "norm": "cpu", "head": "disk"}
+    with no_data_touched():
+        plan = plan_dispatch(model, Placement.of(device_map), slots, weights)
+    by_row = [i for i, u in enumerate(plan.units) if u.by_row]
+    assert [plan.units[i].prefix for i in by_row] == ["embed"]
+    assert not any(i in group for group in plan.groups for i in by_row)
+    assert sorted(i for group in plan.groups for i in group) == [i for i in range(len(plan.units)) if i not in by_row]
+    assert "hook embed [embed] -> 'cpu': 1 tensor(s), read by row" in str(plan)
+    in_ram = _plan(model, device_map)  # held in RAM (meta stand-ins): read whole, prefetched
+    assert not any(u.by_row for u in in_ram.units)

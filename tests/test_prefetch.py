@@ -147,7 +147,7 @@ def _chain(tmp_path, prefetch):
 
 @pytest.fixture
 def one_group_per_module(monkeypatch):
-    monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 1)  # the grouping lives in prefetch_plan
+    monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 1)
     monkeypatch.setattr(prefetch_plan, "MERGE_BYTES", 0)
 
 
@@ -434,3 +434,35 @@ def test_read_shard_reads_when_the_file_cannot_be_mapped(tmp_path, monkeypatch):
     ckpt = find_checkpoint(tmp_path)
     got = dict(read_shard(ckpt, ckpt.files[0]))
     assert torch.equal(got["w"], tensors["w"])
+
+
+def test_the_prefetcher_serves_any_streamed_weights_without_hooks(tmp_path):
+    """Typed against StreamedWeights: units name tensors of a weights map; no hook or module is involved."""
+    from safetensors.torch import save_file
+
+    from hf_bigmodel.runtime.prefetch import Prefetcher
+    from hf_bigmodel.runtime.prefetch_window import Window
+    from hf_bigmodel.runtime.streaming import StreamedUnit
+    from hf_bigmodel.storage.weights_map import DiskTensor, WeightsMap
+
+    generator = torch.Generator().manual_seed(9)
+    tensors = {f"t{i}": torch.randn(4, 3, generator=generator) for i in range(4)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    header = read_header(tmp_path / "w.safetensors")
+    weights = WeightsMap(disk={k: DiskTensor(header.entries[k], torch.float32) for k in tensors})
+    cpu = torch.device("cpu")
+    units = [StreamedUnit(f"m{i}", (f"t{i}", "t0"), weights, cpu) for i in range(4)]
+    fetcher = Prefetcher.create(units, [[0], [1, 2], [3]], window=Window(groups=1), device=cpu)
+    assert fetcher is not None
+    try:
+        for _ in range(2):
+            for unit in reversed(units):  # not model order: learned during the first pass
+                got = fetcher.take(unit)
+                assert got is not None and len(got) == 2
+                assert torch.equal(got[0], tensors[unit.names[0]]) and torch.equal(got[1], tensors["t0"])
+        assert [g.prefixes for g in fetcher._groups] == [["m3"], ["m1", "m2"], ["m0"]]
+        assert fetcher.take(StreamedUnit("other", ("t0",), weights, cpu)) is None  # not one of its units
+        assert fetcher.stats()["unscheduled"] == 1
+    finally:
+        fetcher.close()
+    assert fetcher.take(units[0]) is None  # closed: hooks read for themselves

@@ -31,6 +31,7 @@ from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
 from .prefetch_window import Window, prefetch_window
+from .streaming import StreamedWeights
 
 __all__ = [
     "dispatch_model",
@@ -252,23 +253,31 @@ def _attach_hooks(
     main = plan.placement.main
     add_hook_to_module(model, AlignDevicesHook(main, io_same_device=True, skip_keys=skip_keys), append=True)
     added.append(model)
-    unit_hooks: list[tuple[str, AlignDevicesHook]] = []
+    unit_hooks: list[AlignDevicesHook] = []
     for unit in plan.units:
         module = model.get_submodule(unit.prefix) if unit.prefix else model
-        by_row = reads_by_row(module, list(unit.names), weights)  # reads its batch's rows itself: never prefetched
+        # An embedding reads its batch's rows itself: never prefetched (not in a group).
+        by_row = unit.by_row and reads_by_row(module, list(unit.names), weights)
         hook = (EmbeddingRowsHook if by_row else AlignDevicesHook)(
             unit.device, offload=True, weights_map=weights, offload_buffers=offload_buffers, skip_keys=skip_keys,
             prefix=unit.prefix, tensor_names=unit.local_names,
         )
         add_hook_to_module(module, hook, append=True)
         added.append(module)
-        if not by_row:
-            unit_hooks.append((unit.key, hook))
-        else:
+        if by_row:
             _say_rows(unit.names[0], weights, plan.streamed)
-    fetcher = Prefetcher.create(unit_hooks, window=window, device=torch_device(main))
-    for _, hook in unit_hooks:
-        hook.fetcher = fetcher
+        unit_hooks.append(hook)
+    fetched = [i for group in plan.groups for i in group]  # units read ahead, group by group
+    position = {unit: k for k, unit in enumerate(fetched)}
+    streams: list[StreamedWeights] = []
+    for i in fetched:
+        stream = unit_hooks[i].stream
+        assert stream is not None  # each unit streams some tensors from ``weights``
+        streams.append(stream)
+    fetcher = Prefetcher.create(streams, [[position[i] for i in group] for group in plan.groups], window=window,
+                                device=torch_device(main))
+    for i in fetched:
+        unit_hooks[i].fetcher = fetcher
     for module_name, device in plan.input_hooks:
         module = model.get_submodule(module_name)
         add_hook_to_module(module, AlignDevicesHook(device, skip_keys=skip_keys), append=True)

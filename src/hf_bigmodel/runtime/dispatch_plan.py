@@ -14,13 +14,15 @@ Per tensor the plan says:
   model holds is copied to RAM (``to_ram``, tied names sharing one copy), written to the offload folder
   (``to_write``, ``"disk"`` entries), or taken from a tied partner (``alias``); RAM copies
   are page-locked when the main device is a GPU (``pin``);
-- streamed tensors are grouped into hook *units*: the module whose forward needs them.
+- streamed tensors are grouped into hook *units* (the module whose forward needs them), and units into
+  prefetch *groups* (:mod:`.prefetch_plan`), fetched at once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -29,6 +31,9 @@ from ..model.naming import lookup, owner, parent
 from ..model.tensors import ModelTensor, tie_groups
 from ..plan.devices import Device
 from ..plan.placement import Placement
+from ..storage.weights_map import DiskTensor, WeightsMap
+from .embedding_rows import row_readable
+from .prefetch_plan import cut_groups, find_blocks
 
 __all__ = ["DispatchPlan", "HookUnit", "plan_dispatch"]
 
@@ -42,6 +47,9 @@ class HookUnit:
     key: str
     names: tuple[str, ...]
     device: Device
+    #: An embedding whose weight stays a plain byte range on disk: it reads its batch's rows itself
+    #: (:mod:`.embedding_rows`) and is in no prefetch group.
+    by_row: bool = False
 
     @property
     def local_names(self) -> list[str]:
@@ -76,6 +84,8 @@ class DispatchPlan:
     #: Device-map entry -> its streamed tensors, in model order: one page-locked arena each when pinning.
     pin_blocks: dict[str, list[str]] = field(default_factory=dict)
     units: list[HookUnit] = field(default_factory=list)
+    #: Indices into ``units`` the prefetcher fetches at once, in model order.
+    groups: list[list[int]] = field(default_factory=list)
     #: Model parallelism: module -> the execution device its inputs are moved to.
     input_hooks: list[tuple[str, Device]] = field(default_factory=list)
 
@@ -93,8 +103,10 @@ class DispatchPlan:
             f"  to RAM {len(self.to_ram)}{' (pinned)' if self.pin else ''}, to write "
             f"{sum(map(len, self.to_write.values()))}, tied aliases {len(self.alias)}",
         ]
-        lines += [f"  hook {u.prefix or '<root>'} [{u.key or '<root>'}] -> {u.device!r}: {len(u.names)} tensor(s)"
-                  for u in self.units]
+        group_of = {u: g for g, members in enumerate(self.groups) for u in members}
+        lines += [f"  hook {u.prefix or '<root>'} [{u.key or '<root>'}] -> {u.device!r}: {len(u.names)} tensor(s), "
+                  + ("read by row" if u.by_row else f"prefetch group {group_of.get(i)}")
+                  for i, u in enumerate(self.units)]
         lines += [f"  inputs of {m} -> {d!r}" for m, d in self.input_hooks]
         return "\n".join(lines)
 
@@ -103,7 +115,7 @@ def plan_dispatch(
     model: nn.Module,
     placement: Placement,
     slots: Mapping[str, ModelTensor],
-    held: Collection[str],
+    held: WeightsMap,
     *,
     given: Collection[str] = (),
     offload_buffers: bool = False,
@@ -114,10 +126,10 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """The plan for dispatching ``model`` (its tensors ``slots``) per ``placement``; touches no tensor data.
 
-    ``held``: names the weights map holds; ``given``: names whose value the caller handed over (they
-    win over what the model holds). ``can_write``: an offload folder was given. Raises
-    :class:`CheckpointMismatchError` for tensors with no value anywhere, and :class:`OffloadError` for
-    tensors to write when there is no folder, before anything is changed.
+    ``held``: the weights map so far (only its names, shapes and dtypes are read); ``given``: names whose
+    value the caller handed over (they win over what the model holds). ``can_write``: an offload folder
+    was given. Raises :class:`CheckpointMismatchError` for tensors with no value anywhere, and
+    :class:`OffloadError` for tensors to write when there is no folder, before anything is changed.
     """
     devices = set(placement.device_map.values())
     if not force_hooks and len(devices) == 1 and not placement.is_offloaded(next(iter(devices))):
@@ -167,6 +179,8 @@ def plan_dispatch(
             f"({summarize(sorted(names), 3)}); pass offload_dir= so they can be written there."
         )
     plan.units = _units(model, plan.streamed, placement, runs_on, preload_module_classes)
+    plan.units = [replace(u, by_row=_reads_by_row(model, u, plan, held)) for u in plan.units]
+    plan.groups = _groups(plan, slots, held)
     if len({placement.execution_device(d) for d in devices}) > 1:
         plan.input_hooks = _input_hooks(model, placement)
     return plan
@@ -174,6 +188,49 @@ def plan_dispatch(
 
 def _is_meta(slot: ModelTensor) -> bool:
     return slot.tensor.device.type == "meta"
+
+
+def _groups(plan: DispatchPlan, slots: Mapping[str, ModelTensor], held: WeightsMap) -> list[list[int]]:
+    """The prefetch groups (indices into ``plan.units``) of the units read ahead: all but those read by row.
+
+    Blocks and groups as :mod:`.prefetch_plan` cuts them, over the bytes each unit brings, in model order.
+    """
+    fetched = [i for i, u in enumerate(plan.units) if not u.by_row]
+    units = [(plan.units[i].key, plan.units[i].prefix, _unit_bytes(plan.units[i], plan, slots, held)) for i in fetched]
+    groups = cut_groups([(key, block, size) for (key, _, size), block in zip(units, find_blocks(units))])
+    return [[fetched[k] for k in group] for group in groups]
+
+
+def _source(name: str, plan: DispatchPlan) -> str:
+    """The name whose entry of the weights map ``name`` will share (itself unless a tied alias)."""
+    while name in plan.alias:
+        name = plan.alias[name]
+    return name
+
+
+def _reads_by_row(model: nn.Module, unit: HookUnit, plan: DispatchPlan, held: WeightsMap) -> bool:
+    """Whether the unit's module can read its weight by row: a plain byte range once staged."""
+    module = model.get_submodule(unit.prefix) if unit.prefix else model
+    if not row_readable(module, unit.names):
+        return False
+    name = _source(unit.names[0], plan)
+    if any(name in names for names in plan.to_write.values()):
+        return True  # written to the offload folder as one byte range
+    return held.is_on_disk(name) and type(held.disk[name]) is DiskTensor
+
+
+def _unit_bytes(unit: HookUnit, plan: DispatchPlan, slots: Mapping[str, ModelTensor], held: WeightsMap) -> int:
+    """Bytes a unit brings, from the weights map's specs, or the model's tensors that will be staged."""
+    total = 0
+    for name in unit.names:
+        source = _source(name, plan)
+        if source in held:
+            shape, dtype = held.spec(source)
+        else:
+            tensor = slots[source].tensor
+            shape, dtype = tuple(tensor.shape), tensor.dtype
+        total += dtype.itemsize * math.prod(shape)
+    return total
 
 
 def _plan_streamed(

@@ -20,6 +20,7 @@ every forward, so that module still reads all of it; only the embedding's own re
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +31,7 @@ from ..storage.direct_io import DirectReader, padded_span, read_rows, row_runs
 from ..storage.weights_map import DiskTensor, WeightsMap
 from .hooks import AlignDevicesHook, send_to_device
 
-__all__ = ["EmbeddingRowsHook", "reads_by_row"]
+__all__ = ["EmbeddingRowsHook", "reads_by_row", "row_readable"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,15 @@ MAX_SHARE = 1 / 8
 def reads_by_row(module: nn.Module, names: list[str], weights: WeightsMap) -> bool:
     """True when ``module``, offloaded with the tensors ``names`` (full names) from ``weights``, can read its
     weight by row and give exactly what the whole matrix gives."""
+    # A plain byte range of one file (a tensor fused from pieces is read whole).
+    return row_readable(module, names) and weights.is_on_disk(names[0]) and type(weights.disk[names[0]]) is DiskTensor
+
+
+def row_readable(module: nn.Module, names: Sequence[str]) -> bool:
+    """The module's side of :func:`reads_by_row`: a plain ``nn.Embedding`` offloading its weight alone."""
     if not isinstance(module, nn.Embedding) or type(module).forward is not nn.Embedding.forward:
         return False
-    if module.max_norm is not None or len(names) != 1 or names[0].rpartition(".")[2] != "weight":
-        return False
-    # A plain byte range of one file (a tensor fused from pieces is read whole).
-    return weights.is_on_disk(names[0]) and type(weights.disk[names[0]]) is DiskTensor
+    return module.max_norm is None and len(names) == 1 and names[0].rpartition(".")[2] == "weight"
 
 
 class EmbeddingRowsHook(AlignDevicesHook):

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..model.tensors import ModelTensor, module_slots, move_tensor, put_tensor, set_tensor, with_slot_class
 from ..plan.devices import Device, torch_device
+from ..storage.weights_map import WeightsMap
+from .streaming import StreamedUnit, WeightsFetcher
 
 if TYPE_CHECKING:
 
@@ -297,7 +299,10 @@ class AlignDevicesHook(ModelHook):
         self.move_inputs = move_inputs
         self.slots: list[_Slot] = []
         self.input_device: torch.device | None = None
-        self.fetcher: Any = None  # a prefetch.Prefetcher supplying weights ahead of time (or None)
+        #: What a prefetcher needs from this hook (set by ``init_hook`` when it streams from a WeightsMap).
+        self.stream: StreamedUnit | None = None
+        #: Supplies the weights ahead of time (dispatch sets the model's prefetcher), or None.
+        self.fetcher: WeightsFetcher | None = None
         self._resident = False
 
     def __repr__(self) -> str:
@@ -325,6 +330,9 @@ class AlignDevicesHook(ModelHook):
             slot = _Slot(ModelTensor(sub, leaf, leaf in sub._buffers), dot + local)
             slot.release()
             self.slots.append(slot)
+        if isinstance(self.weights_map, WeightsMap) and self.execution_device is not None and self.slots:
+            self.stream = StreamedUnit(self.prefix, tuple(s.name for s in self.slots), self.weights_map,
+                                       self.execution_device)
         if not self.offload_buffers and self.execution_device is not None:
             for sub in (module.modules() if self.place_submodules else [module]):
                 for tensor_slot in module_slots(sub):
@@ -356,7 +364,7 @@ class AlignDevicesHook(ModelHook):
         return values
 
     def materialize(self) -> None:
-        values = self.fetcher.take(self) if self.fetcher is not None else None
+        values = self.fetcher.take(self.stream) if self.fetcher is not None and self.stream is not None else None
         if values is None:
             values = self.load_weights()
         for slot, value in zip(self.slots, values):

@@ -1,11 +1,12 @@
 """Prefetching offloaded weights: the next groups are read while the current one computes.
 
-A :class:`Prefetcher` serves the offloading hooks of one dispatched model (``hook.fetcher``). Hooks are
-cut into *groups*, each fetched as a whole: a device-map entry such as a decoder layer (an entry over
-:data:`GROUP_BYTES` is cut into its children, e.g. ``{"": "disk"}`` into layers; small neighbours are
-merged up to :data:`MERGE_BYTES`). While a group runs, a background thread (:mod:`.prefetch_reader`)
-fetches the next groups, cyclically (after the last group of a forward, the first of the next), as many
-as fit the prefetch window (:mod:`.prefetch_window`: bytes, by default twice the median group):
+A :class:`Prefetcher` serves the offloading hooks of one dispatched model (``hook.fetcher``), typed
+against what it needs from them (:class:`~.streaming.StreamedWeights`: tensor names, weights map,
+device). The dispatch plan decides the *groups*, each fetched as a whole (:mod:`.prefetch_plan`: a
+device-map entry such as a decoder layer; bigger entries cut into their children, small neighbours
+merged). While a group runs, a background thread (:mod:`.prefetch_reader`) fetches the next groups,
+cyclically (after the last group of a forward, the first of the next), as many as fit the prefetch
+window (:mod:`.prefetch_window`: bytes, by default twice the median group):
 
 - CPU runs: disk -> RAM into reusable aligned buffers, each sized for its group (the group in use plus
   those read ahead: at most ``largest group + window`` bytes), whose views the modules use; ``O_DIRECT``
@@ -14,9 +15,10 @@ as fit the prefetch window (:mod:`.prefetch_window`: bytes, by default twice the
   stream; the compute stream waits on an event (``wait_event``) and the tensors are ``record_stream``-ed,
   so nothing synchronises the host.
 
-The order starts as model order and is replaced by the order recorded during the first forward. A
-hook that runs out of order falls back to a synchronous fetch of its group (and the prefetcher
-re-aligns behind it); a hook not seen in the first forward is fetched synchronously by the hook itself.
+The order of the groups starts as model order and is replaced by the order their hooks ran in during
+the first forward (groups none of whose hooks ran are left out). A hook that runs out of order falls
+back to a synchronous fetch of its group (and the prefetcher re-aligns behind it); a hook left out is
+fetched synchronously by the hook itself.
 Values are the very bytes the synchronous path reads, so outputs are bit-identical.
 
 A buffer is reused only when no tensor but the pool's own references its storage; otherwise it is
@@ -46,11 +48,11 @@ from torch import nn
 from ..errors import BigModelError, OffloadError
 from ..model.sizes import format_size
 from ..storage.direct_io import DirectReader, aligned_empty
-from ..storage.weights_map import WeightsMap
-from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, cut_groups, find_blocks, plan_prefetch
+from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, plan_prefetch
 from .prefetch_plan import rounded_buffer as _rounded
 from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
 from .prefetch_window import Window, prefetch_memory
+from .streaming import StreamedWeights
 
 __all__ = [
     "DEFAULT_DEPTH",
@@ -105,8 +107,9 @@ def prefetcher_of(model: nn.Module) -> Prefetcher | None:
 class Prefetcher:
     """Fetches offloaded hooks' weights ahead of use (see the module docstring).
 
-    ``hooks`` are ``(device_map_key, AlignDevicesHook)`` pairs in model order. Build it with
-    :meth:`create`, which returns None when prefetching cannot help (nothing read from disk on a CPU
+    ``units`` are the hooks' :class:`~.streaming.StreamedWeights` in model order, ``groups`` the lists of
+    unit indices fetched together (decided by the dispatch plan, cut by :mod:`.prefetch_plan`). Build it
+    with :meth:`create`, which returns None when prefetching cannot help (nothing read from disk on a CPU
     run) or the device is neither CPU nor CUDA. Call from one thread at a time (as forwards are).
 
     Example::
@@ -116,26 +119,23 @@ class Prefetcher:
     """
 
     @classmethod
-    def create(cls, hooks: Sequence[tuple[str, Any]], *, window: Window, device: torch.device) -> Prefetcher | None:
-        """A prefetcher for ``hooks`` (those with a :class:`WeightsMap` and tensors), or None (see above)."""
-        if window.off or not hooks or device.type not in ("cpu", "cuda"):
+    def create(cls, units: Sequence[StreamedWeights], groups: Sequence[Sequence[int]], *, window: Window,
+               device: torch.device) -> Prefetcher | None:
+        """A prefetcher for ``units`` fetched in ``groups``, or None (see above)."""
+        if window.off or not units or device.type not in ("cpu", "cuda"):
             return None
-        ok = [(k, h) for k, h in hooks if isinstance(h.weights_map, WeightsMap) and h.slots]
-        if device.type == "cpu" and not any(
-            h.weights_map.is_on_disk(s.name) for _, h in ok for s in h.slots
-        ):
+        if device.type == "cpu" and not any(u.weights.is_on_disk(n) for u in units for n in u.names):
             return None
-        return cls(ok, window=window, device=device) if ok else None
+        return cls(units, groups, window=window, device=device)
 
-    def __init__(self, hooks: Sequence[tuple[str, Any]], *, window: Window, device: torch.device) -> None:
+    def __init__(self, units: Sequence[StreamedWeights], groups: Sequence[Sequence[int]], *, window: Window,
+                 device: torch.device) -> None:
         self.window = window
         self.device = device
-        self._keys = {id(h): k for k, h in hooks}
-        self._sizes = {id(h): sum(_nbytes(*h.weights_map.spec(s.name)) for s in h.slots) for _, h in hooks}
-        self._hooks = [h for _, h in hooks]
-        found = find_blocks([(k, h.prefix, self._sizes[id(h)]) for k, h in hooks])
-        self._blocks = {id(h): block for (_, h), block in zip(hooks, found)}
-        self._recording: list[Any] | None = []
+        self._units = list(units)
+        self._position = {unit: i for i, unit in enumerate(self._units)}
+        self._planned = [list(group) for group in groups]  # in model order
+        self._recording: list[int] | None = []
         self._recorded: set[int] = set()
         self._inflight: deque[Job] = deque()
         self._current: Job | None = None
@@ -144,7 +144,8 @@ class Prefetcher:
         self._lock = threading.RLock()
         self.hits = self.misses = self.unscheduled = self.abandoned = 0
         self.wait_s = 0.0
-        self._build(self._hooks)
+        self._groups: list[Group] = []
+        self._order(self._planned)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=reader_loop, args=(self._jobs, DirectReader(), device, stream),
@@ -156,20 +157,17 @@ class Prefetcher:
                      format_size(self._capacity), window.describe(sizes), device)
         self._fill(len(self._groups) - 1)  # the first forward finds its first groups on their way
 
-    def _build(self, order: Sequence[Any]) -> bool:
-        """Cut ``order`` into groups: runs of one block, small ones merged up to MERGE_BYTES within an entry.
+    def _order(self, groups: Sequence[list[int]]) -> bool:
+        """Fetch ``groups`` (lists of unit indices) in this order, cyclically.
 
-        Returns False (and keeps the current groups) when the groups and their order are unchanged:
-        the order of hooks inside a group does not matter, the whole group is fetched at once.
+        Returns False (and keeps the current groups) when nothing changes: the order of units inside a
+        group does not matter, the whole group is fetched at once.
         """
-        cuts = cut_groups([(self._keys[id(h)], self._blocks[id(h)], self._sizes[id(h)]) for h in order])
-        runs = [[order[i] for i in cut] for cut in cuts]
-        existing = getattr(self, "_groups", None)
-        if existing is not None and [set(g.slots) for g in existing] == [{id(h) for h in run} for run in runs]:
+        if self._groups and [set(g.slots) for g in self._groups] == [set(group) for group in groups]:
             return False
         on_cpu = self.device.type == "cpu"
-        self._groups = [plan_group(i, run, on_cpu) for i, run in enumerate(runs)]
-        self._group_of = {hook_id: g for g in self._groups for hook_id in g.slots}
+        self._groups = [plan_group(i, [(u, self._units[u]) for u in group], on_cpu) for i, group in enumerate(groups)]
+        self._group_of = {u: g for g in self._groups for u in g.slots}
         self._capacity = max((g.host_bytes for g in self._groups), default=0)
         sizes = [_rounded(g.fetch_bytes) for g in self._groups]
         self._limit = self.window.bytes_for(sizes)  # None: a number of groups
@@ -177,19 +175,23 @@ class Prefetcher:
         self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
         return True
 
-    # The hook protocol ---------------------------------------------------------------------------------
+    # What hooks call ------------------------------------------------------------------------------------
 
-    def take(self, hook: Any) -> list[torch.Tensor] | None:
-        """``hook``'s tensors on the execution device, in slot order; None: let the hook load them itself."""
+    def take(self, unit: StreamedWeights) -> list[torch.Tensor] | None:
+        """``unit``'s tensors on its device, in ``names`` order; None: let the hook load them itself."""
         with self._lock:
-            return None if self._closed else self._take(hook)
+            return None if self._closed else self._take(unit)
 
-    def _take(self, hook: Any) -> list[torch.Tensor] | None:
-        self._learn(hook)
+    def _take(self, unit: StreamedWeights) -> list[torch.Tensor] | None:
+        index = self._position.get(unit)
+        if index is None:  # not one of this prefetcher's units
+            self.unscheduled += 1
+            return None
+        self._learn(index)
         current = self._current
-        if current is not None and current.group is not None and id(hook) in current.group.slots:
-            return self._hand_out(current, hook)
-        group = self._group_of.get(id(hook))
+        if current is not None and current.group is not None and index in current.group.slots:
+            return self._hand_out(current, index)
+        group = self._group_of.get(index)
         if group is None:
             self.unscheduled += 1
             return None
@@ -215,9 +217,9 @@ class Prefetcher:
             self._retire(self._current)
         self._current = job
         self._top_up()
-        return self._hand_out(job, hook)
+        return self._hand_out(job, index)
 
-    def _hand_out(self, job: Job, hook: Any) -> list[torch.Tensor]:
+    def _hand_out(self, job: Job, index: int) -> list[torch.Tensor]:
         assert job.values is not None and job.group is not None
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
@@ -228,7 +230,7 @@ class Prefetcher:
                         value.record_stream(stream)
                 job.stream = stream
         values = job.values
-        return [values[i] for i in job.group.slots[id(hook)]]
+        return [values[i] for i in job.group.slots[index]]
 
     def _raise(self, job: Job, group: Group) -> None:
         err = job.error
@@ -244,23 +246,25 @@ class Prefetcher:
 
     # Order -----------------------------------------------------------------------------------------------
 
-    def _learn(self, hook: Any) -> None:
-        """Record the first forward's order of hooks; once it is complete, re-plan the groups with it."""
+    def _learn(self, index: int) -> None:
+        """Record the first forward's order of units; once it is complete, order the groups by it."""
         recording = self._recording
         if recording is None:
             return
-        if id(hook) in self._recorded:
-            if hook is not recording[0]:
+        if index in self._recorded:
+            if index != recording[0]:
                 return  # called again within the same forward
         else:
-            recording.append(hook)
-            self._recorded.add(id(hook))
-            if len(recording) < len(self._hooks):
+            recording.append(index)
+            self._recorded.add(index)
+            if len(recording) < len(self._units):
                 return
         self._recording = None
+        group_of = {u: i for i, group in enumerate(self._planned) for u in group}
+        ran = dict.fromkeys(group_of[u] for u in recording)  # groups in the order their first unit ran
         current, inflight = self._current, list(self._inflight)
-        if self._build(recording):
-            logger.debug("Execution order differs from model order; re-planned %d prefetch group(s)",
+        if self._order([self._planned[i] for i in ran]):
+            logger.debug("Execution order differs from model order; re-ordered %d prefetch group(s)",
                          len(self._groups))
             for job in [current, *inflight]:
                 if job is not None:
@@ -380,10 +384,3 @@ class Prefetcher:
     def __repr__(self) -> str:
         return (f"Prefetcher(depth={self.depth}, groups={len(self._groups)}, device={self.device}, "
                 f"closed={self._closed})")
-
-
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,8 +22,9 @@ from ..errors import summarize
 from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_span
 from ..storage.fused import FusedDiskTensor, box_shape, contiguous_span, read_fused_into, scratch_bytes
 from ..storage.safetensors_io import TensorEntry
-from ..storage.weights_map import DiskRef, DiskTensor, WeightsMap
+from ..storage.weights_map import DiskRef, DiskTensor
 from .pinned import spans
+from .streaming import StreamedWeights
 
 __all__ = ["Buffer", "Group", "Item", "Job", "Staging", "copy_from_ram", "fetch", "plan_group", "reader_loop",
            "stop_reader", "use_count"]
@@ -52,12 +54,12 @@ class Item:
 
 @dataclass
 class Group:
-    """Hooks fetched together. Holds no reference to hooks or modules: the reader thread sees it."""
+    """Hooks' units fetched together. Holds no reference to hooks or modules: the reader thread sees it."""
 
     index: int
-    prefixes: list[str]  # of its hooks' modules, in order
+    prefixes: list[str]  # of its units' modules, in order
     items: list[Item]
-    slots: dict[int, list[int]]  # id(hook) -> item index per slot
+    slots: dict[int, list[int]]  # unit index (in the prefetcher) -> item index per tensor name
     host_bytes: int
     scratch: tuple[int, int] = (0, 0)  # CPU runs: (offset, bytes) where fused tensors' pieces are read first
     #: CPU runs: one read per run of adjacent tensors in a file, (the run's byte range, its offset in the buffer)
@@ -76,26 +78,26 @@ class Group:
                    for i in self.items)
 
 
-def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
-    """The tensors ``hooks`` (offloading ``AlignDevicesHook`` s) need, deduplicated, and their buffer layout.
+def plan_group(index: int, members: Sequence[tuple[int, StreamedWeights]], on_cpu: bool) -> Group:
+    """The tensors ``members`` (``(unit index, unit)`` pairs) need, deduplicated, and their buffer layout.
 
-    A tensor several hooks share (tied weights) is read once. ``on_cpu``: the group runs on the CPU and
+    A tensor several units share (tied weights) is read once. ``on_cpu``: the group runs on the CPU and
     its disk tensors live in a host buffer (a tensor cast to another dtype gets room for its cast copy);
     otherwise they stream to the device through the reader's staging chunks and need no buffer.
     """
     items: list[Item] = []
     seen: dict[Any, int] = {}
     slots: dict[int, list[int]] = {}
-    for hook in hooks:
-        weights: WeightsMap = hook.weights_map
+    for position, unit in members:
+        weights = unit.weights
         picks = []
-        for slot in hook.slots:
-            tensor = weights.memory.get(slot.name)
+        for name in unit.names:
+            tensor = weights.memory.get(name)
             if tensor is not None:
                 key: Any = ("m", id(tensor))
                 item = Item(memory=tensor)
             else:
-                ref = weights.disk[slot.name]
+                ref = weights.disk[name]
                 key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype) \
                     if isinstance(ref, DiskTensor) else ("f", ref)
                 item = Item(ref=ref)
@@ -103,7 +105,7 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
                 seen[key] = len(items)
                 items.append(item)
             picks.append(seen[key])
-        slots[id(hook)] = picks
+        slots[position] = picks
     size = 0
     scratch = (0, 0)
     reads: list[tuple[TensorEntry, int]] = []
@@ -121,7 +123,7 @@ def plan_group(index: int, hooks: list[Any], on_cpu: bool) -> Group:
         if fused:
             scratch = (size, max(scratch_bytes(r, lambda e: padded_span(e)[1]) for r in fused))
             size += scratch[1]
-    return Group(index, [h.prefix for h in hooks], items, slots, size, scratch, reads)
+    return Group(index, [unit.prefix for _, unit in members], items, slots, size, scratch, reads)
 
 
 def _coalesce(items: list[Item]) -> tuple[list[tuple[TensorEntry, int]], int]:
