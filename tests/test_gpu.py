@@ -2,6 +2,10 @@
 
 Outputs must be bit-identical to the synchronous path, no host-wide synchronisation may happen per
 forward, and GPU memory stays bounded by the resident weights plus ``depth + 1`` groups.
+
+Copies of a tiny model finish long before the compute stream reads them, so a missing ``wait_event``
+would go unnoticed; the ordering tests hold the side stream with ``torch.cuda._sleep`` before each
+group's copies (``slow_side_stream``): compute that does not wait reads memory not yet written.
 """
 
 from __future__ import annotations
@@ -22,6 +26,37 @@ LAYERS = SMALL_LLAMA_LAYERS
 def llama(tmp_path_factory):
     saved = save_small_bf16_llama(tmp_path_factory.mktemp("llama_gpu"))
     return saved.path, saved.model.to("cuda:0")
+
+
+#: GPU cycles the side stream sleeps before each group's copies and before each disk tensor's (about 10 ms):
+#: far longer than it takes the compute stream to reach the tensors, so reading before they land gives
+#: wrong values.
+SLEEP_CYCLES = 20_000_000
+
+
+@pytest.fixture
+def slow_side_stream(monkeypatch):
+    """Hold the prefetcher's side stream with a long kernel before every copy it makes.
+
+    RAM tensors are copied right after the group's sleep; disk tensors go through the reader's staging
+    chunks, and the reader waits for a chunk's copy before reusing it, so each gets a sleep of its own.
+    """
+    from hf_bigmodel.runtime import prefetch_reader
+
+    real_fetch, real_to_device = prefetch_reader.fetch, prefetch_reader._to_device
+
+    def slow_fetch(job, reader, device, stream, staging=None):
+        if device.type == "cuda":
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                torch.cuda._sleep(SLEEP_CYCLES)
+        return real_fetch(job, reader, device, stream, staging)
+
+    def slow_to_device(ref, reader, staging, device, stream):
+        torch.cuda._sleep(SLEEP_CYCLES)  # on ``stream``: fetch runs this inside torch.cuda.stream(stream)
+        return real_to_device(ref, reader, staging, device, stream)
+
+    monkeypatch.setattr(prefetch_reader, "fetch", slow_fetch)
+    monkeypatch.setattr(prefetch_reader, "_to_device", slow_to_device)
 
 
 def _device_map():
@@ -47,7 +82,7 @@ def _run(model, ids):
     return logits, tokens
 
 
-def test_gpu_prefetch_from_cpu_and_disk_is_bit_identical(llama):
+def test_gpu_prefetch_from_cpu_and_disk_is_bit_identical(llama, slow_side_stream):
     path, ref = llama
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1)).to("cuda:0")
     expected = _run(ref, ids)
@@ -65,22 +100,37 @@ def test_gpu_prefetch_from_cpu_and_disk_is_bit_identical(llama):
     assert memory and all(t.is_pinned() for t in memory.values())
 
 
-def test_no_host_wide_synchronisation_per_forward(llama, monkeypatch):
-    path, _ = llama
+def test_no_host_wide_synchronisation_per_forward(llama):
+    """Decoding with the cache, every step on the GPU: CUDA's sync debug mode raises on any synchronising call."""
+    path, ref = llama
     model = _load(path, 2)
-    ids = torch.randint(3, 256, (1, 9)).to("cuda:0")
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(2)).to("cuda:0")
     with torch.no_grad():
-        model(ids)  # warm-up: allocations, order learning
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append("device"))
-    monkeypatch.setattr(torch.cuda.Stream, "synchronize", lambda self: calls.append("stream"))
-    with torch.no_grad():
-        for _ in range(3):
-            model(ids)
-    assert calls == []
+        out = model(ids, use_cache=True)  # prefill; warm-up: allocations, order learning
+        expected = ref(ids, use_cache=True)
+        steps, expected_steps = [], []
+        cache, ref_cache = out.past_key_values, expected.past_key_values
+        token, ref_token = out.logits[:, -1:].argmax(-1), expected.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError):  # the mode is on: a synchronisation would fail the test
+                torch.cuda.current_stream().synchronize()
+            for _ in range(4):  # decode: nothing leaves the GPU, nothing waits for it
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                steps.append(token)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for _ in range(4):
+            expected = ref(ref_token, past_key_values=ref_cache, use_cache=True)
+            ref_cache, ref_token = expected.past_key_values, expected.logits[:, -1:].argmax(-1)
+            expected_steps.append(ref_token)
+    assert torch.equal(torch.cat(steps, 1), torch.cat(expected_steps, 1))
+    assert prefetcher_of(model).stats()["misses"] == 0
 
 
-def test_a_user_stream_waits_for_the_side_stream(llama):
+def test_a_user_stream_waits_for_the_side_stream(llama, slow_side_stream):
     path, ref = llama
     model = _load(path, 1)
     ids = torch.randint(3, 256, (2, 7)).to("cuda:0")
@@ -116,3 +166,16 @@ def test_cpu_offload_prefetches_from_pinned_ram_with_bounded_gpu_memory():
     # Resident: nothing but activations; in flight: at most depth + 1 layers, plus the one being released.
     assert torch.cuda.max_memory_allocated() - base <= (2 + 2) * layer_bytes + 4 * 2**20
     assert fetcher.stats()["hits"] >= 2 * layers
+
+
+def test_compute_that_does_not_wait_reads_unwritten_memory(llama, slow_side_stream, monkeypatch):
+    """The check above can fail: without wait_event, the held side stream's copies land too late."""
+    path, ref = llama
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3)).to("cuda:0")
+    with torch.no_grad():
+        expected = ref(ids).logits
+        model = _load(path, 1)
+        monkeypatch.setattr(torch.cuda.Stream, "wait_event", lambda self, event: None)
+        got = model(ids).logits
+        torch.cuda.synchronize()
+    assert not torch.equal(got, expected)

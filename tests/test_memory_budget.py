@@ -12,10 +12,7 @@ dropped pages behind the loader's reads of RAM-resident ones).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from page_cache import cached_bytes
 
 BUDGET = 48 * 2**20
 LAYERS = 8
@@ -109,34 +107,6 @@ def _evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def _cached_bytes(files: list[Path]) -> int:
-    """Bytes of ``files`` in the page cache (mincore(2) over a read-only mapping)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    total = 0
-    for file in files:
-        size = file.stat().st_size
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap of {file} failed")
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            try:
-                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore of {file} failed")
-            finally:
-                libc.munmap(ctypes.c_void_p(addr), size)
-            total += sum(b & 1 for b in bytes(vec)) * mmap.PAGESIZE
-        finally:
-            os.close(fd)
-    return total
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     ckpt = tmp_path_factory.mktemp("budget") / "llama"
@@ -150,7 +120,7 @@ def test_peak_rss_of_capped_load_and_generation_stays_within_the_formula(checkpo
     ckpt = checkpoint
     shards = sorted(ckpt.glob("*.safetensors"))
     _evict(shards)
-    can_evict = _cached_bytes(shards) < 2**20  # false on tmpfs, where the file *is* page cache
+    can_evict = cached_bytes(shards) < 2**20  # false on tmpfs, where the file *is* page cache
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("HF_BIGMODEL_PREFETCH", None)
@@ -172,6 +142,6 @@ def test_peak_rss_of_capped_load_and_generation_stays_within_the_formula(checkpo
     pool = report["stats"]["buffer_bytes"] if prefetch else 0
     assert report["peak"] <= report["baseline"] + BUDGET + pool + 64 * 2**20, (mib, report["stats"])
     if can_evict:
-        cached = _cached_bytes(shards)
+        cached = cached_bytes(shards)
         total = sum(f.stat().st_size for f in shards)
         assert cached < 0.05 * total, f"{cached / 2**20:.1f} MiB of the {total / 2**20:.1f} MiB checkpoint cached"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,14 +81,11 @@ def test_notebook_runs(path: Path, kernel_env: str) -> None:
         nb, kernel_name=kernel_env, timeout=TIMEOUT_PER_CELL, allow_errors=False,
         resources={"metadata": {"path": str(path.parent)}},
     )
-    start = time.perf_counter()
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as err:
         pytest.fail(f"{path.name} failed:\n{err}")
-    elapsed = time.perf_counter() - start
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     errors = [o for o in outputs if o.get("output_type") == "error"]
     assert not errors
     assert outputs, f"{path.name} printed nothing"
-    assert elapsed < 60, f"{path.name} took {elapsed:.0f} s; keep each notebook fast"

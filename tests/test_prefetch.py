@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from page_cache import filesystem_type, resident_pages
 from tiny_models import SMALL_LLAMA_LAYERS, save_small_bf16_llama, small_llama_config
 from torch import nn
 
@@ -334,11 +337,28 @@ def test_padded_span_and_alignment():
     assert aligned_empty(12345).data_ptr() % ALIGNMENT == 0
 
 
-def test_drop_page_cache_accepts_ranges_and_whole_files(tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/self/mounts")
+def test_drop_page_cache_drops_the_pages_of_a_range_or_of_the_whole_file(tmp_path):
+    if mmap.PAGESIZE != ALIGNMENT or filesystem_type(tmp_path) in ("tmpfs", "ramfs", ""):
+        pytest.skip("pages of this filesystem cannot leave the page cache (or pages are not 4 KiB)")
     file = tmp_path / "x.bin"
     _write(file, os.urandom(3 * ALIGNMENT))
-    drop_page_cache(str(file), 10, 5000)
+    fd = os.open(file, os.O_RDONLY)
+    try:  # cache it page by page (no readahead), so each page can leave the cache on its own
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for page in range(3):
+            os.pread(fd, ALIGNMENT, page * ALIGNMENT)
+    finally:
+        os.close(fd)
+    assert resident_pages(file) == [True, True, True]
+    drop_page_cache(str(file), ALIGNMENT, 2 * ALIGNMENT)  # the middle page only
+    assert resident_pages(file) == [True, False, True]
+    drop_page_cache(str(file), 10, ALIGNMENT + 20)  # no whole page in the range: nothing dropped
+    assert resident_pages(file) == [True, False, True]
     drop_page_cache(str(file))
+    assert resident_pages(file) == [False, False, False]
     with pytest.raises(FileNotFoundError):
         drop_page_cache(str(tmp_path / "missing.bin"))
 
