@@ -181,7 +181,7 @@ def plan_dispatch(
     plan.units = _units(model, plan.streamed, placement, runs_on, preload_module_classes)
     plan.units = [replace(u, by_row=_reads_by_row(model, u, plan, held)) for u in plan.units]
     plan.groups = _groups(plan, slots, held)
-    if len({placement.execution_device(d) for d in devices}) > 1:
+    if len(placement.execution_devices) > 1:
         plan.input_hooks = _input_hooks(model, placement)
     return plan
 

@@ -251,10 +251,6 @@ class _Slot:
         self.placeholder = current if current.device.type == "meta" else with_slot_class(
             current.detach().to("meta"), current)
 
-    @property
-    def is_buffer(self) -> bool:
-        return self.slot.is_buffer
-
     def set(self, value: torch.Tensor) -> None:
         set_tensor(self.slot, value, like=self.placeholder)
 
@@ -268,7 +264,9 @@ class AlignDevicesHook(ModelHook):
     ``weights_map`` maps *full* tensor names (``prefix`` + local name) to tensors, reading disk ones on
     access (:class:`hf_bigmodel.storage.offload_folder.WeightsMap`). With ``place_submodules`` the hook manages the
     tensors of the whole subtree (for modules whose children's weights are used without calling them).
-    With ``io_same_device`` outputs go back to the device the inputs came from.
+    With ``io_same_device`` outputs go back to the device the inputs came from. ``tied_params_map`` is
+    accepted for accelerate compatibility and unused: tied names share one entry of the weights map, which
+    the hook (and the prefetcher) read once.
     """
 
     def __init__(
@@ -293,7 +291,6 @@ class AlignDevicesHook(ModelHook):
         self.offload_buffers = offload_buffers
         self.place_submodules = place_submodules
         self.skip_keys = skip_keys
-        self.shared = tied_params_map if tied_params_map is not None else {}
         self.prefix = prefix
         self.tensor_names = list(tensor_names) if tensor_names is not None else None
         self.move_inputs = move_inputs

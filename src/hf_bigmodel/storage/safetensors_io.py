@@ -21,7 +21,6 @@ from ..model.sizes import format_size
 
 __all__ = [
     "DTYPES",
-    "DTYPE_NAMES",
     "SafetensorsHeader",
     "TensorEntry",
     "read_header",
@@ -35,7 +34,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -170,10 +168,10 @@ def _check_layout(path: str, entries: dict[str, TensorEntry], data_start: int) -
         cursor = entry.end
 
 
-def read_tensor(entry: TensorEntry, *, fd: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor into fresh (or the given ``out``, uint8, >= nbytes) CPU memory with ``pread``."""
+def read_tensor(entry: TensorEntry, *, fd: int | None = None) -> torch.Tensor:
+    """Read one tensor into fresh CPU memory with ``pread``."""
     nbytes = entry.nbytes
-    buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
     handle = os.open(entry.path, os.O_RDONLY) if fd is None else fd
     try:
         view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
