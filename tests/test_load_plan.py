@@ -98,3 +98,25 @@ def test_destinations_dtypes_and_how_each_tensor_is_taken():
     kept = _plan(model, infos)  # no device map: tensors stay where they are (meta ones on the CPU)
     assert set(kept.devices.values()) == {"cpu"} and not kept.offloads
     assert kept.dtypes["embed.weight"] == torch.float32  # no dtype: the model's own
+
+
+def test_conversions_make_tensors_from_several_keys_and_are_referenced_in_place_on_disk():
+    from hf_bigmodel.load.conversions import Conversion, Part
+
+    model = _meta_lm()
+    infos = _infos(model, drop={"blocks.0.fc1.weight"})
+    for key in ("fc1.top", "fc1.bottom"):  # fc1.weight [32, 16] in two halves
+        infos[key] = TensorInfo(key, (16, 16), torch.float32, "ckpt/model-0.safetensors",
+                                TensorEntry("ckpt/model-0.safetensors", key, torch.float32, (16, 16), 0, 1024))
+    halves = tuple(Part(k, "blocks.0.fc1.weight", (rows, (0, 16)), ((0, 16), (0, 16)))
+                   for k, rows in (("fc1.top", (0, 16)), ("fc1.bottom", (16, 32))))
+    fused = Conversion(("fc1.top", "fc1.bottom"), ("blocks.0.fc1.weight",), parts=halves, label="halves")
+    plan = _plan(model, infos, conversions=[fused], dtype=torch.bfloat16)
+    assert plan.made == {"blocks.0.fc1.weight": fused} and "fc1.top" not in plan.unexpected
+    assert plan.source_files == {"fc1.top": "ckpt/model-0.safetensors", "fc1.bottom": "ckpt/model-0.safetensors"}
+    assert plan.dtypes["blocks.0.fc1.weight"] == torch.bfloat16 and plan.fused == {}  # read, built in RAM
+    on_disk = _plan(model, infos, conversions=[fused], device_map={"": "disk"})
+    assert set(on_disk.fused) == {"blocks.0.fc1.weight"} and "blocks.0.fc1.weight" not in on_disk.converted
+    short = Conversion(("fc1.top",), ("blocks.0.fc1.weight",), parts=halves[:1], label="half")
+    with pytest.raises(CheckpointMismatchError, match="half fills 256 of its 512 elements"):
+        _plan(model, infos, conversions=[short])
