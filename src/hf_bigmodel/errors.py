@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "Advice",
     "BigModelError",
+    "BigModelWarning",
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -78,12 +79,8 @@ class Advice:
         return None if spelled is None else self.text.format(spelled)
 
 
-class BigModelError(Exception):
-    """Base class of every error raised by hf_bigmodel.
-
-    ``advice`` (:class:`Advice`) says what to do in terms of the call's arguments; ``str(err)`` is the
-    message followed by the advice as Python spells it, :meth:`describe` renders it for another interface.
-    """
+class _Advised(Exception):
+    """A message and :class:`Advice`; ``str()`` spells the advice for Python, :meth:`describe` for another interface."""
 
     advice: tuple[Advice, ...] = ()
 
@@ -93,7 +90,7 @@ class BigModelError(Exception):
 
     @property
     def message(self) -> str:
-        """What failed and why, without the advice."""
+        """What happened and why, without the advice."""
         return str(self.args[0]) if self.args else ""
 
     def describe(self, spelling: Spelling = python_spelling) -> str:
@@ -103,6 +100,18 @@ class BigModelError(Exception):
 
     def __str__(self) -> str:
         return self.describe()
+
+
+class BigModelError(_Advised):
+    """Base class of every error raised by hf_bigmodel.
+
+    ``advice`` (:class:`Advice`) says what to do in terms of the call's arguments; ``str(err)`` is the
+    message followed by the advice as Python spells it, :meth:`describe` renders it for another interface.
+    """
+
+
+class BigModelWarning(_Advised, UserWarning):
+    """A warning hf_bigmodel gives with advice naming arguments, rendered like :class:`BigModelError`'s."""
 
 
 class InvalidMaxMemoryError(BigModelError, ValueError):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["progress", "progress_enabled"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ByteProgress", "progress", "progress_enabled"]
 
 T = TypeVar("T")
 
@@ -32,3 +35,47 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "it", min_items: int 
 
     # disable=None: tqdm turns itself off when stderr is not a terminal.
     yield from tqdm(items, desc=desc, unit=unit, disable=None, leave=False)
+
+
+class ByteProgress:
+    """A bar counting ``total`` bytes (KiB, MiB...), for work whose size is in bytes rather than items.
+
+    A single-file checkpoint moves its bar tensor by tensor. Off, like :func:`progress`, when stderr is
+    not a terminal, when silenced, or when ``total`` is 0. Call :meth:`close` when done (or use ``with``).
+
+    Example::
+
+        with ByteProgress(total_bytes, desc="Loading weights") as bar:
+            for key, tensor in bar.count(read_shard(...)):
+                ...
+    """
+
+    def __init__(self, total: int, *, desc: str) -> None:
+        self._bar: Any = None
+        if total > 0 and progress_enabled():
+            from tqdm.auto import tqdm
+
+            # disable=None: tqdm turns itself off when stderr is not a terminal.
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+                             leave=False)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(nbytes)
+
+    def count(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` pairs passed through, each advancing the bar by the tensor's bytes."""
+        for key, tensor in items:
+            self.advance(tensor.nbytes)
+            yield key, tensor
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -3,7 +3,8 @@
 Commands::
 
     hf-bigmodel plan MODEL [--max-memory cpu=2GiB --max-memory 0=10GiB] [--dtype float16] [--json]
-    hf-bigmodel run MODEL --prompt "Hello" [--max-new-tokens 20] [--max-memory ...] [--offload-folder DIR]
+    hf-bigmodel run MODEL --prompt "Hello" [--prompt ...] [--chat] [--do-sample --temperature T --top-p P --seed N]
+                    [--max-new-tokens 20] [--max-memory ...] [--offload-folder DIR]
     hf-bigmodel demo
 
 Every failure is one line, ``hf-bigmodel: error: ...``, naming the option to use
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from .parser import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PROG, build_parser
+from .parser import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PROG, build_parser, check_args
 
 __all__ = ["build_parser", "main"]
 
@@ -65,8 +66,10 @@ def _logging_to_stderr(verbosity: int) -> Iterator[None]:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
-    """Warnings as ``hf-bigmodel: warning: ...`` one-liners instead of Python's two-line source dump."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    """Warnings as ``hf-bigmodel: warning: ...`` one-liners in the options' words, not Python's source dump."""
+    from .failures import describe
+
+    text = describe(message) if isinstance(message, Warning) else " ".join(str(message).split())
     print(f"{PROG}: warning: {text}", file=sys.stderr)
 
 
@@ -85,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        check_args(args)
         with _logging_to_stderr(args.verbose), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return _dispatch(args)

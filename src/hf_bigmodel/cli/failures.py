@@ -16,6 +16,7 @@ import argparse
 
 from ..errors import (
     BigModelError,
+    BigModelWarning,
     CheckpointNotFoundError,
     DeviceMapError,
     GatedModelError,
@@ -70,8 +71,8 @@ def cli_spelling(argument: str, value: str) -> str | None:
 
 
 def describe(err: BaseException) -> str:
-    """An exception as one line: its message (with the advice the command line can follow), or its type."""
-    text = err.describe(cli_spelling) if isinstance(err, BigModelError) else str(err)
+    """An exception (or warning) as one line: its message with the advice the command line can follow."""
+    text = err.describe(cli_spelling) if isinstance(err, (BigModelError, BigModelWarning)) else str(err)
     text = " ".join(part.strip() for part in text.splitlines() if part.strip())
     if isinstance(err, KeyError) and len(err.args) == 1:
         text = f"missing key {err.args[0]!r}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "PROG", "UsageError", "build_parser"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "PROG", "UsageError", "build_parser", "check_args"]
 
 PROG = "hf-bigmodel"
 EXIT_FAILURE = 1
@@ -50,9 +50,12 @@ examples:
 RUN_EXAMPLES = """\
 examples:
   hf-bigmodel run ./my-llama --prompt "The capital of France is" --max-new-tokens 20
-  # with 2 GiB of RAM allowed: the rest of the model is read from disk as it runs
-  hf-bigmodel run ./my-llama --prompt "Once upon a time" --max-memory cpu=2GiB
-  # generated text goes to stdout, progress and speed to stderr
+  # two prompts in one batch, sampled (repeatable with --seed), with 2 GiB of RAM and the rest on disk
+  hf-bigmodel run ./my-llama --prompt "Once upon a time" --prompt "In a galaxy" \\
+      --do-sample --temperature 0.7 --top-p 0.9 --seed 0 --max-memory cpu=2GiB
+  # a chat model, through its tokenizer's chat template
+  hf-bigmodel run ./my-chat-model --chat --prompt "Explain disk offload in one sentence."
+  # the text goes to stdout (one prompt: as it is generated), progress and speed to stderr
   hf-bigmodel run ./my-llama --prompt "Hello" > out.txt"""
 
 
@@ -70,11 +73,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and epilogs keep their line breaks (examples, units, exit statuses)."""
+class _Formatter(argparse.HelpFormatter):
+    """Epilogs keep their line breaks (examples, units, exit statuses); one-line descriptions are wrapped."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=30, width=110)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -125,11 +133,33 @@ def add_placement_options(parser: argparse.ArgumentParser, *, offload: bool) -> 
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """The prompt and how to continue it."""
-    parser.add_argument("--prompt", required=True, help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=20, metavar="N",
-                        help="tokens to generate (default: 20)")
-    parser.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or repo id (default: MODEL)")
+    """The prompts and how to continue them."""
+    group = parser.add_argument_group("what to generate")
+    group.add_argument("--prompt", action="append", required=True,
+                       help="the text to continue; repeat it to run several prompts as one batch")
+    group.add_argument("--chat", action="store_true",
+                       help="wrap each prompt as a user message in the tokenizer's chat template (it must have one)")
+    group.add_argument("--max-new-tokens", type=positive_int, default=20, metavar="N",
+                       help="tokens to generate per prompt (default: 20)")
+    group.add_argument("--do-sample", action="store_true",
+                       help="sample the next token instead of taking the likeliest (greedy, the default)")
+    group.add_argument("--temperature", type=positive_float, metavar="T",
+                       help="with --do-sample: divide the logits by T (default: the model's generation config)")
+    group.add_argument("--top-p", type=probability, metavar="P",
+                       help="with --do-sample: sample from the likeliest tokens whose probabilities add up to P")
+    group.add_argument("--seed", type=int, metavar="N", help="seed the sampling, so a run can be repeated")
+    group.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or repo id (default: MODEL)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks across options, made before anything is imported or loaded; raises :class:`UsageError`."""
+    if getattr(args, "command", None) != "run" or args.do_sample:
+        return
+    given = [option for option, value in (("--temperature", args.temperature), ("--top-p", args.top_p))
+             if value is not None]
+    if given:
+        raise UsageError(f"argument {given[0]}: only applies with --do-sample (generation is greedy without it); "
+                         f"add --do-sample or leave out {' and '.join(given)} (see '{PROG} run --help')")
 
 
 def positive_int(text: str) -> int:
@@ -140,6 +170,32 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a number > 0."""
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def probability(text: str) -> float:
+    """An ``argparse`` type: a number in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0 and at most 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
@@ -176,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", parents=[common], formatter_class=_Formatter, epilog=f"{RUN_EXAMPLES}\n\n{UNITS}",
         help="load MODEL dispatched and generate text",
-        description="Load MODEL with load_pretrained_dispatched (device_map='auto') and continue the prompt. "
-                    "The text goes to stdout; progress and timings to stderr.",
+        description="Load MODEL with load_pretrained_dispatched (device_map='auto') and continue each prompt, "
+                    "greedily unless --do-sample. The text goes to stdout (one prompt: streamed as it is "
+                    "generated); the loading bar and the speed to stderr.",
     )
     add_source_options(run)
     add_placement_options(run, offload=True)

@@ -1,8 +1,8 @@
-"""``hf-bigmodel run``: load a model dispatched, generate greedily from a prompt, report the speed.
+"""``hf-bigmodel run``: load a model dispatched, continue one prompt or a batch of them, report the speed.
 
-The generated text is the only thing on stdout; huggingface_hub's download bars, hf_bigmodel's
-loading bars and the closing timing line go to stderr, so ``hf-bigmodel run ... > out.txt`` keeps
-just the text.
+The generated text is the only thing on stdout (one prompt: streamed as it comes; several: one block
+each); huggingface_hub's download bars, hf_bigmodel's loading bar and the closing timing line go to
+stderr, so ``hf-bigmodel run ... > out.txt`` keeps just the text.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..errors import ModelClassNotFoundError, ModelFileNotFoundError
 from ..model.sizes import format_size
 from ..plan.devices import Device
 from ..plan.placement import Placement
+from .generate import Prompts, Sampling, TextStream, completion, count_new_tokens, encode_prompts
 from .model import Source, prepare
 from .options import parse_dtype, parse_max_memory
 
@@ -75,15 +76,19 @@ def _check_can_generate(model_class: type[nn.Module] | None, name: str) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``hf-bigmodel run``: print the prompt's greedy continuation, then load time and tokens per second."""
+    """``hf-bigmodel run``: print each prompt's continuation (streamed for one prompt), then load time and speed."""
     from ..hf.pretrained import load_pretrained_dispatched
 
+    sampling = Sampling.from_args(args)
     budgets = parse_max_memory(args.max_memory)
     dtype = parse_dtype(args.dtype)
     source = Source.from_args(args)
     ctx, _ = prepare(source)
     _check_can_generate(ctx.model_class, args.model)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, source, own=args.tokenizer is None)
+    decoder_only = not getattr(ctx.config, "is_encoder_decoder", False)
+    prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, decoder_only=decoder_only,
+                             name=args.tokenizer or args.model)
 
     start = time.perf_counter()
     model = load_pretrained_dispatched(
@@ -94,33 +99,43 @@ def run_command(args: argparse.Namespace) -> int:
     device_map: dict[str, Device] = dict(getattr(model, "hf_device_map", {"": "cpu"}))
     logger.info("Placement: %s", device_map)
 
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(execution_device(device_map))
+    inputs = prompts.inputs.to(execution_device(device_map))
+    stream = TextStream(tokenizer) if len(args.prompt) == 1 else None
+    if stream is not None:
+        sys.stdout.write(prompts.shown[0])
+        sys.stdout.flush()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling.seed_now()
     start = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(  # type: ignore[operator]
-            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+            **inputs, max_new_tokens=args.max_new_tokens, pad_token_id=pad, streamer=stream,
+            **sampling.generate_kwargs(),
         )
-    generate_seconds = time.perf_counter() - start
-
-    is_decoder_only = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    prompt_length = inputs["input_ids"].shape[1] if is_decoder_only else 0
-    new_tokens = output[0, prompt_length:]
-    if is_decoder_only:  # as transformers' pipeline does: the prompt as typed, then what decoding added
-        full = tokenizer.decode(output[0], skip_special_tokens=True)
-        echoed = tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True)
-        text = args.prompt + full[len(echoed):]
+    seconds = time.perf_counter() - start
+    new = output[:, inputs["input_ids"].shape[1]:] if decoder_only else output[:, 1:]  # seq2seq: start token
+    if stream is None:
+        _print_completions(tokenizer, prompts, inputs["input_ids"] if decoder_only else output[:, :1], new)
     else:
-        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    print(text)
-    sys.stdout.flush()
-    count = int(new_tokens.numel()) - (0 if is_decoder_only else 1)  # seq2seq output starts with the start token
-    speed = count / generate_seconds if generate_seconds > 0 else float("inf")
+        print()
+    count = count_new_tokens(new, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    first = f"; first after {stream.first_token_at - start:.2f} s" if stream and stream.first_token_at else ""
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
     print(
         f"Loaded {type(model).__name__} in {load_seconds:.2f} s ({_placement_summary(device_map)}; "
-        f"{format_size(weights)} resident); generated {count} tokens in {generate_seconds:.2f} s "
-        f"({speed:.1f} tokens/s).",
+        f"{format_size(weights)} resident); generated {count} tokens in {seconds:.2f} s "
+        f"({count / seconds if seconds > 0 else float('inf'):.1f} tokens/s{first}).",
         file=sys.stderr,
     )
     return 0
+
+
+def _print_completions(tokenizer: Any, prompts: Prompts, prefixes: torch.Tensor, new: torch.Tensor) -> None:
+    """Each prompt's text, as ``head`` separates files: ``==> prompt 1/3 <==`` above each, a blank line between."""
+    total = len(prompts.shown)
+    for i, shown in enumerate(prompts.shown):
+        if i:
+            print()
+        print(f"==> prompt {i + 1}/{total} <==")
+        print(shown + completion(tokenizer, prefixes[i].tolist(), new[i].tolist()))
+    sys.stdout.flush()

@@ -23,8 +23,8 @@ from ..model.dtypes import resolve_dtype
 from ..model.tensors import ModelTensor, model_tensors, put_tensor, set_tensor
 from ..plan.device_map import check_device_map
 from ..plan.devices import Device, is_present, torch_device
-from ..progress import progress
-from ..storage.checkpoint import Checkpoint, find_checkpoint
+from ..progress import ByteProgress
+from ..storage.checkpoint import Checkpoint, TensorInfo, find_checkpoint
 from ..storage.direct_io import read_shard
 from ..storage.offload_folder import OffloadFolder
 from ..storage.weights_map import DiskTensor, WeightsMap
@@ -200,34 +200,46 @@ def _stream(
 
     assembler = Assembler({id(c): c for c in plan.made.values() if not set(c.targets) <= set(plan.fused)}.values(),
                           allocate)
-    for file in progress(ckpt.files, desc="Loading checkpoint shards", unit="shard"):
-        wanted = by_file.get(file, {})
-        for name in wanted.values():
-            if name in referenced:
-                weights.disk[name] = DiskTensor(plan.matches[name].entry, plan.dtypes[name])  # type: ignore[arg-type]
-        to_read = {key for key in assembler.keys if plan.source_files[key] == file}
-        to_read |= {key for key, name in wanted.items() if name not in referenced}
-        pending_disk: dict[str, torch.Tensor] = {}
-        # An offloading plan means RAM is short: read around the page cache (direct_io.read_shard).
-        for key, value in read_shard(ckpt, file, to_read, uncached=plan.offloads):
-            target = wanted.get(key)
-            if target is None:  # a conversion's source: its targets, once complete
-                for made, tensor in assembler.feed(key, value).items():
-                    if plan.dest[made] == "disk":
-                        pending_disk[made] = tensor
-                    else:
-                        loaded[made] = set_tensor(slots[made], tensor.to(torch_device(plan.dest[made])))
-            elif plan.dest[target] == "disk":
-                pending_disk[target] = value.to(plan.dtypes[target])
-            else:
-                value = value.to(device=torch_device(plan.dest[target]), dtype=plan.dtypes[target])
-                loaded[target] = set_tensor(slots[target], value)
-        if pending_disk:
-            weights.disk.update(_write(folder, pending_disk, file, plan))
-            del pending_disk
+    reads: dict[str, set[str]] = {file: set() for file in ckpt.files}  # file -> keys to read from it
+    for key in assembler.keys:
+        reads[plan.source_files[key]].add(key)
+    for file, wanted in by_file.items():
+        reads[file] |= {key for key, name in wanted.items() if name not in referenced}
+    infos = ckpt.scan()
+    bar = ByteProgress(sum(_info_bytes(infos[key]) for keys in reads.values() for key in keys), desc="Loading weights")
+    try:
+        for file in ckpt.files:
+            wanted = by_file.get(file, {})
+            for name in wanted.values():
+                if name in referenced:
+                    weights.disk[name] = DiskTensor(plan.matches[name].entry, plan.dtypes[name])  # type: ignore[arg-type]
+            pending_disk: dict[str, torch.Tensor] = {}
+            # An offloading plan means RAM is short: read around the page cache (direct_io.read_shard).
+            for key, value in bar.count(read_shard(ckpt, file, reads[file], uncached=plan.offloads)):
+                target = wanted.get(key)
+                if target is None:  # a conversion's source: its targets, once complete
+                    for made, tensor in assembler.feed(key, value).items():
+                        if plan.dest[made] == "disk":
+                            pending_disk[made] = tensor
+                        else:
+                            loaded[made] = set_tensor(slots[made], tensor.to(torch_device(plan.dest[made])))
+                elif plan.dest[target] == "disk":
+                    pending_disk[target] = value.to(plan.dtypes[target])
+                else:
+                    value = value.to(device=torch_device(plan.dest[target]), dtype=plan.dtypes[target])
+                    loaded[target] = set_tensor(slots[target], value)
+            if pending_disk:
+                weights.disk.update(_write(folder, pending_disk, file, plan))
+                del pending_disk
+    finally:
+        bar.close()
     if assembler.pending():
         raise RuntimeError(f"Conversions never finished (a source never arrived): {summarize(assembler.pending())}")
     return loaded
+
+
+def _info_bytes(info: TensorInfo) -> int:
+    return math.prod(info.shape) * info.dtype.itemsize
 
 
 def _write(folder: OffloadFolder | None, tensors: dict[str, torch.Tensor], file: str, plan: LoadPlan

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 import torch
 from torch import nn
 
-from ..errors import summarize
+from ..errors import Advice, BigModelWarning, summarize
 from ..model.naming import join, owner, parent
 from ..model.sizes import compute_module_sizes, format_size
 from ..model.tensors import model_tensors, tie_groups
@@ -357,13 +357,14 @@ def plan_device_map(
     final = Placement.of(placement)
     need, layer = tree.offload_need(placement, final.offload_targets)
     if final.main in budgets and need > budgets[final.main]:  # only when even an empty main device is too small
-        warnings.warn(
+        warnings.warn(BigModelWarning(
             f"Offloaded weights run on {final.main!r}, which needs {format_size(need)} free for the largest "
             f"offloaded layer ({layer or 'the model'}) and kept buffers, but its budget is only "
-            f"{format_size(budgets[final.main])}. Running will likely exceed it: raise max_memory[{final.main!r}], "
-            "pass offload_buffers=True, or use a smaller dtype.",
-            stacklevel=3,
-        )
+            f"{format_size(budgets[final.main])}. Running will likely exceed it.",
+            advice=[Advice("Raise its budget ({}), or load in a smaller dtype.", "max_memory",
+                           f"{{{final.main!r}: ...}}"),
+                    Advice("Or pass {} to stream the buffers too.", "offload_buffers", "True")],
+        ), stacklevel=3)
     if clean_result:
         return _clean(placement, tree)
     return dict(sorted(placement.items(), key=lambda kv: tree.order.get(kv[0], -1)))
