@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ByteProgress", "progress", "progress_enabled"]
-
-T = TypeVar("T")
+__all__ = ["ByteProgress", "progress_enabled"]
 
 
 def progress_enabled() -> bool:
@@ -25,22 +23,10 @@ def progress_enabled() -> bool:
     return True
 
 
-def progress(items: Iterable[T], *, desc: str, unit: str = "it", min_items: int = 2) -> Iterator[T]:
-    """Iterate ``items`` with a bar when there are at least ``min_items`` of them and bars are on."""
-    items = list(items)
-    if len(items) < min_items or not progress_enabled():
-        yield from items
-        return
-    from tqdm.auto import tqdm
-
-    # disable=None: tqdm turns itself off when stderr is not a terminal.
-    yield from tqdm(items, desc=desc, unit=unit, disable=None, leave=False)
-
-
 class ByteProgress:
     """A bar counting ``total`` bytes (KiB, MiB...), for work whose size is in bytes rather than items.
 
-    A single-file checkpoint moves its bar tensor by tensor. Off, like :func:`progress`, when stderr is
+    A single-file checkpoint moves its bar tensor by tensor. Off when stderr is
     not a terminal, when silenced, or when ``total`` is 0. Call :meth:`close` when done (or use ``with``).
 
     Example::
