@@ -134,6 +134,21 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         close_session()  # drop keep-alive connections before the server goes away
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on one intra-op thread (for a module: ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    On a busy 2-core machine a second thread makes each small op wait for the other core: a 16x16 linear
+    took 2 ms with two threads and 70 us with one. Compared runs share the setting, so results stay exact.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") is not None:
         import torch

@@ -73,9 +73,10 @@ class PretrainedLoader:
 
     Order: :meth:`read_config`, :meth:`model_class`, :meth:`apply_kwargs`, :meth:`resolve_files`,
     :meth:`resolve_dtype`, :meth:`build_model` (inside ``init_empty_weights()``, torch's default dtype
-    set to the load dtype), :meth:`no_split_modules`, :meth:`keep_in_fp32_modules`, :meth:`rename_key`
-    per checkpoint key (then :meth:`base_model_prefix` is added or stripped where that makes a key
-    match), :meth:`conversions`, :meth:`init_missing`, planning and loading, :meth:`after_load`, dispatch.
+    set to the load dtype), :meth:`after_build` (torch's default dtype restored),
+    :meth:`no_split_modules`, :meth:`keep_in_fp32_modules`, :meth:`cast_dtype`, :meth:`rename_key` per
+    checkpoint key (then :meth:`base_model_prefix` is added or stripped where that makes a key match),
+    :meth:`conversions`, :meth:`init_missing`, planning and loading, :meth:`after_load`, dispatch.
     ``examples/custom_family.py`` is a complete family. In short::
 
         class MyLoader(PretrainedLoader):
@@ -176,12 +177,25 @@ class PretrainedLoader:
             )
         return ctx.model_class(ctx.config)
 
+    def after_build(self, ctx: LoadContext) -> None:
+        """Fix-ups of the empty model once built, with torch's default dtype restored (default: none)."""
+
     def no_split_modules(self, ctx: LoadContext) -> list[str]:
-        """Classes the planner never splits across devices: every ``_no_split_modules`` found."""
+        """Classes the planner never splits across devices: every ``_no_split_modules`` found.
+
+        A model that declares none keeps its repeated blocks whole instead: the classes of the modules in
+        its ``nn.ModuleList``s (the layers). A block cut between devices can break its forward, and the
+        planner could otherwise cut anywhere.
+        """
+        model = _model(ctx)
         found: dict[str, None] = {}
-        for module in _model(ctx).modules():
+        for module in model.modules():
             for name in getattr(module, "_no_split_modules", None) or ():
                 found[name] = None
+        if not found:
+            for module in model.modules():
+                if isinstance(module, nn.ModuleList):
+                    found.update(dict.fromkeys(type(block).__name__ for block in module))
         return list(found)
 
     def keep_in_fp32_modules(self, ctx: LoadContext) -> list[str]:
@@ -236,6 +250,14 @@ class PretrainedLoader:
                 hint="  Their modules have no reset_parameters() to initialise them: use a checkpoint that "
                      "holds them, or override PretrainedLoader.init_missing().",
             )
+
+    def cast_dtype(self, ctx: LoadContext, keep_in_fp32: Sequence[str]) -> torch.dtype | None:
+        """The dtype floating-point checkpoint tensors are loaded in; ``None``: each in its model tensor's dtype.
+
+        Called once the model is built, before planning. Default (diffusers' rule):
+        ``ctx.dtype``, with the tensors of ``keep_in_fp32`` modules in float32.
+        """
+        return ctx.dtype
 
     def materialize(self, ctx: LoadContext, names: Sequence[str]) -> dict[str, nn.Module]:
         """Put uninitialised CPU tensors in place of meta ones ``names`` (ties kept); return their modules."""

@@ -31,7 +31,7 @@ def load_pipelined(prepare: Callable[[], LoadSteps], *, max_memory: Mapping[int 
         steps = prepare()
         model, ctx, loader = steps.model, steps.ctx, steps.loader
         _check_supported(model)
-        load.plan_stage(model, no_split_module_classes=steps.no_split, dtype=ctx.dtype, special_dtypes=steps.special,
+        load.plan_stage(model, no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
                         offload_buffers=offload_buffers)
         full = loader.checkpoint(ctx)  # the index only: no shard is opened yet
         names = key_table(loader, ctx, full.keys(), rename=lambda key: loader.target_name(key, ctx))

@@ -142,6 +142,7 @@ def _prepare(ctx: LoadContext, loader: PretrainedLoader | type[PretrainedLoader]
     ctx.dtype = chosen.resolve_dtype(ctx, requested_dtype)
     with init_empty_weights(), _default_dtype(ctx.dtype):
         ctx.model = chosen.build_model(ctx)
+    chosen.after_build(ctx)
     return chosen
 
 
@@ -154,7 +155,7 @@ def _load_in_process(steps: LoadSteps, *, device_map: Any, max_memory: Mapping[i
     missing = steps.init_missing(steps.missing())
     plan = resolve_device_map(
         model, "cpu" if device_map is None else device_map, max_memory=max_memory,
-        no_split_module_classes=steps.no_split, dtype=ctx.dtype, special_dtypes=steps.special,
+        no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
         offload_buffers=offload_buffers,
     )
     steps.load(checkpoint, plan, lambda key: steps.table.get(key, key), missing,

@@ -52,9 +52,11 @@ class LoadSteps:
         self.model = _model(ctx)
         self.table: dict[str, str | None] = {}
         self.conversions: list[Conversion] = []
+        #: The dtype floating-point checkpoint tensors are loaded in (None: each in its model tensor's dtype).
+        self.cast = loader.cast_dtype(ctx, keep)
         self.special: dict[str, str | torch.dtype] = {
             name: torch.float32 for name, slot in model_tensors(self.model).items()
-            if keep and slot.tensor.is_floating_point() and matches_module(name, keep)}
+            if self.cast is not None and keep and slot.tensor.is_floating_point() and matches_module(name, keep)}
 
     def read_keys(self, keys: Iterable[str]) -> None:
         """The key table and the conversions for the checkpoint ``keys`` (the loader's renames, then prefixes)."""
@@ -87,7 +89,7 @@ class LoadSteps:
         """Load ``checkpoint`` within ``device_map``, run the loader's ``after_load``, dispatch."""
         model, ctx = self.model, self.ctx
         report = load_checkpoint(
-            model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=ctx.dtype,
+            model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=self.cast,
             offload_buffers=offload_buffers, keep_in_fp32_modules=self.keep, key_mapping=key_mapping,
             conversions=self.conversions,
         )

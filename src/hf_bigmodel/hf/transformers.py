@@ -31,13 +31,13 @@ from ..errors import (
     OfflineCacheMissError,
 )
 from ..load.conversions import Conversion
-from ..model.dtypes import target_dtype
-from ..model.naming import owner
-from ..model.tensors import ModelTensor, put_tensor
+from ..model.dtypes import matches_module, target_dtype
+from ..model.naming import owner, parent
+from ..model.tensors import ModelTensor, model_tensors, put_tensor
 from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
 from .conversions import TransformersKeys, conversion_targets, plan_conversions
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
-from .loader import DtypeArg, LoadContext, PretrainedLoader
+from .loader import DtypeArg, LoadContext, PretrainedLoader, _swap
 from .quantization import make_quantizer
 
 __all__ = ["TransformersLoader", "hook_encoder_outputs", "no_init_of_meta_modules"]
@@ -214,6 +214,24 @@ class TransformersLoader(PretrainedLoader):
                                        checkpoint_files=list(self.checkpoint(ctx).files), use_kernels=False)
         return model
 
+    def after_build(self, ctx: LoadContext) -> None:
+        """Compute the non-persistent buffers again, as ``from_pretrained`` does once the weights are in.
+
+        Buffers such as GPT-J's rotary table are computed while the model is built, when torch's default
+        dtype is the load dtype: in bfloat16 they would be computed in bfloat16. transformers recomputes
+        them after loading with the model's ``_init_weights``, in float32, and stores the result in the
+        buffer's dtype; so does this (the parameters are still on the meta device: nothing else changes).
+        """
+        from transformers import PreTrainedModel
+
+        assert ctx.model is not None
+        holders = {parent(name): slot.module for name, slot in model_tensors(ctx.model, persistent_only=False).items()
+                   if slot.is_buffer and not slot.persistent and slot.tensor.device.type != "meta"}
+        models = {n: m for n, m in ctx.model.named_modules() if isinstance(m, PreTrainedModel)}
+        with torch.no_grad():
+            for module_name, module in holders.items():
+                models[owner(module_name, models) or ""]._init_weights(module)
+
     def keep_in_fp32_modules(self, ctx: LoadContext) -> list[str]:
         assert ctx.model is not None
         keep: dict[str, None] = {}
@@ -223,6 +241,22 @@ class TransformersLoader(PretrainedLoader):
             if ctx.dtype in (torch.float16, torch.bfloat16):
                 keep.update(dict.fromkeys(getattr(module, "_keep_in_fp32_modules_strict", None) or ()))
         return list(keep)
+
+    def cast_dtype(self, ctx: LoadContext, keep_in_fp32: Sequence[str]) -> torch.dtype | None:
+        """transformers 5's rule: a tensor is loaded in the dtype its model tensor was built with.
+
+        Built under the load dtype, most are in it; one the model builds with an explicit dtype (DeBERTa's
+        float32 ``q_bias``) keeps that dtype, and those of ``keep_in_fp32`` modules are float32.
+        """
+        if int(_transformers_version().split(".")[0]) < 5:
+            return ctx.dtype
+        assert ctx.model is not None
+        if keep_in_fp32:
+            names = [name for name, slot in model_tensors(ctx.model).items()
+                     if slot.tensor.device.type == "meta" and slot.tensor.is_floating_point()
+                     and slot.tensor.dtype != torch.float32 and matches_module(name, keep_in_fp32)]
+            _swap(ctx.model, names, lambda name, old: torch.empty_like(old, dtype=torch.float32))
+        return None
 
     # -- keys ----------------------------------------------------------------------------------------
     def rename_key(self, key: str, ctx: LoadContext) -> str | None:
