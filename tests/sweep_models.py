@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHITECTURES", "CONVERTED", "INPUTS", "Arch", "build", "tiny_config"]
+__all__ = ["ARCHITECTURES", "INPUTS", "Arch", "build", "tiny_config"]
 
 SEED = 0
 #: Sizes every config gets where it has the entry (a nested config too), unless its line says otherwise.
@@ -34,8 +34,6 @@ TINY: dict[str, Any] = {
     "image_size": 32, "patch_size": 8, "num_channels": 3, "projection_dim": 16,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0,
 }
-#: Why MoE checkpoints fail today: their per-expert tensors must be fused while loading.
-CONVERTED = "needs transformers' WeightConverter (per-expert tensors fused on load): issue 11, 'convert'"
 #: Offloaded weights a module reads without calling the module that holds them (found by dispatch, to come).
 READ_DIRECTLY = "offloaded weights read without calling their module (issue 11: preload detection in dispatch)"
 #: A module that casts its own weights in forward (``self.classifier.to(float32)``), offloaded.
@@ -95,15 +93,15 @@ ARCHITECTURES: list[Arch] = [
     Arch("glm", "GlmForCausalLM"),
     Arch("mamba", "MambaForCausalLM", config={"state_size": 4, "time_step_rank": 2}),
     # -- mixture-of-experts decoders ---------------------------------------------------------------
-    Arch("mixtral", "MixtralForCausalLM", xfail=CONVERTED),
-    Arch("qwen2-moe", "Qwen2MoeForCausalLM", xfail=CONVERTED),
-    Arch("qwen3-moe", "Qwen3MoeForCausalLM", xfail=CONVERTED),
-    Arch("olmoe", "OlmoeForCausalLM", xfail=CONVERTED),
-    Arch("phimoe", "PhimoeForCausalLM", xfail=CONVERTED),
+    Arch("mixtral", "MixtralForCausalLM"),
+    Arch("qwen2-moe", "Qwen2MoeForCausalLM"),
+    Arch("qwen3-moe", "Qwen3MoeForCausalLM"),
+    Arch("olmoe", "OlmoeForCausalLM"),
+    Arch("phimoe", "PhimoeForCausalLM"),
     Arch("granite-moe", "GraniteMoeForCausalLM"),
     Arch("jetmoe", "JetMoeForCausalLM", xfail={"disk": READ_DIRECTLY, "bf16+disk": READ_DIRECTLY}),
     Arch("gpt-oss", "GptOssForCausalLM"),
-    Arch("deepseek-v3", "DeepseekV3ForCausalLM", xfail=CONVERTED, config={
+    Arch("deepseek-v3", "DeepseekV3ForCausalLM", config={
         "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
         "head_dim": 4, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}),
     # -- encoder-decoders --------------------------------------------------------------------------
