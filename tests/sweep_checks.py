@@ -1,0 +1,98 @@
+"""What the sweeps share: the load variants, one save per model and layout, and exact comparisons."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hf_bigmodel.load.loading import OFFLOAD_ATTR
+
+__all__ = ["VARIANTS", "Saved", "assert_same", "assert_same_outputs", "flat_tensors", "run", "state",
+           "transient_buffers"]
+
+#: name: (which save, dtype, part on disk)
+VARIANTS: dict[str, tuple[str, torch.dtype | None, bool]] = {
+    "ram": ("single", None, False),
+    "disk": ("sharded", None, True),
+    "bf16+disk": ("single", torch.bfloat16, True),
+}
+
+
+class Saved:
+    """Each model saved once as one file and once sharded (``shard_size``), on first use."""
+
+    def __init__(self, root: Path, build: Callable[[Any], torch.nn.Module], shard_size: str) -> None:
+        self.root, self.build, self.shard_size = root, build, shard_size
+        self.folders: dict[tuple[str, str], Path] = {}
+
+    def folder(self, arch: Any, layout: str) -> Path:
+        """The folder of ``arch`` (anything with an ``id``) saved as ``layout``: ``"single"`` or ``"sharded"``."""
+        if (arch.id, layout) not in self.folders:
+            model = self.build(arch)
+            for kind in ("single", "sharded"):
+                path = self.root / arch.id / kind
+                model.save_pretrained(path, max_shard_size=self.shard_size if kind == "sharded" else "1GB")
+                self.folders[arch.id, kind] = path
+        return self.folders[arch.id, layout]
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every state-dict entry, offloaded ones read from the weights map the hooks stream from."""
+    weights = getattr(model, OFFLOAD_ATTR, None)
+    result = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            assert weights is not None and name in weights, f"{name} is on meta and nowhere else"
+            tensor = weights[name]
+        result[name] = tensor
+    return result
+
+
+def transient_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (rotary tables, masks): built by the model, never read from the checkpoint."""
+    kept = set(model.state_dict())
+    return {n: b for n, b in model.named_buffers() if n not in kept and b.device.type != "meta"}
+
+
+def flat_tensors(output: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a model output (nested ModelOutputs, tuples, dicts), with where each sits."""
+    if isinstance(output, torch.Tensor):
+        yield path, output
+    elif isinstance(output, Mapping):
+        for key, value in output.items():
+            yield from flat_tensors(value, f"{path}.{key}")
+    elif isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            yield from flat_tensors(value, f"{path}[{i}]")
+    elif hasattr(output, "to_tuple"):  # diffusers' BaseOutput is a dict subclass, others are dataclasses
+        yield from flat_tensors(output.to_tuple(), path)
+
+
+def run(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return dict(flat_tensors(model(**inputs)))
+
+
+def assert_same(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], what: str) -> None:
+    """The same names in the same order, and equal dtypes and values (``rtol=0, atol=0``)."""
+    assert list(ours) == list(theirs), f"{what}: names differ"
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype, f"{what} {name}: {ours[name].dtype} != {tensor.dtype}"
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+def assert_same_outputs(model: torch.nn.Module, reference: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
+    """Equal outputs; where the library's own model fails (DeBERTa's float32 ``q_bias`` in bfloat16, a tiny
+    VAE's float32 latents in a bfloat16 decoder), ``model`` fails the same way."""
+    try:
+        expected = run(reference, inputs)
+    except RuntimeError as err:
+        with pytest.raises(type(err), match=re.escape(str(err))):
+            run(model, inputs)
+        return
+    assert_same(run(model, inputs), expected, "output")
