@@ -1,9 +1,18 @@
-"""What the sweeps share: the load variants, one save per model and layout, and exact comparisons."""
+"""What the sweeps share: the load variants, which run, one save per model and layout, and exact comparisons.
+
+CI runs each model in one variant, the variants taken in turn down the list (every model is loaded, every
+variant is tried on a third of them), plus every variant a model is expected to fail in, so a fixed gap
+flips its strict xfail. ``HF_BIGMODEL_FULL_SWEEP=1`` runs every model in every variant (three times the
+cases: about four minutes of one core for both sweeps)::
+
+    HF_BIGMODEL_FULL_SWEEP=1 python -m pytest -q tests/test_sweep_transformers.py tests/test_sweep_diffusers.py
+"""
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +21,8 @@ import torch
 
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
-__all__ = ["VARIANTS", "Saved", "assert_same", "assert_same_outputs", "flat_tensors", "run", "state",
-           "transient_buffers"]
+__all__ = ["FULL_SWEEP", "VARIANTS", "Saved", "assert_same", "assert_same_outputs", "cases", "flat_tensors", "run",
+           "state", "transient_buffers"]
 
 #: name: (which save, dtype, part on disk)
 VARIANTS: dict[str, tuple[str, torch.dtype | None, bool]] = {
@@ -22,9 +31,28 @@ VARIANTS: dict[str, tuple[str, torch.dtype | None, bool]] = {
     "bf16+disk": ("single", torch.bfloat16, True),
 }
 
+#: Every model in every variant (``HF_BIGMODEL_FULL_SWEEP=1``), not CI's one variant per model.
+FULL_SWEEP = os.environ.get("HF_BIGMODEL_FULL_SWEEP", "0") not in ("", "0")
+
+
+def cases(models: Sequence[Any]) -> list[Any]:
+    """The (model, variant) test cases: all of them with :data:`FULL_SWEEP`, else CI's share (above).
+
+    ``models`` have an ``id`` and ``xfail_reason(variant)``; an expected failure is a strict xfail.
+    """
+    names = list(VARIANTS)
+    params = []
+    for index, model in enumerate(models):
+        for variant in names:
+            reason = model.xfail_reason(variant)
+            if FULL_SWEEP or reason is not None or variant == names[index % len(names)]:
+                marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
+                params.append(pytest.param(model, variant, id=f"{model.id}-{variant}", marks=marks))
+    return params
+
 
 class Saved:
-    """Each model saved once as one file and once sharded (``shard_size``), on first use."""
+    """Each model saved as one file or sharded (``shard_size``), each layout on its first use."""
 
     def __init__(self, root: Path, build: Callable[[Any], torch.nn.Module], shard_size: str) -> None:
         self.root, self.build, self.shard_size = root, build, shard_size
@@ -33,11 +61,9 @@ class Saved:
     def folder(self, arch: Any, layout: str) -> Path:
         """The folder of ``arch`` (anything with an ``id``) saved as ``layout``: ``"single"`` or ``"sharded"``."""
         if (arch.id, layout) not in self.folders:
-            model = self.build(arch)
-            for kind in ("single", "sharded"):
-                path = self.root / arch.id / kind
-                model.save_pretrained(path, max_shard_size=self.shard_size if kind == "sharded" else "1GB")
-                self.folders[arch.id, kind] = path
+            path = self.root / arch.id / layout
+            self.build(arch).save_pretrained(path, max_shard_size=self.shard_size if layout == "sharded" else "1GB")
+            self.folders[arch.id, layout] = path
         return self.folders[arch.id, layout]
 
 

@@ -1,8 +1,10 @@
 """The diffusers sweep: ``load_pretrained_dispatched`` against diffusers' own ``from_pretrained``, model by model.
 
-Every model of ``sweep_diffusers_models.MODELS`` is built tiny, saved once as one file and once sharded,
-then loaded three ways (``sweep_checks.VARIANTS``) and compared exactly with ``from_pretrained`` of the
-same folder in the same dtype: the class, every tensor's name, dtype and value, and the outputs.
+Every model of ``sweep_diffusers_models.MODELS`` is built tiny, saved as one file and sharded, and loaded
+in RAM, with part on disk and in bfloat16 (``sweep_checks.VARIANTS``; CI runs a share of these,
+``HF_BIGMODEL_FULL_SWEEP=1`` all of them: see ``sweep_checks``), then compared exactly with
+``from_pretrained`` of the same folder in the same dtype: the class, every tensor's name, dtype and value,
+and the outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, state, transient_buffers
+from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, cases, state, transient_buffers
 from sweep_diffusers_models import INPUTS, MODELS, Model, build
 
 from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
@@ -27,15 +29,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
     return Saved(tmp_path_factory.mktemp("sweep-diffusers"), build, shard_size="16KB")
 
 
-def cases() -> list[Any]:
-    params = []
-    for model in MODELS:
-        for variant in VARIANTS:
-            reason = model.xfail_reason(variant)
-            marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
-            params.append(pytest.param(model, variant, id=f"{model.id}-{variant}", marks=marks))
-    return params
-
 
 def model_inputs(spec: Model, dtype: torch.dtype | None) -> dict[str, Any]:
     inputs = INPUTS[spec.inputs]()
@@ -43,7 +36,7 @@ def model_inputs(spec: Model, dtype: torch.dtype | None) -> dict[str, Any]:
             for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize(("spec", "variant"), cases())
+@pytest.mark.parametrize(("spec", "variant"), cases(MODELS))
 def test_loads_as_from_pretrained(saved: Saved, spec: Model, variant: str) -> None:
     layout, dtype, on_disk = VARIANTS[variant]
     folder = saved.folder(spec, layout)

@@ -1,9 +1,11 @@
 """The sweep: ``load_pretrained_dispatched`` against transformers' own ``from_pretrained``, architecture by architecture.
 
-Every architecture of ``sweep_models.ARCHITECTURES`` is built tiny, saved once as one file and once
-sharded, then loaded three ways (:data:`VARIANTS`) and compared exactly with ``from_pretrained`` of the
-same folder in the same dtype: the class, every tensor's name, dtype and value (offloaded ones as the
-hooks will deliver them), the outputs on a fixed input, and greedy tokens where the model generates.
+Every architecture of ``sweep_models.ARCHITECTURES`` is built tiny, saved as one file and sharded, and
+loaded in RAM, with part on disk and in bfloat16 (``sweep_checks.VARIANTS``; CI runs a share of these,
+``HF_BIGMODEL_FULL_SWEEP=1`` all of them: see ``sweep_checks``), then compared exactly with
+``from_pretrained`` of the same folder in the same dtype: the class, every tensor's name, dtype and value
+(offloaded ones as the hooks will deliver them), the outputs on a fixed input, and greedy tokens where
+the model generates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, state, transient_buffers
+from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, cases, state, transient_buffers
 from sweep_models import ARCHITECTURES, INPUTS, Arch, build
 
 from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
@@ -33,15 +35,6 @@ def model_inputs(arch: Arch, config: Any, dtype: torch.dtype | None) -> dict[str
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def cases() -> list[Any]:
-    params = []
-    for arch in ARCHITECTURES:
-        for variant in VARIANTS:
-            reason = arch.xfail_reason(variant)
-            marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
-            params.append(pytest.param(arch, variant, id=f"{arch.id}-{variant}", marks=marks))
-    return params
-
 
 # -- what is compared -------------------------------------------------------------------------------
 def greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -50,7 +43,7 @@ def greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 
 # -- the sweep --------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("arch", "variant"), cases())
+@pytest.mark.parametrize(("arch", "variant"), cases(ARCHITECTURES))
 def test_loads_as_from_pretrained(saved: Saved, arch: Arch, variant: str) -> None:
     layout, dtype, on_disk = VARIANTS[variant]
     folder = saved.folder(arch, layout)
