@@ -34,10 +34,6 @@ TINY: dict[str, Any] = {
     "image_size": 32, "patch_size": 8, "num_channels": 3, "projection_dim": 16,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0,
 }
-#: Offloaded weights a module reads without calling the module that holds them (found by dispatch, to come).
-READ_DIRECTLY = "offloaded weights read without calling their module (issue 11: preload detection in dispatch)"
-#: A module that casts its own weights in forward (``self.classifier.to(float32)``), offloaded.
-RECAST = "offloaded weights recast by their module in forward (issue 11: hooks deliver the recast dtype)"
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ ARCHITECTURES: list[Arch] = [
     Arch("olmoe", "OlmoeForCausalLM"),
     Arch("phimoe", "PhimoeForCausalLM"),
     Arch("granite-moe", "GraniteMoeForCausalLM"),
-    Arch("jetmoe", "JetMoeForCausalLM", xfail={"disk": READ_DIRECTLY, "bf16+disk": READ_DIRECTLY}),
+    Arch("jetmoe", "JetMoeForCausalLM"),
     Arch("gpt-oss", "GptOssForCausalLM"),
     Arch("deepseek-v3", "DeepseekV3ForCausalLM", config={
         "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
@@ -117,7 +113,7 @@ ARCHITECTURES: list[Arch] = [
     Arch("blenderbot", "BlenderbotForConditionalGeneration", "seq2seq"),
     Arch("plbart", "PLBartForConditionalGeneration", "seq2seq"),
     Arch("switch-transformers", "SwitchTransformersForConditionalGeneration", "seq2seq",
-         config={"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1}, xfail={"bf16+disk": RECAST}),
+         config={"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1}),
     # -- encoders ----------------------------------------------------------------------------------
     Arch("bert", "BertModel"),
     Arch("roberta", "RobertaModel"),
@@ -149,7 +145,7 @@ ARCHITECTURES: list[Arch] = [
          config={"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2}),
     # -- multimodal --------------------------------------------------------------------------------
     Arch("clip", "CLIPModel", "text+image"),
-    Arch("siglip", "SiglipModel", "text+image", xfail={"disk": READ_DIRECTLY, "bf16+disk": READ_DIRECTLY}),
+    Arch("siglip", "SiglipModel", "text+image"),
     Arch("llava", "LlavaForConditionalGeneration", "llava", config={"image_token_index": 100}),
     Arch("blip", "BlipModel", "text+image"),
     Arch("paligemma", "PaliGemmaForConditionalGeneration", "llava", config={"image_token_index": 100}),

@@ -317,3 +317,30 @@ def test_a_tied_name_on_disk_without_a_value_reuses_its_partner_and_needs_no_off
     weights = model._hf_bigmodel_weights
     assert weights.memory["head.weight"] is weights.memory["embed.weight"]
     assert torch.equal(model(IDS), ref(IDS))
+
+
+def test_offloaded_weights_read_without_calling_their_module_give_the_model_s_outputs(tmp_path):
+    """A forward that computes with a child's weight directly (nn.MultiheadAttention's ``out_proj``, a
+    custom block's table) gets it from its own hook; no ``preload_module_classes`` needed."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.table = nn.Embedding(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0] + self.table.weight.sum(0)
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 4), Block(), nn.Linear(4, 4)).eval()
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        expected = reference(x)
+    model = nn.Sequential(nn.Linear(4, 4), Block(), nn.Linear(4, 4)).eval()
+    model.load_state_dict(reference.state_dict())
+    dispatch_model(model, {"0": "cpu", "1": "disk", "2": "cpu"}, offload_dir=tmp_path / "offload")
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert torch.equal(model(x), expected)  # released after the first forward, fetched again
+    assert model[1].table.weight.device.type == "meta"

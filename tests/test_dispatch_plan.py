@@ -148,6 +148,16 @@ def test_preload_module_classes_fetch_a_whole_block_at_once():
     ]
 
 
+def test_a_module_reading_a_child_s_weight_without_calling_it_fetches_that_weight():
+    """nn.MultiheadAttention hands ``out_proj.weight`` to a function (out_proj is never called): its own
+    unit brings it, instead of a unit for out_proj whose hook would never fire."""
+    with init_empty_weights():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.MultiheadAttention(4, 2))
+    plan = _plan(model, {"0": "cpu", "1": "disk"})
+    assert [(u.prefix, sorted(u.names)) for u in plan.units] == [
+        ("1", ["1.in_proj_bias", "1.in_proj_weight", "1.out_proj.bias", "1.out_proj.weight"])]
+
+
 def test_model_parallel_maps_get_input_hooks_per_entry():
     device_map = {"embed": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2.fc1.weight": 1, "blocks.2": 0,
                   "blocks.3": 1, "norm": 1, "head": 0}

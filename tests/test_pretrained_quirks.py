@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sweep_models import ARCHITECTURES, Arch, build
+from sweep_models import ARCHITECTURES, INPUTS, Arch, build
 
 from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
 
@@ -65,3 +65,55 @@ def test_model_without_no_split_modules_keeps_its_layers_whole(tmp_path):
     prompt = torch.tensor([[1, 7, 12, 30, 4, 9]])
     with torch.no_grad():
         assert torch.equal(model(prompt).last_hidden_state, reference(prompt).last_hidden_state)
+
+
+#: (architecture, the module put on disk, the module whose forward reads its weights without calling it)
+DIRECT_READS = [
+    ("deberta-v2", "encoder.rel_embeddings", ""),  # DebertaV2Model reads encoder.rel_embeddings.weight
+    ("siglip", "vision_model.head.attention.out_proj", "vision_model.head.attention"),  # nn.MultiheadAttention
+    ("jetmoe", "model.layers.1.self_attention.experts", "model.layers.1.self_attention"),  # experts.map(...)
+]
+
+
+@pytest.mark.parametrize(("arch_id", "on_disk", "reader"), DIRECT_READS, ids=[case[0] for case in DIRECT_READS])
+def test_weights_read_without_calling_their_module(tmp_path, arch_id, on_disk, reader):
+    """Offloaded, a weight whose module is never called (its forward never runs) would stay a placeholder:
+    the module that reads it fetches it for its whole forward instead, found from its code, and the outputs
+    are transformers'. No ``preload_module_classes`` needed."""
+    arch = ARCHS[arch_id]
+    folder = save(arch, tmp_path / arch_id)
+    reference = getattr(transformers, arch.cls).from_pretrained(folder)
+    model = load_pretrained_dispatched(folder, device_map={"": "cpu", on_disk: "disk"})
+
+    assert model.hf_device_map[on_disk] == "disk"
+    hooked = model.get_submodule(reader)._hf_hook
+    hooks = getattr(hooked, "hooks", [hooked])
+    fetched = [name for hook in hooks for name in getattr(hook, "tensor_names", None) or ()]
+    assert fetched and all(f"{reader}.{name}".lstrip(".").startswith(on_disk) for name in fetched), fetched
+    inputs = INPUTS[arch.inputs](reference.config)
+    with torch.no_grad():
+        ours, theirs = model(**inputs), reference(**inputs)
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(ours[key], value), key
+
+
+def test_router_recasting_its_own_weights_when_offloaded(tmp_path):
+    """switch_transformers' router runs ``self.classifier.to(torch.float32)`` in its forward. Offloaded, that
+    recasts the placeholder: the hook then delivers the weights in float32, as from_pretrained's classifier
+    holds them after the same cast (it failed with a dtype mismatch)."""
+    arch = ARCHS["switch-transformers"]
+    folder = save(arch, tmp_path / "switch")
+    reference = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+    routers = [name for name, module in reference.named_modules() if name.endswith("mlp.router")]
+    model = load_pretrained_dispatched(folder, torch_dtype=torch.bfloat16,
+                                       device_map={"": "cpu", **dict.fromkeys(routers, "disk")})
+
+    assert routers and all(model.hf_device_map[name] == "disk" for name in routers)
+    inputs = INPUTS[arch.inputs](reference.config)
+    with torch.no_grad():
+        ours, theirs = model(**inputs), reference(**inputs)
+    assert reference.get_submodule(routers[0]).classifier.weight.dtype == torch.float32  # its own cast
+    assert torch.equal(ours.logits, theirs.logits)
+    assert torch.equal(model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False),
+                       reference.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False))

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError, OffloadError, summarize
 from ..model.naming import lookup, owner, parent
+from ..model.reads import direct_reads
 from ..model.tensors import ModelTensor, tie_groups
 from ..plan.devices import Device
 from ..plan.placement import Placement
@@ -256,8 +257,11 @@ def _units(
 ) -> list[HookUnit]:
     """Group streamed tensors by the module whose forward needs them (in model order).
 
-    A tensor belongs to its direct owner, unless an ancestor inside the same device-map entry is of a
-    ``preload_module_classes`` class: that ancestor then fetches its whole subtree at once.
+    A tensor belongs to its direct owner, or to the outermost module whose forward reads it without
+    calling its owner (:func:`~hf_bigmodel.model.reads.direct_reads`: ``nn.MultiheadAttention`` reading
+    ``out_proj.weight``), so that module's hook brings it for its whole forward. An ancestor of that module
+    inside the same device-map entry that is of a ``preload_module_classes`` class takes it instead, with
+    its whole subtree.
     """
     device_map = placement.device_map
     preload_at: set[str] = set()
@@ -266,9 +270,11 @@ def _units(
         order[name] = i
         if preload and type(module).__name__ in preload:
             preload_at.add(name)
+    reads = direct_reads(model) if streamed else {}
+    readers = {tensor: module for module, tensors in reads.items() for tensor in tensors}
     units: dict[str, list[str]] = {}
     for name in sorted(streamed, key=lambda n: (order.get(parent(n), 0), n)):
-        unit = parent(name)
+        unit = readers.get(name, parent(name))
         probe = unit
         while preload_at and probe:
             if probe in preload_at and lookup(probe, device_map) == lookup(name, device_map):
@@ -276,7 +282,7 @@ def _units(
             probe = parent(probe)
         units.setdefault(unit, []).append(name)
     return [HookUnit(unit, str(owner(names[0], device_map)), tuple(names), runs_on[names[0]])
-            for unit, names in units.items()]
+            for unit, names in sorted(units.items(), key=lambda item: order.get(item[0], 0))]
 
 
 def _input_hooks(model: nn.Module, placement: Placement) -> list[tuple[str, Device]]:

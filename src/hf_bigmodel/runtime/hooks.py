@@ -164,8 +164,10 @@ def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Modu
 def remove_hook_from_submodules(module: nn.Module) -> None:
     """Detach every hook below ``module`` (not ``module``'s own). Offloaded weights come back to CPU.
 
-    The model is then plain, so its ``hf_device_map`` (which no longer describes it) is dropped too:
-    transformers' ``generate`` would otherwise go looking for the hooks it implies.
+    Weights ``module`` itself streams (its forward reads a child's weight without calling the child) come
+    back too; the rest of its own hook stays. The model is then plain, so its ``hf_device_map`` (which no
+    longer describes it) is dropped too: transformers' ``generate`` would otherwise go looking for the
+    hooks it implies.
 
     Example::
 
@@ -174,6 +176,10 @@ def remove_hook_from_submodules(module: nn.Module) -> None:
     """
     for child in module.children():
         remove_hook_from_module(child, recurse=True)
+    own = module.__dict__.get("_hf_hook")
+    for hook in own.hooks if isinstance(own, SequentialHook) else [own]:
+        if isinstance(hook, AlignDevicesHook) and hook.offload:
+            hook.detach_hook(module)  # its weights in RAM for good; it then streams nothing
     module.__dict__.pop("hf_device_map", None)
 
 
@@ -241,17 +247,30 @@ class _Slot:
 
     The placeholder is a meta tensor like the original (for a parameter: same class, extra attributes and
     ``requires_grad``); every value the hook puts in the slot is made like it.
+
+    A module may recast its own weights while the placeholder is in the slot (switch_transformers' router
+    runs ``self.classifier.to(torch.float32)`` in its forward; ``model.to(torch.float16)`` does it too):
+    the placeholder then has another floating-point dtype than the weights map's, and values are delivered
+    cast to it, as the module would hold them had it kept its weights.
     """
 
-    __slots__ = ("name", "placeholder", "slot")
+    __slots__ = ("dtype", "name", "placeholder", "slot")
 
     def __init__(self, slot: ModelTensor, name: str) -> None:
         self.slot, self.name = slot, name
         current = slot.tensor
         self.placeholder = current if current.device.type == "meta" else with_slot_class(
             current.detach().to("meta"), current)
+        #: The dtype the slot held when the hook took it over.
+        self.dtype = self.placeholder.dtype
 
     def set(self, value: torch.Tensor) -> None:
+        current = self.slot.tensor
+        if current is not self.placeholder and current.device.type == "meta":
+            self.placeholder = current  # the module put a recast placeholder of its own in the slot
+        wanted = self.placeholder.dtype
+        if wanted != self.dtype and wanted.is_floating_point and value.is_floating_point():
+            value = value.to(wanted)
         set_tensor(self.slot, value, like=self.placeholder)
 
     def release(self) -> None:
