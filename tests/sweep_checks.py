@@ -21,8 +21,8 @@ import torch
 
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
-__all__ = ["FULL_SWEEP", "VARIANTS", "Saved", "assert_same", "assert_same_outputs", "cases", "flat_tensors", "run",
-           "state", "transient_buffers"]
+__all__ = ["FULL_SWEEP", "VARIANTS", "Saved", "assert_same", "assert_same_outputs", "cases", "flat_tensors",
+           "load_as_reference", "run", "state", "transient_buffers"]
 
 #: name: (which save, dtype, part on disk)
 VARIANTS: dict[str, tuple[str, torch.dtype | None, bool]] = {
@@ -65,6 +65,26 @@ class Saved:
             self.build(arch).save_pretrained(path, max_shard_size=self.shard_size if layout == "sharded" else "1GB")
             self.folders[arch.id, layout] = path
         return self.folders[arch.id, layout]
+
+
+def load_as_reference(folder: Path, reference: torch.nn.Module, variant: str, cpu_share: float) -> torch.nn.Module:
+    """``load_pretrained_dispatched`` of ``folder`` as ``variant`` says, checked against ``reference`` (the
+    library's own load of the same folder in the same dtype): class, eval mode, devices, tensors, buffers.
+
+    With part on disk the CPU budget is ``cpu_share`` of the loaded model.
+    """
+    from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
+
+    _, dtype, on_disk = VARIANTS[variant]
+    budget = {"cpu": int(compute_module_sizes(reference)[""] * cpu_share)}
+    model = load_pretrained_dispatched(folder, torch_dtype=dtype, max_memory=budget if on_disk else None)
+
+    assert type(model) is type(reference) and not model.training
+    stored = set(model.hf_device_map.values())
+    assert stored == ({"cpu", "disk"} if on_disk else {"cpu"}), model.hf_device_map
+    assert_same(state(model), state(reference), "tensor")
+    assert_same(transient_buffers(model), transient_buffers(reference), "non-persistent buffer")
+    return model
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,10 +16,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, cases, state, transient_buffers
+from sweep_checks import VARIANTS, Saved, assert_same_outputs, cases, load_as_reference
 from sweep_diffusers_models import INPUTS, MODELS, Model, build
-
-from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
     return Saved(tmp_path_factory.mktemp("sweep-diffusers"), build, shard_size="16KB")
-
 
 
 def model_inputs(spec: Model, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -38,17 +35,9 @@ def model_inputs(spec: Model, dtype: torch.dtype | None) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("spec", "variant"), cases(MODELS))
 def test_loads_as_from_pretrained(saved: Saved, spec: Model, variant: str) -> None:
-    layout, dtype, on_disk = VARIANTS[variant]
+    layout, dtype, _ = VARIANTS[variant]
     folder = saved.folder(spec, layout)
     reference = getattr(diffusers, spec.cls).from_pretrained(folder, torch_dtype=dtype)
-    budget = {"cpu": int(compute_module_sizes(reference)[""] * spec.cpu_share)}
-
-    model = load_pretrained_dispatched(folder, torch_dtype=dtype, max_memory=budget if on_disk else None)
-
-    assert type(model) is type(reference) and not model.training
-    stored = set(model.hf_device_map.values())
-    assert stored == ({"cpu", "disk"} if on_disk else {"cpu"}), model.hf_device_map
-    assert_same(state(model), state(reference), "tensor")
-    assert_same(transient_buffers(model), transient_buffers(reference), "non-persistent buffer")
+    model = load_as_reference(folder, reference, variant, spec.cpu_share)
     inputs = model_inputs(spec, dtype)
     assert_same_outputs(model, reference, inputs)

@@ -17,10 +17,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sweep_checks import VARIANTS, Saved, assert_same, assert_same_outputs, cases, state, transient_buffers
+from sweep_checks import VARIANTS, Saved, assert_same_outputs, cases, load_as_reference
 from sweep_models import ARCHITECTURES, INPUTS, Arch, build
-
-from hf_bigmodel import compute_module_sizes, load_pretrained_dispatched
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,18 +43,10 @@ def greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 # -- the sweep --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("arch", "variant"), cases(ARCHITECTURES))
 def test_loads_as_from_pretrained(saved: Saved, arch: Arch, variant: str) -> None:
-    layout, dtype, on_disk = VARIANTS[variant]
+    layout, dtype, _ = VARIANTS[variant]
     folder = saved.folder(arch, layout)
     reference = getattr(transformers, arch.cls).from_pretrained(folder, dtype=dtype)
-    budget = {"cpu": int(compute_module_sizes(reference)[""] * arch.cpu_share)}
-
-    model = load_pretrained_dispatched(folder, torch_dtype=dtype, max_memory=budget if on_disk else None)
-
-    assert type(model) is type(reference) and not model.training
-    stored = set(model.hf_device_map.values())
-    assert stored == ({"cpu", "disk"} if on_disk else {"cpu"}), model.hf_device_map
-    assert_same(state(model), state(reference), "tensor")
-    assert_same(transient_buffers(model), transient_buffers(reference), "non-persistent buffer")
+    model = load_as_reference(folder, reference, variant, arch.cpu_share)
     inputs = model_inputs(arch, reference.config, dtype)
     assert_same_outputs(model, reference, inputs)
     if reference.can_generate():
