@@ -24,6 +24,7 @@ from ..errors import PipelineError, summarize
 from ..model.dtypes import resolve_dtype
 from ..model.empty import init_empty_weights
 from ..plan.device_map import resolve_device_map
+from .diffusers_pipeline import find_pipeline_index, load_pipeline
 from .hub import resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
 from .pipeline_load import load_pipelined
@@ -75,6 +76,14 @@ def load_pretrained_dispatched(
     or instance; default: the latest registered loader whose ``can_load`` accepts the config, then
     diffusers (config has ``_class_name``), then transformers.
 
+    A diffusers pipeline (a folder or repo with ``model_index.json``, no ``subfolder``) returns the
+    ``DiffusionPipeline``: its model components (UNet, VAE, text encoders) planned together within one
+    ``max_memory`` and loaded as above (``hf_device_map`` keys start with the component's name; offload
+    files go to ``offload_folder/<component>``), the others (tokenizers, schedulers) loaded by diffusers,
+    which reads or downloads only their files. Other keyword arguments then go to
+    ``DiffusionPipeline.from_pretrained`` (``safety_checker=None``); a component passed there is not loaded.
+    See :mod:`hf_bigmodel.hf.diffusers_pipeline`.
+
     Other keyword arguments override config entries, as in transformers (``output_hidden_states=True``,
     ``attn_implementation="eager"``); ``offload_buffers=True`` streams buffers of offloaded modules too.
     Any other keyword raises ``TypeError`` naming it.
@@ -107,10 +116,20 @@ def load_pretrained_dispatched(
 
     def prepared() -> LoadSteps:
         chosen = _prepare(ctx, loader, model_class, requested_dtype, kwargs)
-        no_split = list(dict.fromkeys([*chosen.no_split_modules(ctx), *(no_split_module_classes or [])]))
-        keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
-        return LoadSteps(chosen, ctx, no_split, keep)
+        return _steps(chosen, ctx, no_split_module_classes)
 
+    if subfolder is None and loader is None and model_class is None and not pipeline:
+        hub = {k: v for k, v in ctx.hub_kwargs.items() if k != "subfolder"}
+        index = find_pipeline_index(ctx.name_or_path, hub)
+        if index is not None:  # a diffusers pipeline: every model component, planned together
+
+            def component(name: str, cls: type[nn.Module]) -> LoadSteps:
+                sub = LoadContext(ctx.name_or_path, subfolder=name, trust_remote_code=trust_remote_code, **hub)
+                return _steps(_prepare(sub, None, cls, requested_dtype, {}), sub, no_split_module_classes)
+
+            return load_pipeline(  # type: ignore[no-any-return]
+                index, ctx.name_or_path, component, device_map=device_map, max_memory=max_memory,
+                offload_folder=offload_folder, offload_buffers=offload_buffers, hub_kwargs=hub, kwargs=kwargs)
     if pipeline:  # the processes join first: a failure while preparing is then reported to all
         return load_pipelined(prepared, max_memory=max_memory, offload_folder=offload_folder,
                               offload_buffers=offload_buffers)
@@ -144,6 +163,13 @@ def _prepare(ctx: LoadContext, loader: PretrainedLoader | type[PretrainedLoader]
         ctx.model = chosen.build_model(ctx)
     chosen.after_build(ctx)
     return chosen
+
+
+def _steps(chosen: PretrainedLoader, ctx: LoadContext, extra_no_split: Sequence[str] | None) -> LoadSteps:
+    """The :class:`LoadSteps` of a built model: its no-split classes (plus ``extra_no_split``), fp32 modules."""
+    no_split = list(dict.fromkeys([*chosen.no_split_modules(ctx), *(extra_no_split or [])]))
+    keep = chosen.keep_in_fp32_modules(ctx) if ctx.dtype is not None else []
+    return LoadSteps(chosen, ctx, no_split, keep)
 
 
 def _load_in_process(steps: LoadSteps, *, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
