@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFoundError",
     "OfflineCacheMissError",
     "OffloadError",
+    "OffloadedWeightUseError",
     "PipelineError",
     "RankFailedError",
     "RevisionNotFoundError",
@@ -195,6 +196,14 @@ class OffloadError(BigModelError, OSError):
     def __init__(self, message: str, *, path: Any = None, advice: Sequence[Advice] = ()) -> None:
         super().__init__(message, advice=advice)
         self.path = path
+
+
+class OffloadedWeightUseError(BigModelError, RuntimeError):
+    """An offloaded weight's idle placeholder took part in a computation (it was never brought in)."""
+
+    def __init__(self, message: str, *, names: Sequence[str] = (), advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
+        self.names = list(names)
 
 
 class UnsupportedQuantizationError(BigModelError, ValueError):

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..model.tensors import ModelTensor, module_slots, move_tensor, put_tensor, set_tensor, with_slot_class
+from ..model.tensors import ModelTensor, module_slots, move_tensor
 from ..plan.devices import Device, torch_device
 from ..storage.weights_map import WeightsMap
+from .placeholders import StreamedSlot
 from .streaming import StreamedUnit, WeightsFetcher
 
 if TYPE_CHECKING:
@@ -242,41 +243,6 @@ def _find_device(obj: Any) -> torch.device | None:
     return None
 
 
-class _Slot:
-    """One tensor an offloading hook manages: its module slot, its full name, and its idle placeholder.
-
-    The placeholder is a meta tensor like the original (for a parameter: same class, extra attributes and
-    ``requires_grad``); every value the hook puts in the slot is made like it.
-
-    A module may recast its own weights while the placeholder is in the slot (switch_transformers' router
-    runs ``self.classifier.to(torch.float32)`` in its forward; ``model.to(torch.float16)`` does it too):
-    the placeholder then has another floating-point dtype than the weights map's, and values are delivered
-    cast to it, as the module would hold them had it kept its weights.
-    """
-
-    __slots__ = ("dtype", "name", "placeholder", "slot")
-
-    def __init__(self, slot: ModelTensor, name: str) -> None:
-        self.slot, self.name = slot, name
-        current = slot.tensor
-        self.placeholder = current if current.device.type == "meta" else with_slot_class(
-            current.detach().to("meta"), current)
-        #: The dtype the slot held when the hook took it over.
-        self.dtype = self.placeholder.dtype
-
-    def set(self, value: torch.Tensor) -> None:
-        current = self.slot.tensor
-        if current is not self.placeholder and current.device.type == "meta":
-            self.placeholder = current  # the module put a recast placeholder of its own in the slot
-        wanted = self.placeholder.dtype
-        if wanted != self.dtype and wanted.is_floating_point and value.is_floating_point():
-            value = value.to(wanted)
-        set_tensor(self.slot, value, like=self.placeholder)
-
-    def release(self) -> None:
-        put_tensor(self.slot, self.placeholder)
-
-
 class AlignDevicesHook(ModelHook):
     """Run a module on ``execution_device``; with ``offload``, stream its weights from ``weights_map``.
 
@@ -313,7 +279,7 @@ class AlignDevicesHook(ModelHook):
         self.prefix = prefix
         self.tensor_names = list(tensor_names) if tensor_names is not None else None
         self.move_inputs = move_inputs
-        self.slots: list[_Slot] = []
+        self.slots: list[StreamedSlot] = []
         self.input_device: torch.device | None = None
         #: What a prefetcher needs from this hook (set by ``init_hook`` when it streams from a WeightsMap).
         self.stream: StreamedUnit | None = None
@@ -343,7 +309,7 @@ class AlignDevicesHook(ModelHook):
         for local in self._managed_names(module):
             owner, _, leaf = local.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
-            slot = _Slot(ModelTensor(sub, leaf, leaf in sub._buffers), dot + local)
+            slot = StreamedSlot(ModelTensor(sub, leaf, leaf in sub._buffers), dot + local)
             slot.release()
             self.slots.append(slot)
         if isinstance(self.weights_map, WeightsMap) and self.execution_device is not None and self.slots:
