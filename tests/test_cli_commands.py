@@ -362,3 +362,32 @@ def test_sampling_options_need_do_sample(env: dict[str, str], models: dict[str, 
                            if line.startswith("import time:")}  # checked before anything heavy is imported
     result = hf_bigmodel(env, "run", models["llama"], "--prompt", "hi", "--do-sample", "--top-p", "1.5")
     assert_one_error_line(result, 2, "argument --top-p: '1.5' must be greater than 0 and at most 1")
+
+
+# -- run --assistant: assisted generation -----------------------------------------------------------------
+FORWARDS = re.compile(r"generated (\d+) tokens in .*; (\d+) forward passes of the model, checking the assistant's")
+
+
+@pytest.mark.slow
+def test_run_with_an_assistant_gives_the_models_own_greedy_tokens(env: dict[str, str], models: dict[str, Path]
+                                                                  ) -> None:
+    """A draft model in RAM proposes tokens that the offloaded model checks: with the model itself as its
+    draft every proposal is right, so fewer forward passes than tokens, and the text is the model's own
+    greedy continuation. (A draft that disagrees: test_cli.py, in-process.)"""
+    prompt, new = "hello big world", 12
+    (expected,), _ = _reference_generate(models["llama"], [prompt], max_new_tokens=new, do_sample=False)
+    result = hf_bigmodel(env, "run", models["llama"], "--prompt", prompt, "--max-new-tokens", new,
+                         "--max-memory", "cpu=20KB", "--assistant", models["llama"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # the speed line, no stray warnings
+    tokens, forwards = map(int, FORWARDS.search(result.stderr).groups())  # type: ignore[union-attr]
+    assert tokens == new and forwards < tokens, result.stderr
+
+
+def test_assistant_mistakes_exit_2(env: dict[str, str], models: dict[str, Path], tmp_path: Path) -> None:
+    result = hf_bigmodel(env, "run", models["llama"], "--prompt", "a", "--prompt", "b", "--assistant", models["llama"])
+    assert_one_error_line(result, 2, "argument --assistant: assisted generation continues one prompt at a time",
+                          "(see 'hf-bigmodel run --help')")
+    result = hf_bigmodel(env, "run", models["llama"], "--prompt", "a", "--assistant", tmp_path / "missing")
+    assert_one_error_line(result, 2, "argument --assistant: Model", "missing' was not found")

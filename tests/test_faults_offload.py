@@ -92,7 +92,7 @@ def test_offload_folder_under_a_regular_file(ckpt, tmp_path):
     err = load_fails(path, blocker / "offload", OffloadError)
     text = str(err)
     assert str(blocker / "offload") in text and f"{str(blocker)!r} is a file, not a folder" in text
-    assert "Pass an offload_folder on a writable disk" in text and err.path == str(blocker / "offload")
+    assert "Pass offload_folder=... on a writable disk" in text and err.path == str(blocker / "offload")
     assert blocker.read_text() == "keep me"
 
 

@@ -4,7 +4,7 @@ Commands::
 
     hf-bigmodel plan MODEL [--max-memory cpu=2GiB --max-memory 0=10GiB] [--dtype float16] [--json]
     hf-bigmodel run MODEL --prompt "Hello" [--prompt ...] [--chat] [--do-sample --temperature T --top-p P --seed N]
-                    [--max-new-tokens 20] [--max-memory ...] [--offload-folder DIR]
+                    [--assistant DRAFT] [--max-new-tokens 20] [--max-memory ...] [--offload-folder DIR]
     hf-bigmodel demo
 
 Every failure is one line, ``hf-bigmodel: error: ...``, naming the option to use

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InvalidMaxMemoryError
 from ..model.dtypes import resolve_dtype
-from ..plan.devices import Device, normalize_device
-from ..plan.memory import get_max_memory
+from ..model.sizes import parse_size
+from ..plan.devices import Device, device_rank, normalize_device
 from .parser import UsageError
 
 __all__ = ["parse_dtype", "parse_max_memory", "typed_max_memory", "usage_error"]
@@ -54,13 +53,21 @@ def parse_max_memory(values: Sequence[str]) -> dict[Device, int] | None:
     >>> parse_max_memory(["cpu=1GiB", "0=2GiB"])
     {0: 2147483648, 'cpu': 1073741824}
     """
-    raw: dict[int | str, int | str] = {key: size for key, size in _split_max_memory(values).items()}
+    raw = _split_max_memory(values)
     if not raw:
         return None
-    try:
-        return get_max_memory(raw, check_devices=False)
-    except InvalidMaxMemoryError as err:
-        raise usage_error(f"argument --max-memory: {err}") from None
+    parsed: dict[Device, int] = {}
+    typed: dict[Device, str] = {}
+    for key, size in raw.items():
+        try:
+            device = normalize_device(key, what="device")
+            nbytes = parse_size(size, what=f"size for {key!r}")
+        except ValueError as err:  # DeviceMapError is a ValueError too
+            raise usage_error(f"argument --max-memory: {err}") from None
+        if device in typed:
+            raise usage_error(f"argument --max-memory: {typed[device]!r} and {key!r} name the same device; give one.")
+        parsed[device], typed[device] = nbytes, key
+    return dict(sorted(parsed.items(), key=lambda kv: device_rank(kv[0])))
 
 
 def typed_max_memory(values: Sequence[str]) -> dict[Device, str]:
@@ -70,6 +77,10 @@ def typed_max_memory(values: Sequence[str]) -> dict[Device, str]:
     {0: '10gb', 'cpu': '2GiB'}
     """
     return {normalize_device(key): size for key, size in _split_max_memory(values).items()}
+
+
+#: What ``--dtype`` accepts: a cast to any of these keeps the weights' values (up to rounding).
+LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def parse_dtype(text: str | None) -> torch.dtype | str | None:
@@ -83,6 +94,13 @@ def parse_dtype(text: str | None) -> torch.dtype | str | None:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return resolve_dtype(text)
-    except ValueError as err:
-        raise usage_error(f"argument --dtype: {err}") from None
+        dtype = resolve_dtype(text)
+    except ValueError:
+        dtype = None
+    if dtype not in LOAD_DTYPES:
+        raise usage_error(
+            f"argument --dtype: {text!r} is not a dtype weights can be loaded in; use float16 (fp16), bfloat16 "
+            "(bf16), float32 (fp32), float64, or auto (the checkpoint's). Integer and 8-bit float weights need "
+            "a quantizer's scales, which no plain cast applies."
+        )
+    return dtype

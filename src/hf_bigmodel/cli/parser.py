@@ -55,6 +55,8 @@ examples:
       --do-sample --temperature 0.7 --top-p 0.9 --seed 0 --max-memory cpu=2GiB
   # a chat model, through its tokenizer's chat template
   hf-bigmodel run ./my-chat-model --chat --prompt "Explain disk offload in one sentence."
+  # a small draft model in RAM proposes tokens; the offloaded model checks several per read of its weights
+  hf-bigmodel run ./my-llama-70b --assistant ./my-llama-1b --prompt "Hello" --max-memory 0=20GiB,cpu=60GiB
   # the text goes to stdout (one prompt: as it is generated), progress and speed to stderr
   hf-bigmodel run ./my-llama --prompt "Hello" > out.txt"""
 
@@ -149,15 +151,25 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="with --do-sample: sample from the likeliest tokens whose probabilities add up to P")
     group.add_argument("--seed", type=int, metavar="N", help="seed the sampling, so a run can be repeated")
     group.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or repo id (default: MODEL)")
+    group.add_argument(
+        "--assistant", metavar="DRAFT",
+        help="a small draft model (folder or repo id) loaded whole in RAM, outside the --max-memory budgets: it "
+             "proposes tokens that MODEL checks several at a time, so offloaded weights are read once for "
+             "several tokens; greedy output is MODEL's own. One prompt at a time.",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Checks across options, made before anything is imported or loaded; raises :class:`UsageError`."""
-    if getattr(args, "command", None) != "run" or args.do_sample:
+    if getattr(args, "command", None) != "run":
         return
+    if args.assistant is not None and len(args.prompt) > 1:
+        raise UsageError(f"argument --assistant: assisted generation continues one prompt at a time, and "
+                         f"{len(args.prompt)} were given; pass one --prompt, or leave out --assistant to run them "
+                         f"as one batch (see '{PROG} run --help')")
     given = [option for option, value in (("--temperature", args.temperature), ("--top-p", args.top_p))
              if value is not None]
-    if given:
+    if given and not args.do_sample:
         raise UsageError(f"argument {given[0]}: only applies with --do-sample (generation is greedy without it); "
                          f"add --do-sample or leave out {' and '.join(given)} (see '{PROG} run --help')")
 

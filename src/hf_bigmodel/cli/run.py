@@ -1,5 +1,8 @@
 """``hf-bigmodel run``: load a model dispatched, continue one prompt or a batch of them, report the speed.
 
+With ``--assistant`` a small draft model, loaded whole in RAM, proposes tokens that the model checks
+several at a time (transformers' assisted generation): offloaded weights are read once per check.
+
 The generated text is the only thing on stdout (one prompt: streamed as it comes; several: one block
 each); huggingface_hub's download bars, hf_bigmodel's loading bar and the closing timing line go to
 stderr, so ``hf-bigmodel run ... > out.txt`` keeps just the text.
@@ -11,7 +14,9 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +26,11 @@ from ..errors import ModelClassNotFoundError, ModelFileNotFoundError
 from ..model.sizes import format_size
 from ..plan.devices import Device
 from ..plan.placement import Placement
+from .failures import describe, exit_status
 from .generate import Prompts, Sampling, TextStream, completion, count_new_tokens, encode_prompts
 from .model import Source, prepare
 from .options import parse_dtype, parse_max_memory
+from .parser import EXIT_USAGE, UsageError
 
 __all__ = ["execution_device", "run_command"]
 
@@ -50,6 +57,9 @@ def _load_tokenizer(name: str, source: Source, *, own: bool) -> Any:
     """The tokenizer of ``name``: the model's own (``own``: at its revision) or ``--tokenizer``'s."""
     from transformers import AutoTokenizer
 
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelFileNotFoundError(f"No tokenizer could be loaded from {name!r}: there is no such folder. Pass "
+                                     "--tokenizer with a folder or repo id that has one.", repo_id=name)
     try:
         return AutoTokenizer.from_pretrained(
             name, revision=source.revision if own else None, token=source.token,
@@ -85,6 +95,10 @@ def run_command(args: argparse.Namespace) -> int:
     source = Source.from_args(args)
     ctx, _ = prepare(source)
     _check_can_generate(ctx.model_class, args.model)
+    draft = Source(args.assistant, token=source.token, local_files_only=source.local_files_only,
+                   trust_remote_code=source.trust_remote_code) if args.assistant else None
+    if draft is not None:
+        _check_assistant(draft)  # before the long load
     tokenizer = _load_tokenizer(args.tokenizer or args.model, source, own=args.tokenizer is None)
     decoder_only = not getattr(ctx.config, "is_encoder_decoder", False)
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, decoder_only=decoder_only,
@@ -98,6 +112,8 @@ def run_command(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - start
     device_map: dict[str, Device] = dict(getattr(model, "hf_device_map", {"": "cpu"}))
     logger.info("Placement: %s", device_map)
+    assisted = _load_assistant(draft, model, tokenizer, dtype) if draft is not None else {}
+    forwards = _CallCounter(model)
 
     inputs = prompts.inputs.to(execution_device(device_map))
     stream = TextStream(tokenizer) if len(args.prompt) == 1 else None
@@ -107,12 +123,13 @@ def run_command(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling.seed_now()
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _quiet_assistant_calls():
         output = model.generate(  # type: ignore[operator]
             **inputs, max_new_tokens=args.max_new_tokens, pad_token_id=pad, streamer=stream,
-            **sampling.generate_kwargs(),
+            **sampling.generate_kwargs(), **assisted,
         )
     seconds = time.perf_counter() - start
+    forwards.remove()
     new = output[:, inputs["input_ids"].shape[1]:] if decoder_only else output[:, 1:]  # seq2seq: start token
     if stream is None:
         _print_completions(tokenizer, prompts, inputs["input_ids"] if decoder_only else output[:, :1], new)
@@ -120,6 +137,8 @@ def run_command(args: argparse.Namespace) -> int:
         print()
     count = count_new_tokens(new, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     first = f"; first after {stream.first_token_at - start:.2f} s" if stream and stream.first_token_at else ""
+    if assisted:
+        first += f"; {forwards.calls} forward passes of the model, checking the assistant's drafts"
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
     print(
         f"Loaded {type(model).__name__} in {load_seconds:.2f} s ({_placement_summary(device_map)}; "
@@ -128,6 +147,79 @@ def run_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_assistant(draft: Source) -> None:
+    """The draft model exists and can generate; a mistake names --assistant."""
+    try:
+        _check_can_generate(prepare(draft)[0].model_class, draft.name_or_path)
+    except Exception as err:
+        if exit_status(err) != EXIT_USAGE:
+            raise
+        raise UsageError(f"argument --assistant: {describe(err)}") from err
+
+
+def _load_assistant(draft: Source, model: nn.Module, tokenizer: Any, dtype: torch.dtype | str | None
+                    ) -> dict[str, Any]:
+    """``generate``'s arguments for assisted generation: the draft model loaded whole in RAM and, when its
+    vocabulary differs from the model's, both tokenizers (transformers then translates between them)."""
+    from ..hf.pretrained import load_pretrained_dispatched
+
+    start = time.perf_counter()
+    assistant = load_pretrained_dispatched(draft.name_or_path, device_map={"": "cpu"}, torch_dtype=dtype,
+                                           **draft.load_kwargs)
+    logger.info("Assistant %s loaded in RAM in %.2f s", type(assistant).__name__, time.perf_counter() - start)
+    kwargs: dict[str, Any] = {"assistant_model": assistant}
+    if _vocab_size(assistant) != _vocab_size(model):
+        kwargs["tokenizer"] = tokenizer
+        try:
+            kwargs["assistant_tokenizer"] = _load_tokenizer(draft.name_or_path, draft, own=True)
+        except ModelFileNotFoundError as err:
+            raise UsageError(
+                f"argument --assistant: {draft.name_or_path!r} has a vocabulary of {_vocab_size(assistant)} tokens "
+                f"and the model {_vocab_size(model)}, so its own tokenizer is needed to translate, and none could "
+                "be loaded from it; pass a draft folder or repo id with its tokenizer files."
+            ) from err
+    return kwargs
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+class _InternalCallFilter(logging.Filter):
+    """Drops transformers' deprecation notice about its own assistant call (``generate`` given both a
+    generation config and arguments): nothing the user typed causes it, nothing they can do about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing `generation_config` together with generation-related")
+
+
+@contextmanager
+def _quiet_assistant_calls() -> Iterator[None]:
+    log = logging.getLogger("transformers.generation.utils")
+    quiet = _InternalCallFilter()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+class _CallCounter:
+    """Counts a module's forward calls (a forward hook) until :meth:`remove`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_: object) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _print_completions(tokenizer: Any, prompts: Prompts, prefixes: torch.Tensor, new: torch.Tensor) -> None:

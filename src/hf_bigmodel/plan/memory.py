@@ -93,7 +93,7 @@ def get_max_memory(
             raise InvalidMaxMemoryError(str(err), key=key, value=value) from None
         if check_devices and not is_present(device):
             raise InvalidMaxMemoryError(
-                f"max_memory names {key!r}, but this machine has no such device "
+                f"A memory budget is given for {key!r}, but this machine has no such device "
                 f"(found: {', '.join(map(repr, local_devices()))}). Remove that entry.",
                 key=key,
                 value=value,

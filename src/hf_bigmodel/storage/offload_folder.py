@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, OffloadError, summarize
+from ..errors import Advice, CheckpointError, OffloadError, summarize
 from ..model.dtypes import resolve_dtype
 from ..model.sizes import format_size
 from .fused import DiskPiece, FusedDiskTensor
@@ -73,9 +73,8 @@ class OffloadFolder:
     def prepare(self) -> None:
         """Create the folder and prove it is writable, or raise :class:`OffloadError` saying why."""
         if self.path.exists() and not self.path.is_dir():
-            raise OffloadError(
-                f"offload_folder {str(self.path)!r} is a file, not a folder; pass a folder path.", path=str(self.path)
-            )
+            raise OffloadError(f"The offload folder {str(self.path)!r} is a file, not a folder.", path=str(self.path),
+                               advice=[Advice("Pass a folder path as {}.", "offload_folder", "...")])
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}-{uuid.uuid4().hex}"
@@ -84,11 +83,8 @@ class OffloadFolder:
         except OSError as err:
             blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
             why = f"{str(blocker)!r} is a file, not a folder" if blocker is not None else err.strerror or str(err)
-            raise OffloadError(
-                f"Cannot write to offload_folder {str(self.path)!r}: {why}. "
-                "Pass an offload_folder on a writable disk.",
-                path=str(self.path),
-            ) from None
+            raise OffloadError(f"Cannot write to the offload folder {str(self.path)!r}: {why}.", path=str(self.path),
+                               advice=[Advice("Pass {} on a writable disk.", "offload_folder", "...")]) from None
         self._sweep_orphans()
 
     def _sweep_orphans(self) -> None:
