@@ -96,6 +96,12 @@ def test_a_component_passed_in_is_used_as_it_is(folder: Path):
     assert not any(key.startswith("vae") for key in pipeline.hf_device_map)
 
 
+def test_a_weights_variant_is_refused_before_anything_is_loaded(folder: Path):
+    """diffusers would read ``*.fp16.safetensors``; the components here read the main files: refused."""
+    with pytest.raises(TypeError, match="variant='fp16'"):
+        load_pretrained_dispatched(folder, variant="fp16")
+
+
 def test_a_pipeline_repo_downloads_only_what_the_pipeline_needs(hub: HubServer, folder: Path, tmp_path: Path):
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not needed")
     try:

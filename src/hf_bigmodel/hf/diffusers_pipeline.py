@@ -134,6 +134,11 @@ def load_pipeline(
     """
     import diffusers
 
+    if kwargs.get("variant") is not None:
+        raise TypeError(
+            f"load_pretrained_dispatched() does not take variant={kwargs['variant']!r}: the model components of "
+            f"{name_or_path!r} would be read from their main weight files, not the variant's. Leave variant= out "
+            "(torch_dtype= loads the main weights in a dtype).")
     index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     steps = {name: prepare(name, cls) for name, cls in model_components(index).items() if name not in kwargs}
     missing = {}
