@@ -45,7 +45,9 @@ examples:
   # where would a model go with 10 GiB on GPU 0 and 30 GiB of RAM (planning for GPUs you lack is fine)
   hf-bigmodel plan bigscience/T0pp --dtype float16 --max-memory 0=10GiB,cpu=30GiB
   # a folder holding only config.json is enough: no weights are read or downloaded
-  hf-bigmodel plan ./config-only --max-memory cpu=4GiB --json > plan.json"""
+  hf-bigmodel plan ./config-only --max-memory cpu=4GiB --json > plan.json
+  # the cut of a 4-process pipeline, each process with 8 GiB of RAM
+  hf-bigmodel plan meta-llama/Llama-3.1-8B --stages 4 --max-memory cpu=8GiB"""
 
 RUN_EXAMPLES = """\
 examples:
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(plan)
     add_placement_options(plan, offload=False)
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON (one entry per module)")
+    plan.add_argument("--stages", type=positive_int, metavar="N",
+                      help="plan a pipeline of N processes instead (torchrun --nproc-per-node N): where the model is "
+                           "cut, and where each process keeps its stage within --max-memory (per process)")
 
     run = commands.add_parser(
         "run", parents=[common], formatter_class=_Formatter, epilog=f"{RUN_EXAMPLES}\n\n{UNITS}",

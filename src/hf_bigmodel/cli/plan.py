@@ -77,6 +77,11 @@ def plan_command(args: argparse.Namespace) -> int:
     budgets = parse_max_memory(args.max_memory)
     dtype = parse_dtype(args.dtype)
     empty = build_empty_model(Source.from_args(args), dtype=dtype)
+    if args.stages:
+        from .stages import print_stages
+
+        print_stages(empty, args.stages, budgets, no_split=args.no_split, name=args.model, as_json=args.json)
+        return 0
     report = plan_empty(empty, budgets, no_split=args.no_split, name=args.model)
     report.typed_budgets = typed_max_memory(args.max_memory)
     if args.json:
