@@ -77,3 +77,26 @@ def test_a_cache_passed_to_the_forward_is_refused(one_process, llama):
     assert torch.equal(model(input_ids=ids).logits, llama.model(input_ids=ids).logits)
     with pytest.raises(PipelineError, match="keeps one KV cache per stage; model\\(...\\) takes no cache"):
         model(input_ids=ids, cache=transformers.DynamicCache())
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.seen.append(value.flatten().tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_a_streamer_gets_what_transformers_gives_it(one_process, llama):
+    model = load_pretrained_dispatched(llama.path, pipeline=True)
+    ids = torch.tensor([[5, 6, 7]])
+    ours, theirs = _Recorder(), _Recorder()
+    model.generate(input_ids=ids, max_new_tokens=4, streamer=ours)
+    llama.model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, streamer=theirs)
+    assert ours.seen == theirs.seen and ours.ended and theirs.ended
+    with pytest.raises(ValueError, match="A streamer takes one sequence; generate\\(\\) got a batch of 2"):
+        model.generate(input_ids=torch.tensor([[5, 6], [7, 8]]), max_new_tokens=2, streamer=_Recorder())

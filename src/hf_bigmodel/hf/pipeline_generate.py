@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import PipelineError
 from ..parallel.channel import Incoming, Kind, MessageId
 from ..parallel.pipeline import OP_GENERATE, Pipeline
+from ..parallel.runtime import map_tensors
 
 __all__ = ["attach_generation", "pipeline_generate"]
 
@@ -103,6 +104,7 @@ class _Generation:
         self.eos = torch.tensor(eos, dtype=torch.long)
         self.pad = pad
         self.op = pipeline.begin(OP_GENERATE)
+        self.streamer: Any = None  # transformers' streamer protocol: put(prompt), put(tokens) per step, end()
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
     def new_cache(self) -> Any:
@@ -136,6 +138,8 @@ class _Generation:
             mb.ids, next_sequence_length=None if step == 0 else 1, cache=mb.cache, attention_mask=mb.mask,
             position_ids=mb.positions, use_cache=True, is_first_iteration=step == 0, **extra)
         at = MessageId(self.op, step, mb.index)
+        device = self.pipeline.device  # where this stage takes its inputs (its GPU, or the CPU)
+        inputs = map_tensors(inputs, lambda t: t.to(device))
         out = self.pipeline.run(at, self.model, **inputs, return_dict=True)
         shape = (mb.ids.shape[0],)
         if self.pipeline.is_last:
@@ -159,6 +163,8 @@ class _Generation:
         mb.mask = torch.cat([mb.mask, mb.mask.new_ones((mb.mask.shape[0], 1))], dim=-1)
         mb.positions = torch.cat([mb.positions, mb.positions[:, -1:] + 1], dim=-1)
         mb.generated += 1
+        if self.streamer is not None:
+            self.streamer.put(tokens)
         if len(self.eos):
             mb.unfinished = mb.unfinished & ~torch.isin(tokens, self.eos)
         mb.done = mb.generated >= self.max_new or int(mb.unfinished.max()) == 0
@@ -184,9 +190,16 @@ def _attention_mask(ids: torch.Tensor, mask: Any, pad: int | None, eos: list[int
 
 def pipeline_generate(model: nn.Module, pipeline: Pipeline, *args: Any, micro_batches: int | None = None,
                       **kwargs: Any) -> torch.Tensor:
-    """Greedy ``generate`` across the stages (every rank calls it with the same inputs and gets the same output)."""
+    """Greedy ``generate`` across the stages (every rank calls it with the same inputs and gets the same output).
+
+    ``streamer`` (one sequence): as in transformers, ``put`` the prompt then each token as it comes, ``end``.
+    """
     with pipeline.guard("generating"):
         ids, given_mask = _prompt(model, args, kwargs)
+        streamer = kwargs.pop("streamer", None)
+        if streamer is not None and ids.shape[0] != 1:
+            raise ValueError("A streamer takes one sequence; generate() got a batch of "
+                             f"{ids.shape[0]} (transformers' streamers only support batch size 1 too).")
         config = _generation_config(model, pipeline, kwargs.pop("generation_config", None), kwargs)
         eos = _token_ids(config.eos_token_id)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
@@ -197,6 +210,9 @@ def pipeline_generate(model: nn.Module, pipeline: Pipeline, *args: Any, micro_ba
         if max_new <= 0:
             return ids.to(device)
         gen = _Generation(model, pipeline, config, max_new, eos, pad)
+        gen.streamer = streamer
+        if streamer is not None:
+            streamer.put(ids)
         count = max(1, min(micro_batches or pipeline.num_stages, ids.shape[0]))
         size = math.ceil(ids.shape[0] / count)
         mbs = [gen.start(i, ids[r: r + size], mask[r: r + size]) for i, r in enumerate(range(0, ids.shape[0], size))]
@@ -213,6 +229,8 @@ def pipeline_generate(model: nn.Module, pipeline: Pipeline, *args: Any, micro_ba
                 if not mb.done:
                     gen.advance(mb)
         pipeline.channel.flush()
+        if streamer is not None:
+            streamer.end()
         return _assemble(mbs, pad).to(device)
 
 

@@ -146,9 +146,13 @@ class Pipeline:
         return self.channel.post(self.world.last, kind=kind, at=at, shape=shape, dtype=dtype, what=what)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` across the stages; every rank gets the last stage's output tensors."""
+        """``model(*args, **kwargs)`` across the stages; every rank gets the last stage's output tensors.
+
+        Input tensors go to this stage's device first (the last stage's outputs come back on it).
+        """
         with self.guard("running a forward"):
             at = MessageId(self.begin(OP_FORWARD), 0, 0)
+            args, kwargs = map_tensors((args, kwargs), lambda t: t.to(self.device))
             out = self.run(at, self.model, *args, **kwargs)  # reaches the model's own forward (see routed)
             return self._share_output(out, at)
 
