@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from hf_bigmodel.cli import main
 
 transformers = pytest.importorskip("transformers")
 
+from pipeline_launch import base_env
 from tiny_models import save_tiny_llama
 
 
@@ -51,3 +55,28 @@ def test_more_stages_than_blocks_is_a_usage_error(capsys, llama):
     assert code == 2 and out == ""
     assert err.strip() == ("hf-bigmodel: error: --stages 5: LlamaForCausalLM has 4 block(s) in 'model.layers', too "
                            "few for 5 pipeline stages (each stage runs at least one block). Start at most 4 processes.")
+
+
+def test_run_under_torchrun_prints_the_text_of_one_process_once(capsys, llama, tmp_path):
+    """``torchrun --nproc-per-node 2 -m hf_bigmodel run``: a 2-stage pipeline whose text is one process's."""
+    argv = ["run", str(llama), "--prompt", "hello big world", "--max-new-tokens", "8", "--max-memory", "cpu=1GiB"]
+    code, alone, err = _main(capsys, *argv)
+    assert code == 0, err
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hf_bigmodel",
+         *argv], env=base_env(tmp_path / "hf_home"), capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.stdout == alone  # the same tokens, printed once (by rank 0)
+    generated = re.search(r"generated \d+ tokens", err)
+    assert generated is not None, err
+    for stage in (0, 1):  # each process reports its own stage
+        line, = [x for x in launched.stderr.splitlines() if x.startswith(f"stage {stage} of 2: Loaded ")]
+        assert generated.group(0) in line, line
+
+
+@pytest.mark.parametrize("option", [["--do-sample"], ["--assistant", "{llama}"]])
+def test_run_under_torchrun_refuses_what_a_pipeline_cannot_do_before_loading(capsys, llama, monkeypatch, option):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the refusal comes before any process group
+    code, out, err = _main(capsys, "run", llama, "--prompt", "hi", *[o.format(llama=llama) for o in option])
+    assert code == 2 and out == ""
+    assert f"argument {option[0]}: under torchrun (WORLD_SIZE > 1) run loads a pipeline" in err, err

@@ -6,6 +6,11 @@ several at a time (transformers' assisted generation): offloaded weights are rea
 The generated text is the only thing on stdout (one prompt: streamed as it comes; several: one block
 each); huggingface_hub's download bars, hf_bigmodel's loading bar and the closing timing line go to
 stderr, so ``hf-bigmodel run ... > out.txt`` keeps just the text.
+
+Under a launcher that starts several processes (``torchrun --nproc-per-node N -m hf_bigmodel run ...``,
+or ``torchrun ... --no-python hf-bigmodel run ...``: ``WORLD_SIZE`` > 1) the model is loaded with
+``pipeline=True``: each process holds one stage within its own ``--max-memory``, all of them generate
+together (greedily), and rank 0 alone prints the text. Every process prints its own timing line (its stage).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def _check_can_generate(model_class: type[nn.Module] | None, name: str) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """``hf-bigmodel run``: print each prompt's continuation (streamed for one prompt), then load time and speed."""
     from ..hf.pretrained import load_pretrained_dispatched
+    from ..parallel.world import launched_world_size
 
     sampling = Sampling.from_args(args)
     budgets = parse_max_memory(args.max_memory)
@@ -104,19 +110,25 @@ def run_command(args: argparse.Namespace) -> int:
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, decoder_only=decoder_only,
                              name=args.tokenizer or args.model)
 
+    pipelined = launched_world_size() > 1
+    if pipelined:
+        _check_pipeline_options(args)
     start = time.perf_counter()
     model = load_pretrained_dispatched(
         args.model, device_map="auto", torch_dtype=dtype, max_memory=budgets, offload_folder=args.offload_folder,
-        no_split_module_classes=args.no_split or None, **source.load_kwargs,
+        no_split_module_classes=args.no_split or None, pipeline=pipelined, **source.load_kwargs,
     )
     load_seconds = time.perf_counter() - start
     device_map: dict[str, Device] = dict(getattr(model, "hf_device_map", {"": "cpu"}))
     logger.info("Placement: %s", device_map)
     assisted = _load_assistant(draft, model, tokenizer, dtype) if draft is not None else {}
     forwards = _CallCounter(model)
+    pipeline = getattr(model, "pipeline", None) if pipelined else None
+    prints = pipeline is None or pipeline.stage == 0  # every rank of a pipeline holds the same tokens: one prints
 
-    inputs = prompts.inputs.to(execution_device(device_map))
-    stream = TextStream(tokenizer) if len(args.prompt) == 1 else None
+    # A pipeline takes its inputs on the CPU (each stage moves them to its own device).
+    inputs = prompts.inputs.to("cpu" if pipeline is not None else execution_device(device_map))
+    stream = TextStream(tokenizer) if len(args.prompt) == 1 and prints else None
     if stream is not None:
         sys.stdout.write(prompts.shown[0])
         sys.stdout.flush()
@@ -130,23 +142,34 @@ def run_command(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - start
     forwards.remove()
+    if pipeline is not None:
+        pipeline.close()  # on every rank: its last sends flushed, so no rank exits while another still waits
     new = output[:, inputs["input_ids"].shape[1]:] if decoder_only else output[:, 1:]  # seq2seq: start token
-    if stream is None:
+    if prints and stream is None:
         _print_completions(tokenizer, prompts, inputs["input_ids"] if decoder_only else output[:, :1], new)
-    else:
+    elif stream is not None:
         print()
     count = count_new_tokens(new, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     first = f"; first after {stream.first_token_at - start:.2f} s" if stream and stream.first_token_at else ""
     if assisted:
         first += f"; {forwards.calls} forward passes of the model, checking the assistant's drafts"
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    stage = "" if pipeline is None else f"stage {pipeline.stage} of {pipeline.num_stages}: "
     print(
-        f"Loaded {type(model).__name__} in {load_seconds:.2f} s ({_placement_summary(device_map)}; "
+        f"{stage}Loaded {type(model).__name__} in {load_seconds:.2f} s ({_placement_summary(device_map)}; "
         f"{format_size(weights)} resident); generated {count} tokens in {seconds:.2f} s "
         f"({count / seconds if seconds > 0 else float('inf'):.1f} tokens/s{first}).",
         file=sys.stderr,
     )
     return 0
+
+
+def _check_pipeline_options(args: argparse.Namespace) -> None:
+    """Options a pipeline (several processes under torchrun) cannot honour, refused before loading."""
+    for given, option in ((args.assistant, "--assistant"), (args.do_sample, "--do-sample")):
+        if given:
+            raise UsageError(f"argument {option}: under torchrun (WORLD_SIZE > 1) run loads a pipeline, which "
+                             f"generates greedily without an assistant; leave out {option}, or run in one process.")
 
 
 def _check_assistant(draft: Source) -> None:
