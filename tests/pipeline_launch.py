@@ -38,11 +38,16 @@ def free_port() -> int:
 
 
 def base_env(home: Path) -> dict[str, str]:
-    """A hermetic environment: temp HF caches, no token, no progress bars, short pipeline timeouts."""
+    """A hermetic environment: temp HF caches, no token, no progress bars, short pipeline timeouts.
+
+    Heartbeats are the library's default (a peer silent for 10 s is lost): on a loaded CI machine a
+    process can go unscheduled for seconds, and 0.25 s beats lost healthy peers there. The fault tests
+    rely on closed connections, not on heartbeats, to stop in time.
+    """
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
     return {**keep, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "HF_BIGMODEL_DISABLE_PROGRESS_BARS": "1", "HF_BIGMODEL_PIPELINE_TIMEOUT": "300",
-            "HF_BIGMODEL_PIPELINE_HEARTBEAT": "0.25", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_BIGMODEL_PIPELINE_HEARTBEAT": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
