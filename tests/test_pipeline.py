@@ -128,6 +128,21 @@ def test_four_processes_give_the_tokens_of_one_and_read_only_their_shards(models
     _check_run(launch(4, _spec(four, micro_batches=3), tmp_path), four, 4)
 
 
+def test_stages_that_do_not_fit_their_process_offload_part_of_it_to_disk(models, tmp_path):
+    """Each process's budget holds less than its stage: the rest is streamed from the checkpoint on disk
+    by the usual hooks, and the tokens and logits are still exactly one process's."""
+    llama = models["llama"]
+    results = launch(2, _spec({"llama": llama}, max_memory={"cpu": "20KB"}), tmp_path)
+    tokens, logits = _reference(llama)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.output[-4000:]}"
+        got = r.result["llama"]
+        placed = set(got["device_map"].values())
+        assert placed == {"cpu", "disk"}, (r.rank, got["device_map"])  # part resident, part streamed
+        assert torch.equal(got["tokens"], tokens), (r.rank, got["tokens"], tokens)
+        assert torch.equal(got["logits"], logits), r.rank
+
+
 def test_a_killed_process_stops_the_others_with_its_rank_in_the_error(models, tmp_path):
     spec = _spec({"llama": models["llama"]}, kill_rank=1, kill_step=2)  # killed in its second forward
     results = launch(3, spec, tmp_path)  # HF_BIGMODEL_PIPELINE_TIMEOUT=300 (pipeline_launch.base_env)
