@@ -2,13 +2,15 @@
 
 Fine-grained fp8 checkpoints (dense and MoE, made here the way fp8 checkpoints store them: fp8 weights and
 one float32 ``weight_scale_inv`` per block) are dequantized while loading where the machine has no fp8
-(as transformers does on CPU); torchao int8 weight-only quantizes while loading and loads pre-quantized
-checkpoints. Any other method is refused before anything is read.
+(as transformers does on CPU), and on disk as their module reads the fp8 bytes; torchao int8 weight-only quantizes while loading and loads pre-quantized
+checkpoints; offloaded to disk, its weights stay int8 there (the inner tensors of torchao's tensor subclass),
+rebuilt as a module runs. Any other method is refused before anything is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,10 @@ from moe_models import save_moe
 from tiny_models import save_tiny_llama
 
 from hf_bigmodel import load_pretrained_dispatched
-from hf_bigmodel.errors import OffloadError, UnsupportedQuantizationError
+from hf_bigmodel.errors import UnsupportedQuantizationError
+from hf_bigmodel.model.tensors import distinct_tensors, model_tensors
 from hf_bigmodel.runtime.placeholders import plain
-from hf_bigmodel.storage.fused import FusedDiskTensor
+from hf_bigmodel.storage.weights_map import BuiltDiskTensor, flatten_subclass
 
 PROMPT = torch.tensor([[1, 7, 12, 30, 4, 9, 100, 64]])
 BLOCK = 8
@@ -79,11 +82,24 @@ def test_fp8_checkpoints_are_dequantized_as_from_pretrained(fp8: dict[str, Path]
     ref = transformers.AutoModelForCausalLM.from_pretrained(path)
     assert not hasattr(ref.config, "quantization_config")  # dequantized: a plain model
     assert_same(load_pretrained_dispatched(path, device_map="cpu"), ref)
-    with pytest.raises(OffloadError, match="offload_folder="):  # dequantized values must be written somewhere
-        load_pretrained_dispatched(path, device_map={"": "disk"})
     ours = load_pretrained_dispatched(path, device_map={"": "disk"}, offload_folder=tmp_path / "offload")
-    assert list((tmp_path / "offload").glob("*.safetensors"))
+    assert not list((tmp_path / "offload").glob("*.safetensors"))  # nothing dequantized is written
     assert_same(ours, ref)
+
+
+def test_fp8_weights_on_disk_stay_fp8_and_are_dequantized_as_they_run(fp8: dict[str, Path]) -> None:
+    """A disk module reads the checkpoint's fp8 bytes and scales in place (a quarter of the fp32 bytes), and
+    transformers' dequantization runs as it is read."""
+    ours = load_pretrained_dispatched(fp8["qwen3_moe"], device_map={"": "cpu", "model.layers.1": "disk"})
+    weights = ours._hf_bigmodel_weights.disk
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"):
+        ref = weights[name]
+        assert isinstance(ref, BuiltDiskTensor) and ref.dtype == torch.float32, name
+        stored = {part.entry.dtype for _, part in ref.parts}
+        assert stored == {torch.float8_e4m3fn, torch.float32}, name  # fp8 values, float32 block scales
+        assert all(Path(part.entry.path).parent == fp8["qwen3_moe"] for _, part in ref.parts)  # read in place
+        assert ref.nbytes < math.prod(ref.shape) * 4 / 3  # read per forward: about a quarter of the fp32 bytes
+    assert_same(ours, transformers.AutoModelForCausalLM.from_pretrained(fp8["qwen3_moe"]))
 
 
 def test_fp8_scales_are_applied_not_dropped(fp8: dict[str, Path]) -> None:
@@ -106,28 +122,78 @@ def _int8() -> object:
     return transformers.TorchAoConfig(Int8WeightOnlyConfig())
 
 
-def test_torchao_int8_quantizes_while_loading_as_from_pretrained(llama: Path) -> None:
+PART_DISK = {"": "cpu", "model.layers.1": "disk"}
+
+
+@pytest.fixture(scope="module")
+def int8(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``llama`` quantized by from_pretrained and saved: a torchao checkpoint."""
+    path = tmp_path_factory.mktemp("int8") / "int8"
+    transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=_int8(),
+                                                      dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def assert_quantized_on_disk(model: torch.nn.Module, name: str, folder: Path) -> None:
+    """``name`` is offloaded as its int8 bytes (torchao's Int8Tensor's inner tensors) in the offload folder."""
+    ref = model._hf_bigmodel_weights.disk[name]
+    assert isinstance(ref, BuiltDiskTensor) and ref.kind.endswith(".Int8Tensor") and ref.dtype == torch.bfloat16
+    parts = dict(ref.parts)
+    assert parts["qdata"].entry.dtype == torch.int8 and Path(parts["qdata"].entry.path).parent == folder
+    assert parts["qdata"].nbytes == math.prod(ref.shape)  # one byte per weight, plus a scale per row
+    assert ref.nbytes == sum(p.nbytes for p in parts.values()) < math.prod(ref.shape) * 2  # fewer than bf16
+    assert model.get_submodule(name.rpartition(".")[0]).weight.device.type == "meta"  # streamed, not resident
+
+
+@pytest.mark.parametrize("device_map", ["cpu", PART_DISK], ids=["ram", "part-on-disk"])
+def test_torchao_int8_quantizes_while_loading_as_from_pretrained(llama: Path, tmp_path: Path,
+                                                                 device_map: object) -> None:
+    """Quantized while loading: int8 in RAM, and written as int8 for a disk module (rebuilt when it runs)."""
     ref = transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=_int8(), dtype=torch.bfloat16)
-    ours = load_pretrained_dispatched(llama, quantization_config=_int8(), dtype=torch.bfloat16, device_map="cpu")
+    ours = load_pretrained_dispatched(llama, quantization_config=_int8(), dtype=torch.bfloat16,
+                                      device_map=device_map, offload_folder=tmp_path / "offload")
     weight = ours.model.layers[0].mlp.up_proj.weight
     assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8  # quantized bytes in RAM
     assert ours.hf_quantizer.quantization_config.quant_method == "torchao"
+    if device_map == PART_DISK:
+        assert_quantized_on_disk(ours, "model.layers.1.mlp.up_proj.weight", tmp_path / "offload")
     assert_same(ours, ref)
 
 
-def test_torchao_pre_quantized_checkpoint_loads_as_from_pretrained(llama: Path, tmp_path: Path) -> None:
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(llama, quantization_config=_int8(),
-                                                                  dtype=torch.bfloat16)
-    quantized.save_pretrained(tmp_path / "int8")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
-    assert_same(load_pretrained_dispatched(tmp_path / "int8", device_map="cpu"), ref)
+@pytest.mark.parametrize("device_map", ["cpu", PART_DISK], ids=["ram", "part-on-disk"])
+def test_torchao_pre_quantized_checkpoint_loads_as_from_pretrained(int8: Path, tmp_path: Path,
+                                                                   device_map: object) -> None:
+    ref = transformers.AutoModelForCausalLM.from_pretrained(int8)
+    ours = load_pretrained_dispatched(int8, device_map=device_map, offload_folder=tmp_path / "offload")
+    if device_map == PART_DISK:
+        assert_quantized_on_disk(ours, "model.layers.1.self_attn.q_proj.weight", tmp_path / "offload")
+    assert_same(ours, ref)
 
 
-def test_torchao_weights_planned_on_disk_are_refused_before_loading(llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(OffloadError, match="quantized tensor.*TorchAoQuantize.*max_memory"):
-        load_pretrained_dispatched(llama, quantization_config=_int8(), dtype=torch.bfloat16,
-                                   device_map={"": "disk"}, offload_folder=tmp_path / "offload")
-    assert not list((tmp_path / "offload").glob("*.safetensors"))
+def _loaded_bytes(tensor: torch.Tensor) -> int:
+    parts = flatten_subclass(tensor)  # a quantized weight: its inner tensors hold its bytes
+    tensors = [tensor] if parts is None else list(parts[0].values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("source", ["quantized while loading", "pre-quantized"])
+def test_the_planner_counts_the_bytes_quantized_weights_take(llama: Path, int8: Path, tmp_path: Path,
+                                                             source: str) -> None:
+    """int8 weights (and their scales) are planned at the bytes they take once quantized, not as bfloat16:
+    a budget of exactly the quantized model keeps it whole in RAM, one byte less offloads part of it."""
+    path, kwargs = llama, {"quantization_config": _int8(), "dtype": torch.bfloat16}
+    if source == "pre-quantized":
+        path, kwargs = int8, {}
+    whole = load_pretrained_dispatched(path, device_map="cpu", **kwargs)
+    tensors = distinct_tensors(model_tensors(whole, persistent_only=False))
+    planned = sum(_loaded_bytes(t) for t in tensors.values())
+    assert planned < sum(t.numel() * 2 for t in tensors.values()) * 0.9  # well under the bfloat16 size
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    for budget, offloads in ((planned, False), (planned - 1, True)):
+        ours = load_pretrained_dispatched(path, max_memory={"cpu": budget}, offload_folder=tmp_path / str(budget),
+                                          **kwargs)
+        assert ("disk" in ours.hf_device_map.values()) == offloads, (budget, ours.hf_device_map)
+    assert_same(ours, ref)  # the part on disk stays int8 and computes the same
 
 
 @pytest.mark.parametrize("where", ["config", "argument"])
@@ -147,14 +213,6 @@ def test_other_methods_are_refused_before_anything_is_read(llama: Path, tmp_path
         load_pretrained_dispatched(folder, device_map="cpu", **kwargs)
     assert err.value.method == "bitsandbytes"
     assert isinstance(err.value, ValueError)
-
-
-def test_plain_moe_experts_stay_byte_ranges_next_to_fp8(fp8: dict[str, Path], tmp_path: Path) -> None:
-    """fp8 MoE experts are dequantized (a computation), so they are written once; nothing reads fp8 as floats."""
-    ours = load_pretrained_dispatched(fp8["qwen3_moe"], device_map={"": "disk"}, offload_folder=tmp_path / "o")
-    weights = ours._hf_bigmodel_weights
-    gate_up = weights.disk["model.layers.0.mlp.experts.gate_up_proj"]
-    assert not isinstance(gate_up, FusedDiskTensor) and gate_up.dtype == torch.float32
 
 
 def test_a_quantize_operation_that_fails_here_fails_the_load_naming_it(llama: Path) -> None:

@@ -209,8 +209,8 @@ class OffloadedWeightUseError(BigModelError, RuntimeError):
 class UnsupportedQuantizationError(BigModelError, ValueError):
     """A model is quantized with a method hf_bigmodel does not load (refused before anything is read)."""
 
-    def __init__(self, message: str, *, method: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, method: str | None = None, advice: Sequence[Advice] = ()) -> None:
+        super().__init__(message, advice=advice)
         self.method = method
 
 

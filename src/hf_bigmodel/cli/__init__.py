@@ -40,16 +40,26 @@ class _Formatter(logging.Formatter):
         return f"{PROG}: [{record.name.removeprefix('hf_bigmodel.')}] {message}"
 
 
+#: Loggers whose warnings while a library is imported say nothing about this command: torchao's list of its
+#: optional kernels it could not load, torch's deprecation notes about how torchao registers its types.
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
 @contextmanager
 def _logging_to_stderr(verbosity: int) -> Iterator[None]:
     """0: warnings only; 1 (``-v``): progress and the planner's placement decisions; 2 (``-vv``): everything.
 
-    The loggers are restored afterwards, so calling :func:`main` in a program or a notebook leaves its
-    logging as it was.
+    Below ``-vv``, what libraries log while they are imported is left out (:data:`_IMPORT_CHATTER`: torchao
+    names each optional CUDA kernel a CPU build lacks), so a failure stays one line. The loggers are
+    restored afterwards, so calling :func:`main` in a program or a notebook leaves its logging as it was.
     """
     package = logging.getLogger("hf_bigmodel")
     planning = logging.getLogger("hf_bigmodel.plan.planner")
     saved = (package.level, package.propagate, planning.level)
+    chatter = [logging.getLogger(name) for name in _IMPORT_CHATTER]
+    chatter_levels = [log.level for log in chatter]
+    for log in chatter if verbosity < 2 else ():
+        log.setLevel(logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     package.addHandler(handler)
@@ -62,6 +72,8 @@ def _logging_to_stderr(verbosity: int) -> Iterator[None]:
     finally:
         package.removeHandler(handler)
         package.level, package.propagate, planning.level = saved
+        for log, level in zip(chatter, chatter_levels):
+            log.setLevel(level)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

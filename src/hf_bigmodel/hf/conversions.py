@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -260,20 +261,24 @@ def _conversion(converter: Any, keys: dict[str, list[str]], infos: Mapping[str, 
     if layout is not None:
         logger.debug("Layout of %s disagrees with transformers' dry run; converting it in full", label)
 
+    on_read = _dequantizes(converter, quantizer)
+    # Run when a module reads its weights, it must not keep the model alive (the prefetcher's thread holds it).
+    owner: Any = weakref.proxy(model) if on_read else model
+
     def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return _run(converter, keys, tensors, first, model, quantizer)
+        return _run(converter, keys, tensors, first, owner, quantizer)
 
     targets = tuple(shapes) if shapes else (first,)
     return Conversion(sources, targets, convert=convert, source_dtypes=dtypes, shapes=shapes, label=label,
-                      disk=not _keeps_quantized(converter, quantizer))
+                      on_read=on_read)
 
 
-def _keeps_quantized(converter: Any, quantizer: Any) -> bool:
-    """Whether the converter makes quantized values (a quantize or deserialize operation, not a dequantization)."""
-    if quantizer is None or getattr(quantizer.quantization_config, "dequantize", False):
+def _dequantizes(converter: Any, quantizer: Any) -> bool:
+    """Whether the converter dequantizes (a quantizer's load operation with ``dequantize`` set): a pure function
+    of the checkpoint's quantized tensors, run each time a disk module reads them so they stay quantized."""
+    if quantizer is None or not getattr(quantizer.quantization_config, "dequantize", False):
         return False
-    ops = [*getattr(converter, "operations", ()), converter.quantization_operation]
-    return any(op is not None and getattr(op, "hf_quantizer", None) is not None for op in ops)
+    return any(getattr(op, "hf_quantizer", None) is not None for op in getattr(converter, "operations", ()))
 
 
 def conversion_targets(model: nn.Module) -> Callable[[str], str] | None:

@@ -263,6 +263,14 @@ class PretrainedLoader:
         """Put uninitialised CPU tensors in place of meta ones ``names`` (ties kept); return their modules."""
         return _swap(_model(ctx), names, lambda name, old: torch.empty_like(old, device="cpu"))
 
+    def tensor_sizes(self, ctx: LoadContext) -> dict[str, int]:
+        """Bytes of tensors whose loaded form is not their dtype times their shape (quantized weights), for
+        the planner; default: none."""
+        return {}
+
+    def check_device_map(self, ctx: LoadContext, device_map: Mapping[str, Any]) -> None:
+        """Refuse, before anything is read, a planned ``device_map`` the model cannot run under (default: none)."""
+
     def after_load(self, ctx: LoadContext) -> None:
         """Fix-ups once the weights are in (before dispatch): generation config, config dtype..."""
 

@@ -182,7 +182,7 @@ def _load_in_process(steps: LoadSteps, *, device_map: Any, max_memory: Mapping[i
     plan = resolve_device_map(
         model, "cpu" if device_map is None else device_map, max_memory=max_memory,
         no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
-        offload_buffers=offload_buffers,
+        offload_buffers=offload_buffers, tensor_sizes=steps.loader.tensor_sizes(ctx),
     )
     steps.load(checkpoint, plan, lambda key: steps.table.get(key, key), missing,
                offload_folder=offload_folder, offload_buffers=offload_buffers)

@@ -88,6 +88,7 @@ class LoadSteps:
              offload_folder: str | os.PathLike[str] | None, offload_buffers: bool) -> None:
         """Load ``checkpoint`` within ``device_map``, run the loader's ``after_load``, dispatch."""
         model, ctx = self.model, self.ctx
+        self.loader.check_device_map(ctx, device_map)
         report = load_checkpoint(
             model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=self.cast,
             offload_buffers=offload_buffers, keep_in_fp32_modules=self.keep, key_mapping=key_mapping,

@@ -38,7 +38,7 @@ from ..runtime.hooks import AlignDevicesHook, add_hook_to_module
 from .conversions import TransformersKeys, conversion_targets, plan_conversions
 from .hub import TRANSFORMERS_WEIGHT_NAMES, resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader, _swap
-from .quantization import make_quantizer
+from .quantization import check_placement, make_quantizer, quantized_sizes
 
 __all__ = ["TransformersLoader", "hook_encoder_outputs", "no_init_of_meta_modules"]
 
@@ -321,6 +321,14 @@ class TransformersLoader(PretrainedLoader):
             for module_name, module in modules.items():
                 init: Callable[[nn.Module], None] = models[owner(module_name, models) or ""]._init_weights
                 init(module)
+
+    def tensor_sizes(self, ctx: LoadContext) -> dict[str, int]:
+        assert ctx.model is not None
+        return quantized_sizes(ctx.model, ctx.cache.get("quantizer"), self.conversions(ctx),
+                               self.checkpoint(ctx).scan())
+
+    def check_device_map(self, ctx: LoadContext, device_map: Mapping[str, Any]) -> None:
+        check_placement(ctx.cache.get("quantizer"), device_map, ctx.name_or_path)
 
     def after_load(self, ctx: LoadContext) -> None:
         model, config = ctx.model, ctx.config

@@ -9,13 +9,17 @@ it takes, which model tensors it makes, and how. Two kinds:
   tensors and the shard being read), and on disk it is a :class:`~hf_bigmodel.storage.fused.FusedDiskTensor`
   over the checkpoint's own bytes: nothing is copied.
 - a *computation* (``convert``): anything else (transposes, dequantization...). Its inputs are gathered
-  until the last one arrives, then it runs once; results planned on disk go to the offload folder.
+  until the last one arrives, then it runs once; results planned on disk go to the offload folder, unless
+  it may run each time they are read (``on_read``: a dequantization), when they stay the checkpoint's own
+  (quantized) bytes and are computed as their module runs (a
+  :class:`~hf_bigmodel.storage.weights_map.BuiltDiskTensor`).
 
 This module is pure bookkeeping; :mod:`hf_bigmodel.load.loading` reads the shards and places the tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +29,9 @@ import torch
 from ..errors import summarize
 from ..storage.checkpoint import TensorInfo
 from ..storage.fused import Box, DiskPiece, FusedDiskTensor, box_shape
+from ..storage.weights_map import BuiltDiskTensor, DiskTensor
 
-__all__ = ["Assembler", "Conversion", "Part", "check_conversions", "fused_disk_refs"]
+__all__ = ["Assembler", "Conversion", "Part", "built_disk_ref", "check_conversions", "fused_disk_refs"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,8 @@ class Conversion:
     ``convert`` receives ``{key: tensor}`` for every source (each first cast to ``source_dtypes[key]`` when
     that is set) and returns ``{model name: tensor}``. ``shapes`` are the targets' shapes when known before
     anything is read (checked against the model). ``label`` names the conversion in errors and in the
-    identity of what it writes to an offload folder; ``disk=False`` refuses, before loading, a plan that
-    puts its targets on disk.
+    identity of what it writes to an offload folder. ``on_read``: ``convert`` is a pure function of its sources,
+    cheap enough to run each time its (single) target is read, so a disk target keeps the checkpoint's bytes.
     """
 
     sources: tuple[str, ...]
@@ -57,8 +62,7 @@ class Conversion:
     source_dtypes: Mapping[str, torch.dtype | None] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     label: str = ""
-    #: False when its results cannot be written to an offload folder (quantized tensor subclasses).
-    disk: bool = True
+    on_read: bool = False
 
     @property
     def is_layout(self) -> bool:
@@ -131,6 +135,33 @@ def fused_disk_refs(
     return {t: FusedDiskTensor(tuple(ps), tuple(shapes[t]), dtypes[t]) for t, ps in pieces.items()}
 
 
+def built_disk_ref(conv: Conversion, infos: Mapping[str, TensorInfo], shape: tuple[int, ...]
+                   ) -> BuiltDiskTensor | None:
+    """The target of an ``on_read`` computation as its sources read in place and converted when read, or None
+    when it cannot be: sources not all in safetensors files, several targets, or a conversion that does not
+    make the model's shape from meta tensors of its sources."""
+    if not conv.on_read or conv.convert is None or len(conv.targets) != 1:
+        return None
+    if any(infos[key].entry is None for key in conv.sources):
+        return None
+    parts = tuple((key, DiskTensor(infos[key].entry, conv.source_dtypes.get(key) or infos[key].dtype))  # type: ignore[arg-type]
+                  for key in conv.sources)
+    build = functools.partial(_convert_one, conv.convert, conv.targets[0])
+    ref = BuiltDiskTensor(parts, build, shape, torch.float32, conv.label)
+    try:
+        meta = ref.build_meta()
+    except Exception:  # noqa: BLE001  (a conversion that cannot run on meta tensors: converted once instead)
+        return None
+    if tuple(meta.shape) != tuple(shape):
+        return None
+    return BuiltDiskTensor(parts, build, shape, meta.dtype, conv.label)
+
+
+def _convert_one(convert: Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]], target: str,
+                 sources: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return convert(dict(sources))[target]
+
+
 class Assembler:
     """Builds conversion targets from source tensors as they stream in; :meth:`feed` returns finished ones.
 
@@ -156,6 +187,10 @@ class Assembler:
     @property
     def keys(self) -> set[str]:
         return set(self._by_key)
+
+    def conversions_of(self, key: str) -> list[Conversion]:
+        """The conversions ``key`` is a source of."""
+        return self._by_key.get(key, [])
 
     def pending(self) -> list[str]:
         """Targets not finished (their sources never arrived)."""

@@ -24,7 +24,8 @@ from ..model.tensors import ModelTensor, tie_groups
 from ..plan.devices import Device, normalize_device
 from ..storage.checkpoint import TensorInfo
 from ..storage.fused import FusedDiskTensor
-from .conversions import Conversion, check_conversions, fused_disk_refs
+from ..storage.weights_map import BuiltDiskTensor
+from .conversions import Conversion, built_disk_ref, check_conversions, fused_disk_refs
 
 __all__ = ["LoadPlan", "plan_load"]
 
@@ -54,6 +55,8 @@ class LoadPlan:
     referenced: list[str] = field(default_factory=list)
     #: ``"disk"`` targets of layout conversions recorded as fused byte ranges of the checkpoint: never read.
     fused: dict[str, FusedDiskTensor] = field(default_factory=dict)
+    #: ``"disk"`` targets of ``on_read`` conversions, computed from their sources (read in place) when read.
+    built: dict[str, BuiltDiskTensor] = field(default_factory=dict)
     #: ``"disk"`` names read (or computed) and written once into the offload folder: torch checkpoints,
     #: conversions that cannot be read in place.
     converted: list[str] = field(default_factory=list)
@@ -81,7 +84,7 @@ class LoadPlan:
             f"LoadPlan for {self.path}: {len(self.matches)} tensor(s) matched ({renamed} renamed), "
             f"{len(self.made)} made by conversions, {len(self.unexpected)} unexpected, {len(self.missing)} "
             f"missing (kept), {len(self.ties)} tied",
-            f"  read {len(self.read)}, referenced in place {len(self.referenced) + len(self.fused)}, "
+            f"  read {len(self.read)}, referenced in place {len(self.referenced) + len(self.fused) + len(self.built)}, "
             f"written to the offload folder {len(self.converted)}",
         ]
         per_device: dict[str, int] = {}
@@ -163,6 +166,9 @@ def _plan_conversions(
     """Dtypes of layout targets; those all planned on disk referenced in place where the checkpoint allows."""
     for conv in conversions:
         if not conv.is_layout:
+            if all(plan.dest[t] == "disk" for t in conv.targets):
+                ref = built_disk_ref(conv, infos, tuple(slots[conv.targets[0]].tensor.shape))
+                plan.built.update({conv.targets[0]: ref} if ref is not None else {})
             continue
         first = {p.target: infos[p.key].dtype for p in reversed(conv.parts)}
         dtypes = {t: _final_dtype(t, first[t], slots[t], cast, keep) for t in conv.targets}
@@ -170,7 +176,7 @@ def _plan_conversions(
         if all(plan.dest[t] == "disk" for t in conv.targets):
             plan.fused.update(fused_disk_refs(conv, infos, _shapes({t: slots[t] for t in conv.targets}), dtypes)
                               or {})
-    plan.converted += [n for n in plan.made if plan.dest[n] == "disk" and n not in plan.fused]
+    plan.converted += [n for n in plan.made if plan.dest[n] == "disk" and n not in plan.fused and n not in plan.built]
 
 
 def _check(

@@ -27,7 +27,7 @@ from ..progress import ByteProgress
 from ..storage.checkpoint import Checkpoint, TensorInfo, find_checkpoint
 from ..storage.direct_io import read_shard
 from ..storage.offload_folder import OffloadFolder
-from ..storage.weights_map import DiskTensor, WeightsMap
+from ..storage.weights_map import BuiltDiskTensor, DiskRef, DiskTensor, WeightsMap
 from .conversions import Assembler, Conversion
 from .load_plan import LoadPlan, plan_load
 
@@ -127,9 +127,8 @@ def load_checkpoint(
         logger.warning("%d model tensor(s) are not in the checkpoint and keep their current values: %s",
                        len(plan.missing), summarize(plan.missing))
     _check_devices_present(plan.devices)  # tied aliases too
-    _check_writable(plan)
     folder = _offload_folder(plan, ckpt, offload_folder)
-    weights = WeightsMap(disk=plan.fused)
+    weights = WeightsMap(disk={**plan.fused, **plan.built})
     before = {name: slot.tensor for name, slot in slots.items()}
     try:
         loaded = _stream(plan, ckpt, slots, weights, folder)
@@ -149,19 +148,6 @@ def load_checkpoint(
     finally:
         ckpt.release()
     return LoadReport(weights, plan.missing, plan.unexpected)
-
-
-def _check_writable(plan: LoadPlan) -> None:
-    """Conversions whose results cannot go to an offload folder (some quantized kinds) must not be on disk."""
-    unwritable = [name for name, conv in plan.made.items() if not conv.disk and plan.dest.get(name) == "disk"]
-    if unwritable:
-        raise OffloadError(
-            f"The device map puts {len(unwritable)} quantized tensor(s) on 'disk' ({summarize(unwritable, 3)}); "
-            f"their kind ({plan.made[unwritable[0]].label}) cannot be written to an offload folder yet. Nothing was "
-            "loaded.",
-            advice=[Advice("Give them room in RAM or on an accelerator with {}.", "max_memory",
-                           "{'cpu': '...'}")],
-        )
 
 
 def _offload_folder(
@@ -198,8 +184,8 @@ def _stream(
         device = "cpu" if plan.dest[name] == "disk" else torch_device(plan.dest[name])
         return torch.empty(slots[name].tensor.shape, dtype=plan.dtypes[name], device=device)
 
-    assembler = Assembler({id(c): c for c in plan.made.values() if not set(c.targets) <= set(plan.fused)}.values(),
-                          allocate)
+    in_place = set(plan.fused) | set(plan.built)  # read (or computed) only when a module runs
+    assembler = Assembler({id(c): c for c in plan.made.values() if not set(c.targets) <= in_place}.values(), allocate)
     reads: dict[str, set[str]] = {file: set() for file in ckpt.files}  # file -> keys to read from it
     for key in assembler.keys:
         reads[plan.source_files[key]].add(key)
@@ -223,6 +209,7 @@ def _stream(
                             pending_disk[made] = tensor
                         else:
                             loaded[made] = set_tensor(slots[made], tensor.to(torch_device(plan.dest[made])))
+                    pending_disk.update(_taken_from_model(assembler.conversions_of(key), slots, plan))
                 elif plan.dest[target] == "disk":
                     pending_disk[target] = value.to(plan.dtypes[target])
                 else:
@@ -242,8 +229,22 @@ def _info_bytes(info: TensorInfo) -> int:
     return math.prod(info.shape) * info.dtype.itemsize
 
 
+def _taken_from_model(conversions: Sequence[Conversion], slots: Mapping[str, ModelTensor], plan: LoadPlan
+                      ) -> dict[str, torch.Tensor]:
+    """Disk targets a conversion put straight into the model (transformers' torchao quantization does), taken
+    out again so they are written with the shard, as other disk tensors are, and RAM never holds them all."""
+    taken: dict[str, torch.Tensor] = {}
+    for conv in conversions:
+        for name in conv.targets:
+            tensor = slots[name].tensor
+            if plan.dest.get(name) == "disk" and tensor.device.type != "meta":
+                taken[name] = tensor
+                set_tensor(slots[name], torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+    return taken
+
+
 def _write(folder: OffloadFolder | None, tensors: dict[str, torch.Tensor], file: str, plan: LoadPlan
-           ) -> dict[str, DiskTensor]:
+           ) -> dict[str, DiskRef]:
     """Write one shard's disk tensors. A conversion's results are named by the identity of every shard its
     sources come from and by what it does, so a later run re-uses them only when all of those are unchanged."""
     assert folder is not None  # checked before loading: tensors that need a copy need a folder
@@ -280,10 +281,11 @@ def _check_devices_present(dest: Mapping[str, Device]) -> None:
 
 
 def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) -> None:
-    """Give the meta placeholders of disk tensors the dtype they will be read in.
+    """Give the meta placeholders of disk tensors the dtype (and tensor class) they will be read as.
 
     Forward code inspects them before the hooks bring the weights (T5 casts its activations to
-    ``wo.weight.dtype``, which is float32 when ``wo`` is kept in fp32). Tied placeholders stay shared.
+    ``wo.weight.dtype``, which is float32 when ``wo`` is kept in fp32); a quantized weight's placeholder is
+    its tensor subclass on meta, as from_pretrained's model holds it. Tied placeholders stay shared.
     """
     made: dict[int, torch.Tensor] = {}
     for name, ref in weights.disk.items():
@@ -291,11 +293,13 @@ def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) 
         if slot is None:
             continue
         old = slot.tensor
-        if old.device.type != "meta" or old.dtype == ref.dtype:
+        built = ref.build_meta() if isinstance(ref, BuiltDiskTensor) else None
+        if old.device.type != "meta" or (old.dtype == ref.dtype and (built is None or type(built) is type(old))):
             continue
         new = made.get(id(old))
         if new is None:
-            new = made[id(old)] = set_tensor(slot, torch.empty(old.shape, dtype=ref.dtype, device="meta"))
+            value = built if built is not None else torch.empty(old.shape, dtype=ref.dtype, device="meta")
+            new = made[id(old)] = set_tensor(slot, value)
         else:
             put_tensor(slot, new)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .dtypes import resolve_dtype
+from .dtypes import FLOAT8, resolve_dtype
 from .tensors import distinct_tensors, model_tensors, tie_groups
 
 __all__ = [
@@ -115,7 +115,7 @@ def dtype_byte_size(dtype: torch.dtype) -> float:
 
 
 def _tensor_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
-    if dtype is not None and tensor.is_floating_point():
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype not in FLOAT8:  # fp8 is never cast
         return int(tensor.numel() * dtype_byte_size(dtype))
     return int(tensor.numel() * dtype_byte_size(tensor.dtype))
 
@@ -125,11 +125,14 @@ def compute_module_sizes(
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     buffers_only: bool = False,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Bytes held by every submodule (and by the model, under ``""``), parameters and buffers counted.
 
-    ``dtype`` is the dtype floating-point tensors will be cast to; ``special_dtypes`` overrides it per
-    tensor name (e.g. modules kept in float32). A tied tensor is counted once, under its first name.
+    ``dtype`` is the dtype floating-point tensors will be cast to (float8 ones keep theirs);
+    ``special_dtypes`` overrides it per tensor name (e.g. modules kept in float32), and ``tensor_sizes``
+    gives the bytes of tensors whose loaded form is not their dtype times their shape (quantized weights).
+    A tied tensor is counted once, under its first name.
 
     >>> sizes = compute_module_sizes(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), dtype=torch.float16)
     >>> sizes[""], sizes["0"], sizes["1.weight"]
@@ -143,7 +146,8 @@ def compute_module_sizes(
     if buffers_only:
         index = {name: slot for name, slot in index.items() if slot.is_buffer}
     for name, tensor in distinct_tensors(index).items():
-        size = _tensor_size(tensor, special.get(name, target))
+        size = tensor_sizes[name] if tensor_sizes and name in tensor_sizes else \
+            _tensor_size(tensor, special.get(name, target))
         parts = name.split(".")
         sizes[""] += size
         for i in range(1, len(parts) + 1):

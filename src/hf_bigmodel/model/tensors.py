@@ -108,11 +108,15 @@ def with_slot_class(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return value
     requires_grad = bool(like.requires_grad and (value.is_floating_point() or value.is_complex()))
     cls = type(like)
-    try:
-        param = cls(value, requires_grad=requires_grad)
-    except TypeError:  # a subclass whose constructor takes other arguments: keep what the data needs
-        param = nn.Parameter(value, requires_grad=requires_grad)
-    extra = like.__dict__
+    if not issubclass(cls, nn.Parameter):  # a tensor subclass held as a parameter (quantized weights): its data
+        param = nn.Parameter(value, requires_grad=requires_grad)  # makes the class, not the placeholder's
+    else:
+        try:
+            param = cls(value, requires_grad=requires_grad)
+        except TypeError:  # a subclass whose constructor takes other arguments: keep what the data needs
+            param = nn.Parameter(value, requires_grad=requires_grad)
+    # The placeholder's tags (never the value's own state: a tensor subclass keeps its inner tensors there).
+    extra = {k: v for k, v in like.__dict__.items() if k not in param.__dict__}
     if extra:
         param.__dict__.update(extra)
     return param

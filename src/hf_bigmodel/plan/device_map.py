@@ -36,6 +36,7 @@ def resolve_device_map(
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     offload_buffers: bool = False,
     check_devices: bool = True,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Device]:
     """Turn any accepted ``device_map`` into a validated ``{name: device}`` dict.
 
@@ -43,6 +44,7 @@ def resolve_device_map(
     :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`); a single device
     (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
     with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
+    ``tensor_sizes`` gives the planner the bytes of quantized weights (their dtype and shape do not say).
 
     >>> resolve_device_map(nn.Linear(2, 2), "cuda:1")
     {'': 1}
@@ -54,10 +56,12 @@ def resolve_device_map(
         budgets: Mapping[Device, int] = get_max_memory(max_memory, check_devices=check_devices)
         if strategy != "sequential":
             budgets = get_balanced_memory(
-                model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0"
+                model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0",
+                tensor_sizes=tensor_sizes,
             )
         return infer_auto_device_map(
-            model, budgets, no_split_module_classes, dtype, special_dtypes, offload_buffers=offload_buffers
+            model, budgets, no_split_module_classes, dtype, special_dtypes, offload_buffers=offload_buffers,
+            tensor_sizes=tensor_sizes,
         )
     if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         try:

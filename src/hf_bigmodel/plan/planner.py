@@ -56,6 +56,7 @@ class _Tree:
         dtype: str | torch.dtype | None,
         special_dtypes: Mapping[str, str | torch.dtype] | None,
         offload_buffers: bool,
+        tensor_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.no_split = no_split
@@ -76,8 +77,9 @@ class _Tree:
                 self.order[full] = len(self.order)
             self.pieces[name] += [join(name, key) for key, sub in module._modules.items() if sub is not None]
         # Placement sizes count a shared tensor once (under its first name); layer sizes count it fully.
-        self.size = compute_module_sizes(model, dtype, special_dtypes)
-        self.buffer_size = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True)
+        self.size = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
+        self.buffer_size = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True,
+                                                tensor_sizes=tensor_sizes)
         first_size: dict[int, int] = {}
         self.full_size: dict[str, int] = {}
         for tname, tid in self.tensor_id.items():
@@ -284,6 +286,7 @@ def infer_auto_device_map(
     clean_result: bool = True,
     offload_buffers: bool = False,
     fallback_allocation: bool = False,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Device]:
     """Map module (or tensor) names to devices so that every budget in ``max_memory`` holds.
 
@@ -295,6 +298,7 @@ def infer_auto_device_map(
     buffers of offloaded modules. ``"disk"`` is always the unlimited last resort (a ``"disk"`` budget is
     ignored). ``fallback_allocation`` lets a device that would stay empty take a later item that fits.
     ``verbose`` logs each decision at INFO level on the ``hf_bigmodel.plan.planner`` logger.
+    ``tensor_sizes``: bytes of tensors whose loaded form differs from their dtype (quantized weights).
 
     Example::
 
@@ -307,7 +311,7 @@ def infer_auto_device_map(
     return plan_device_map(
         model, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype, special_dtypes=special_dtypes,
         verbose=verbose, clean_result=clean_result, offload_buffers=offload_buffers,
-        fallback_allocation=fallback_allocation,
+        fallback_allocation=fallback_allocation, tensor_sizes=tensor_sizes,
     )
 
 
@@ -322,6 +326,7 @@ def plan_device_map(
     clean_result: bool = True,
     offload_buffers: bool = False,
     fallback_allocation: bool = False,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Device]:
     """:func:`infer_auto_device_map` for budgets already in bytes (``{0: 10**9, "cpu": ...}``): pure.
 
@@ -330,7 +335,7 @@ def plan_device_map(
     the first accelerator the plan uses, else the CPU. An accelerator whose budget cannot hold anything
     once that room is kept is left out, and the plan then runs on the CPU, as dispatch would.
     """
-    tree = _Tree(model, _class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers)
+    tree = _Tree(model, _class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers, tensor_sizes)
     log = logger.info if verbose else logger.debug
     devices = sorted((d for d in budgets if d != "disk"), key=device_rank) + ["disk"]
     reserve = 0
@@ -415,6 +420,7 @@ def get_balanced_memory(
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     low_zero: bool = False,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[Device, int]:
     """Lower accelerator budgets so a sequential plan spreads the model evenly over them.
 
@@ -432,7 +438,7 @@ def get_balanced_memory(
     accelerators = [d for d, size in budgets.items() if not is_offload_target(d) and size > 0]
     if len(accelerators) < 2:
         return budgets
-    sizes = compute_module_sizes(model, dtype, special_dtypes)
+    sizes = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
     total = sizes.get("", 0)
     largest, _ = get_max_layer_size([("", model)], sizes, no_split_module_classes)
     shares = len(accelerators) - 1 if low_zero else len(accelerators)

@@ -18,7 +18,7 @@ from ..load.loading import OFFLOAD_ATTR
 from ..model.naming import parent
 from ..model.tensors import model_tensors, set_tensor
 from ..storage.offload_folder import OffloadFolder, load_offload_index
-from ..storage.weights_map import DiskRef, DiskTensor, WeightsMap
+from ..storage.weights_map import DiskRef, WeightsMap
 from .dispatch import _dispatch
 from .hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 
@@ -102,7 +102,7 @@ def disk_offload(
         by_module: dict[str, list[str]] = {}
         for name in to_store:
             by_module.setdefault(parent(name), []).append(name)
-        written: dict[int, DiskTensor] = {}
+        written: dict[int, DiskRef] = {}
         for names in by_module.values():
             fresh = {n: slots[n].tensor.detach().to("cpu") for n in names if id(slots[n].tensor) not in written}
             # Named by content: the same weights are written once, other weights never collide.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from ..errors import Advice, OffloadedWeightUseError
@@ -55,8 +56,14 @@ def _placeholder_class(cls: type[torch.Tensor]) -> type[torch.Tensor]:
 
 
 def idle_placeholder(like: torch.Tensor, name: str) -> torch.Tensor:
-    """A placeholder for tensor ``name``: meta, like ``like`` (meta) in class, attributes and ``requires_grad``."""
+    """A placeholder for tensor ``name``: meta, like ``like`` (meta) in class, attributes and ``requires_grad``.
+
+    A tensor subclass that wraps inner tensors (torchao's quantized weights) cannot be re-classed: its meta
+    instance is the placeholder, and its own operations refuse its meta inner tensors next to real ones.
+    """
     like = plain(like)
+    if is_traceable_wrapper_subclass(like):
+        return like
     placeholder = torch.Tensor._make_subclass(_placeholder_class(type(like)), like, like.requires_grad)
     placeholder.__dict__.update(like.__dict__)
     placeholder.__dict__[_NAME] = name

@@ -22,7 +22,7 @@ from ..errors import summarize
 from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_span
 from ..storage.fused import FusedDiskTensor, box_shape, contiguous_span, read_fused_into, scratch_bytes
 from ..storage.safetensors_io import TensorEntry
-from ..storage.weights_map import DiskRef, DiskTensor
+from ..storage.weights_map import BuiltDiskTensor, DiskRef, DiskTensor
 from .pinned import spans
 from .streaming import StreamedWeights
 
@@ -50,6 +50,8 @@ class Item:
     ref: DiskRef | None = None
     offset: int = 0  # of the padded span (a fused tensor: of the assembled tensor) in the host buffer
     cast_offset: int = -1  # CPU execution with a dtype change: where the cast copy goes
+    #: A built tensor: the items (earlier in the group) holding its parts, by part name.
+    parts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Group:
         if self.host_bytes:
             return self.host_bytes
         return sum(i.ref.nbytes if i.ref is not None else (i.memory.nbytes if i.memory is not None else 0)
-                   for i in self.items)
+                   for i in self.items if not i.parts)  # what is built is counted by its parts
 
 
 def plan_group(index: int, members: Sequence[tuple[int, StreamedWeights]], on_cpu: bool) -> Group:
@@ -88,23 +90,25 @@ def plan_group(index: int, members: Sequence[tuple[int, StreamedWeights]], on_cp
     items: list[Item] = []
     seen: dict[Any, int] = {}
     slots: dict[int, list[int]] = {}
+
+    def add(key: Any, item: Item) -> int:
+        if key not in seen:
+            seen[key] = len(items)
+            items.append(item)
+        return seen[key]
+
     for position, unit in members:
         weights = unit.weights
         picks = []
         for name in unit.names:
             tensor = weights.memory.get(name)
             if tensor is not None:
-                key: Any = ("m", id(tensor))
-                item = Item(memory=tensor)
-            else:
-                ref = weights.disk[name]
-                key = ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype) \
-                    if isinstance(ref, DiskTensor) else ("f", ref)
-                item = Item(ref=ref)
-            if key not in seen:
-                seen[key] = len(items)
-                items.append(item)
-            picks.append(seen[key])
+                picks.append(add(("m", id(tensor)), Item(memory=tensor)))
+                continue
+            ref = weights.disk[name]
+            parts = {inner: add(_disk_key(part), Item(ref=part)) for inner, part in ref.parts} \
+                if isinstance(ref, BuiltDiskTensor) else {}
+            picks.append(add(_disk_key(ref), Item(ref=ref, parts=parts)))
         slots[position] = picks
     size = 0
     scratch = (0, 0)
@@ -116,7 +120,7 @@ def plan_group(index: int, members: Sequence[tuple[int, StreamedWeights]], on_cp
                 item.offset = size
                 size += _host_span(item.ref)
         for item in items:
-            if item.ref is not None and item.ref.dtype != _stored_dtype(item.ref):
+            if isinstance(item.ref, (DiskTensor, FusedDiskTensor)) and item.ref.dtype != _stored_dtype(item.ref):
                 item.cast_offset = size
                 size += _aligned(item.ref.nbytes)
         fused = [i.ref for i in items if isinstance(i.ref, FusedDiskTensor)]
@@ -124,6 +128,13 @@ def plan_group(index: int, members: Sequence[tuple[int, StreamedWeights]], on_cp
             scratch = (size, max(scratch_bytes(r, lambda e: padded_span(e)[1]) for r in fused))
             size += scratch[1]
     return Group(index, [unit.prefix for _, unit in members], items, slots, size, scratch, reads)
+
+
+def _disk_key(ref: DiskRef) -> Any:
+    """What makes two disk items one read (tied names, a tensor needed by several units)."""
+    if isinstance(ref, DiskTensor):
+        return ("d", ref.entry.path, ref.entry.start, ref.entry.end, ref.dtype)
+    return ("f", id(ref)) if isinstance(ref, BuiltDiskTensor) else ("f", ref)
 
 
 def _coalesce(items: list[Item]) -> tuple[list[tuple[TensorEntry, int]], int]:
@@ -163,11 +174,11 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
-def _stored_dtype(ref: DiskRef) -> torch.dtype:
+def _stored_dtype(ref: DiskTensor | FusedDiskTensor) -> torch.dtype:
     return ref.entry.dtype if isinstance(ref, DiskTensor) else ref.stored_dtype
 
 
-def _host_span(ref: DiskRef) -> int:
+def _host_span(ref: DiskTensor | FusedDiskTensor) -> int:
     """Host-buffer bytes a disk tensor's read needs: its padded span, or a fused tensor's aligned size."""
     return padded_span(ref.entry)[1] if isinstance(ref, DiskTensor) else _aligned(ref.stored_nbytes)
 
@@ -275,7 +286,7 @@ def _fused_to_device(ref: FusedDiskTensor, reader: DirectReader, staging: Stagin
     return fused if ref.dtype == dtype else fused.to(ref.dtype)
 
 
-def _to_device(ref: DiskRef, reader: DirectReader, staging: Staging, device: torch.device,
+def _to_device(ref: DiskTensor | FusedDiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
                stream: Any) -> torch.Tensor:
     """Stream one disk tensor to ``device`` chunk by chunk (on ``stream``, the current stream)."""
     if isinstance(ref, FusedDiskTensor):
@@ -308,6 +319,9 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
                 continue
             ref = item.ref
             assert ref is not None and buf is not None
+            if isinstance(ref, BuiltDiskTensor):  # built from its parts, earlier items
+                values.append(ref.build({inner: values[i] for inner, i in item.parts.items()}))
+                continue
             if isinstance(ref, FusedDiskTensor):
                 job.path = ", ".join(ref.paths)
                 offset, size = job.group.scratch if job.group is not None else (0, 0)
@@ -328,6 +342,9 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
                 values.append(placed[index])
                 continue
             assert item.ref is not None
+            if isinstance(item.ref, BuiltDiskTensor):  # built from its parts, on the device already
+                values.append(item.ref.build({inner: values[i] for inner, i in item.parts.items()}))
+                continue
             job.path = item.ref.entry.path if isinstance(item.ref, DiskTensor) else ", ".join(item.ref.paths)
             values.append(_to_device(item.ref, reader, staging, device, stream))
         job.event = torch.cuda.Event()

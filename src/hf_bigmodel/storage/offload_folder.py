@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from ..model.dtypes import resolve_dtype
 from ..model.sizes import format_size
 from .fused import DiskPiece, FusedDiskTensor
 from .safetensors_io import TensorEntry, read_header
-from .weights_map import DiskRef, DiskTensor
+from .weights_map import BuiltDiskTensor, DiskRef, DiskTensor, flatten_subclass, subclass_builder
 
 __all__ = ["INDEX_NAME", "OffloadFolder", "load_offload_index"]
 
@@ -129,12 +130,25 @@ class OffloadFolder:
                 path=str(self.path),
             )
 
-    def write(self, tensors: Mapping[str, torch.Tensor], *, source_id: str | None = None) -> dict[str, DiskTensor]:
+    def write(self, tensors: Mapping[str, torch.Tensor], *, source_id: str | None = None) -> dict[str, DiskRef]:
         """Store ``tensors`` in one safetensors file and return where each one lies.
 
         With a ``source_id`` (the identity of the checkpoint shard they came from) the file name is
         derived from it, so another run re-uses a valid existing file; without one, the name is unique.
+        A tensor subclass (quantized weights) is stored as its inner tensors, named ``name:inner``: its
+        quantized bytes stay quantized on disk, and it is rebuilt when read (:class:`BuiltDiskTensor`).
         """
+        flat, split = _flatten(tensors, self.path)
+        written: dict[str, DiskRef] = dict(self._write_plain(flat, source_id))
+        for name, (keys, context) in split.items():
+            tensor = tensors[name]
+            parts = tuple((key, written.pop(f"{name}:{key}")) for key in keys)
+            kind = f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+            written[name] = BuiltDiskTensor(parts, subclass_builder(tensor, context),  # type: ignore[arg-type]
+                                            tuple(tensor.shape), tensor.dtype, kind)
+        return written
+
+    def _write_plain(self, tensors: Mapping[str, torch.Tensor], source_id: str | None) -> dict[str, DiskTensor]:
         from safetensors.torch import save_file
 
         if not tensors:
@@ -188,10 +202,17 @@ class OffloadFolder:
     def write_index(self, weights: Mapping[str, DiskRef]) -> Path:
         """Record where every offloaded tensor lies (atomically), for ``dispatch_model(offload_dir=...)``.
 
-        A fused tensor is recorded piece by piece (file, key, and the boxes each piece maps).
+        A fused tensor is recorded piece by piece (file, key, and the boxes each piece maps); a built one by
+        its parts and what builds it, for the record only: how to build it lives with the loaded model, so
+        :func:`load_offload_index` refuses it.
         """
         entries: dict[str, dict[str, object]] = {}
         for name, ref in sorted(weights.items()):
+            if isinstance(ref, BuiltDiskTensor):
+                parts = {key: {"file": self._stored(p.entry.path), "key": p.entry.key} for key, p in ref.parts}
+                entries[name] = {"built": ref.kind, "parts": parts, "shape": list(ref.shape),
+                                 "dtype": _dtype_name(ref.dtype)}
+                continue
             if isinstance(ref, FusedDiskTensor):
                 pieces = [{"file": self._stored(p.entry.path), "key": p.entry.key, "dst": p.dst, "src": p.src}
                           for p in ref.pieces]
@@ -214,6 +235,28 @@ class OffloadFolder:
                 path=str(index),
             ) from None
         return index
+
+
+def _flatten(tensors: Mapping[str, torch.Tensor], folder: Path
+             ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[list[str], Any]]]:
+    """Plain tensors to write (a subclass's inner tensors as ``name:inner``), and each subclass's inner names
+    and context."""
+    flat: dict[str, torch.Tensor] = {}
+    split: dict[str, tuple[list[str], Any]] = {}
+    for name, tensor in tensors.items():
+        if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            flat[name] = tensor
+            continue
+        parts = flatten_subclass(tensor)
+        if parts is None or not all(t.is_contiguous() for t in parts[0].values()):
+            raise OffloadError(
+                f"{name} is a {type(tensor).__name__}, which cannot be written to offload_folder {str(folder)!r}: "
+                "it does not flatten into contiguous plain tensors (torch's __tensor_flatten__).",
+                path=str(folder), advice=[Advice("Keep it in RAM or on an accelerator: give it room with {}.",
+                                                 "max_memory", "{'cpu': '...'}")])
+        split[name] = (list(parts[0]), parts[1])
+        flat.update({f"{name}:{key}": value for key, value in parts[0].items()})
+    return flat, split
 
 
 def _box(value: object) -> tuple[tuple[int, int], ...]:
@@ -289,6 +332,9 @@ def load_offload_index(
     for name, info in weights.items():
         try:
             ref: DiskRef
+            if isinstance(info, dict) and "built" in info:
+                raise ValueError(f"built from its parts by {info['built']} (quantized weights), which only the "
+                                 "load that wrote it can do; load the model with load_pretrained_dispatched again")
             if isinstance(info, dict) and "pieces" in info:
                 ref = _fused_from_index(folder, info, headers)
             else:
