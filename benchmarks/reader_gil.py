@@ -15,9 +15,10 @@ Ways of reading (``--strategies``):
 - ``per_tensor``: one ``preadv`` per tensor of the group, views made on the reader thread (what the
   prefetcher did before);
 - ``per_group``: one ``preadv`` per group (a layer's tensors are adjacent in a safetensors shard);
-- ``pool4``: the group cut into 8 MiB chunks read by 4 threads (several reads in flight);
+- ``pool4``, ``pool8``: the group cut into 8 MiB chunks read by 4 (8) threads (several reads in flight);
 - ``aio``: the group's chunks submitted with glibc's ``lio_listio`` through ctypes (its own C threads,
-  8 in flight); one foreign call per group, so the GIL is taken back once;
+  8 in flight); one foreign call per group, so the GIL is taken back once (what the prefetcher does,
+  :mod:`hf_bigmodel.storage.aio`; ``per_group`` is what it did before);
 - ``process``: a reader *process* (no torch, no GIL shared with the main one) reads the group into a
   shared-memory buffer and answers through a pipe.
 
@@ -300,7 +301,8 @@ def measure(strategy: str, load: Callable[[Callable[[], bool]], int], path: Path
     buffers = [memoryview(backing)[i * slot : (i + 1) * slot] for i in range(SLOTS)]
     readers: dict[str, Callable[[int, list[memoryview], int], None]] = {
         "per_tensor": read_per_tensor, "per_group": read_per_group,
-        "pool4": make_pool_reader(4, 8 * MIB), "aio": make_aio_reader(8, 8 * MIB),
+        "pool4": make_pool_reader(4, 8 * MIB), "pool8": make_pool_reader(8, 8 * MIB),
+        "aio": make_aio_reader(8, 8 * MIB),
     }
     fd = os.open(path, os.O_RDONLY | O_DIRECT)
     try:
@@ -323,7 +325,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work")
     parser.add_argument("--size", default="1GiB", help="bytes read per measurement (whole groups)")
     parser.add_argument("--repeat", type=int, default=3, help="passes; the median is shown")
-    parser.add_argument("--strategies", default="per_tensor,per_group,pool4,aio,process")
+    parser.add_argument("--strategies", default="per_tensor,per_group,pool4,pool8,aio,process")
     parser.add_argument("--loads", default="idle,python,decode")
     args = parser.parse_args()
     import torch  # noqa: F401  (imported before any measurement: per_tensor and decode use it)

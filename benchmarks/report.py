@@ -56,6 +56,11 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["generate_read_bytes"] = statistics.median(reads) if reads else None
     summary["forwards"] = next((len(r["generate_forward_s"]) for r in ok if r.get("generate_forward_s")), None)
     summary["prefetch"] = next((r["prefetch"] for r in ok if r.get("prefetch")), None)
+    activations = [r["activation_bytes"] for r in ok if isinstance(r.get("activation_bytes"), int)]
+    summary["activation_bytes"] = max(activations) if activations else 0
+    loaded = [r["rss_after_load"] - (r.get("bytes_per_device") or {}).get("cpu", 0) for r in ok
+              if isinstance(r.get("rss_after_load"), int)]
+    summary["loaded_rss_beside_weights"] = max(loaded) if loaded else None
     summary["largest_disk_block"] = next(
         (r["largest_block_per_device"]["disk"] for r in ok if "disk" in (r.get("largest_block_per_device") or {})),
         None,
@@ -161,16 +166,24 @@ def table(summaries: dict[str, dict[str, Any]], *, markdown: bool) -> str:
 
 
 def memory_formula(summary: dict[str, Any], *, cpu_budget: int, baseline: dict[str, Any]) -> dict[str, Any] | None:
-    """Check ``peak RSS <= cpu budget + prefetch memory bound + baseline`` for a run that reported its prefetcher.
+    """Check ``peak RSS <= baseline + dispatch + cpu budget + prefetch memory bound + activations`` for a run
+    that reported its prefetcher.
 
-    The bound is the prefetcher's own (``largest group + window`` with a window of bytes, ``(groups + 1) x
-    largest group`` with a number of groups); the baseline is the RSS of a process that imported torch +
-    transformers and built the empty model.
+    The baseline is the RSS of a process that imported torch, transformers, the model's modules and
+    hf_bigmodel and built the empty model; dispatch is what the loaded model holds beyond it and beyond
+    the weights it placed on the CPU (hooks, headers, the reader thread: RSS after load - weights on
+    CPU - baseline); the prefetch bound is the prefetcher's own (``largest group + window`` with a window
+    of bytes, ``(groups + 1) x largest group`` with a number of groups); activations are the runner's
+    estimate (the prompt's logits and the KV cache, ``runner.activation_bytes``).
     """
     peak, stats = summary.get("peak_rss"), summary.get("prefetch")
     if peak is None or not stats or not baseline.get("baseline_rss"):
         return None
-    bound = cpu_budget + stats["memory_bound"] + baseline["baseline_rss"]
+    activations = summary.get("activation_bytes") or 0
+    base = baseline["baseline_rss"]
+    beside = summary.get("loaded_rss_beside_weights")
+    dispatch = max(0, beside - base) if beside is not None else 0
+    bound = base + dispatch + cpu_budget + stats["memory_bound"] + activations
     window = (f"{format_size(stats['largest_group'])} largest group + {format_size(stats['window_bytes'])} window"
               if stats.get("window_bytes") is not None else f"({stats['depth']}+1) x {format_size(stats['largest_group'])}")
     return {
@@ -179,8 +192,8 @@ def memory_formula(summary: dict[str, Any], *, cpu_budget: int, baseline: dict[s
         "holds": peak <= bound,
         "text": (
             f"peak RSS {format_size(peak)} {'<=' if peak <= bound else '>'} {format_size(bound)} = "
-            f"{format_size(cpu_budget)} budget + {window} + {format_size(baseline['baseline_rss'])} baseline: "
-            f"{'HOLDS' if peak <= bound else 'EXCEEDED'}"
+            f"{format_size(base)} baseline + {format_size(dispatch)} dispatch + {format_size(cpu_budget)} budget + "
+            f"{window} + {format_size(activations)} activations: {'HOLDS' if peak <= bound else 'EXCEEDED'}"
         ),
     }
 

@@ -5,11 +5,14 @@ scenario and repeat, and prints one table per scenario::
 
     python benchmarks/run.py                                  # both scenarios, all loaders, 1 repeat
     python benchmarks/run.py --scenarios cold --repeat 3 --loaders accelerate,hf_bigmodel
+    python benchmarks/run.py --scenarios cold --loaders transformers,hf_bigmodel,hf_bigmodel@0  # + a row at budget 0
     python benchmarks/run.py --gpu                            # the separate GPU offload benchmark
 
 Scenarios: ``warm`` (checkpoint in the page cache, no memory cap) and ``cold`` (checkpoint evicted
 from the page cache, ``max_memory={"cpu": "600MiB"}`` with the rest offloaded to disk, and the runner
-confined to a 1.3 GB memory cgroup when this process may create one). Results go to
+confined to a 1.3 GB memory cgroup when this process may create one). A loader written ``NAME@SIZE``
+(``hf_bigmodel@0``) is an extra row of the cold scenario run with its own ``max_memory["cpu"]``: the
+same loader at another budget, e.g. one whose peak RSS matches an anchor's. Results go to
 ``<work-dir>/results.json`` and ``<work-dir>/results.md``. See ``benchmarks/README.md``.
 """
 
@@ -140,34 +143,51 @@ class Harness:
         return result
 
     def run_scenario(self, scenario: str, loaders: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """Every loader ``--repeat`` times, interleaved (round-robin) so drifts hit all loaders alike."""
+        """Every loader ``--repeat`` times, interleaved (round-robin) so drifts hit all loaders alike.
+
+        ``NAME@SIZE`` rows (another CPU budget) run in the cold scenario only: the warm one has no budget.
+        """
         args = self.args
         cold = scenario == "cold"
+        if not cold:
+            loaders = [spec for spec in loaders if "@" not in spec]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
         self.compute_runs = []
         for repeat in range(args.repeat):
-            for loader in loaders:
+            for spec in loaders:
+                loader, budget = split_loader(spec, args.cpu_budget)
                 extra = ["--reference", str(self.reference)]
                 if cold:
                     system.reset_folder(self.offload)
                     system.evict_from_page_cache([self.checkpoint])
-                    extra += ["--max-memory-cpu", args.cpu_budget, "--offload-folder", str(self.offload)]
+                    extra += ["--max-memory-cpu", budget, "--offload-folder", str(self.offload)]
                 else:
                     system.warm_page_cache([self.checkpoint])
                 cached, total = system.resident_bytes([self.checkpoint])
-                result = self.launch(loader, f"{scenario}-{loader}-{repeat}", extra=extra,
+                result = self.launch(loader, f"{scenario}-{spec}-{repeat}", extra=extra,
                                      memory_limit=parse_size(args.memory_limit) if cold else None)
                 result["checkpoint_cached_before"] = cached
                 result["checkpoint_bytes"] = total
                 if cold:
+                    result["cpu_budget"] = budget
                     result["offload_folder_bytes"] = sum(f.stat().st_size for f in system.iter_files([self.offload]))
                     system.reset_folder(self.offload)
-                runs[loader].append(result)
+                runs[spec].append(result)
             if cold:  # the same generation with every weight in RAM: each forward's compute time, for the floor
                 system.warm_page_cache([self.checkpoint])
                 self.compute_runs.append(self.launch("transformers", f"compute-{scenario}-{repeat}",
                                                      extra=["--reference", str(self.reference)], memory_limit=None))
         return runs
+
+
+def split_loader(spec: str, default_budget: str) -> tuple[str, str]:
+    """``"hf_bigmodel@0"`` -> ``("hf_bigmodel", "0")``; a plain name gets ``default_budget``.
+
+    >>> split_loader("hf_bigmodel@200MiB", "600MiB"), split_loader("transformers", "600MiB")
+    (('hf_bigmodel', '200MiB'), ('transformers', '600MiB'))
+    """
+    name, _, budget = spec.partition("@")
+    return name, budget or default_budget
 
 
 def _throughput(harness: Harness, args: argparse.Namespace, checkpoint: Path) -> tuple[dict[str, Any], str]:
@@ -227,9 +247,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     problems = []
     args.loader_list = [name.strip() for name in args.loaders.split(",") if name.strip()]
-    unknown = [name for name in args.loader_list if name not in LOADERS]
+    unknown = [spec for spec in args.loader_list if split_loader(spec, "")[0] not in LOADERS]
     if unknown:
-        problems.append(f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
+        problems.append(f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)} "
+                        "(NAME@SIZE: that loader at another CPU budget, cold scenario only)")
+    for spec in args.loader_list:
+        if "@" in spec:
+            try:
+                parse_size(split_loader(spec, "")[1], what=f"the budget of --loaders {spec}")
+            except ValueError as exc:
+                problems.append(str(exc))
     args.scenario_list = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     bad = [name for name in args.scenario_list if name not in SCENARIOS]
     if bad:
@@ -285,7 +312,6 @@ def main(argv: list[str] | None = None) -> None:
         "baseline": baseline,
         "scenarios": {},
     }
-    cpu_budget = parse_size(args.cpu_budget)
     md = [f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['ram']} "
           f"RAM, Linux {results['machine']['kernel']}, disk {results['disk']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
@@ -312,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  if not args.no_cgroup else "runs NOT memory-capped (--no-cgroup)"))
             checks = {}
             for loader, summary in summaries.items():
-                check = report.memory_formula(summary, cpu_budget=cpu_budget, baseline=baseline)
+                budget = parse_size(split_loader(loader, args.cpu_budget)[1])
+                check = report.memory_formula(summary, cpu_budget=budget, baseline=baseline)
                 if check:
                     checks[loader] = check
             entry["memory_formula"] = checks

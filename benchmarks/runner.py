@@ -191,6 +191,7 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         timer.stop()
     generated = out[:, PROMPT_TOKENS:].tolist()
     result.update(prefetch=_prefetch_stats(model))
+    result.update(activation_bytes=activation_bytes(config, batch=args.batch, new_tokens=args.new_tokens))
     result.update(generate_s=generate_s, tokens_per_s=args.batch * args.new_tokens / generate_s,
                   batch=args.batch, new_tokens=args.new_tokens, assistant=str(args.assistant or ""),
                   generate_forward_s=timer.seconds, generate_forward_read_bytes=timer.read_bytes,
@@ -219,12 +220,33 @@ def _prefetch_stats(model: Any) -> dict[str, Any] | None:
     return fetcher.stats() if fetcher is not None else None
 
 
+def activation_bytes(config: dict[str, Any], *, batch: int, new_tokens: int) -> int:
+    """What a run holds beside weights (bf16): the prompt forward's logits, as computed and as a float32
+    copy, and the KV cache at the end of generation. An estimate for the memory formula, not a measurement.
+
+    >>> activation_bytes({"vocab_size": 10, "num_hidden_layers": 1, "num_attention_heads": 2,
+    ...                   "hidden_size": 8}, batch=1, new_tokens=0) == 32 * 10 * 6 + 2 * 2 * 4 * 32 * 2
+    True
+    """
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    logits = batch * PROMPT_TOKENS * config["vocab_size"] * (2 + 4)
+    cache = 2 * config["num_hidden_layers"] * kv_heads * head_dim * (PROMPT_TOKENS + new_tokens) * batch * 2
+    return logits + cache
+
+
 def measure_baseline(result: Result, checkpoint: Path) -> None:
-    """RSS of a process that imported torch + transformers and built the empty (meta) model."""
+    """RSS of a process that imported torch, transformers, the model family's modules and hf_bigmodel,
+    and built the empty (meta) model: what every hf_bigmodel run holds before any weight."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import hf_bigmodel  # noqa: F401
+
     config = AutoConfig.from_pretrained(str(checkpoint))
+    family = config.model_type
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layer = model.model.layers[0]

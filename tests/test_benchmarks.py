@@ -64,6 +64,11 @@ def test_memory_formula_uses_the_prefetchers_own_bound(bench):
     check = report.memory_formula(summary, cpu_budget=600 * mib, baseline=baseline)
     assert check["bound"] == (600 + 297 + 376) * mib and check["holds"]
     assert "125.00 MiB largest group + 172.00 MiB window" in check["text"] and check["text"].endswith("HOLDS")
+    loaded = report.summarize_runs([run(peak_rss=700 * mib, rss_after_load=(376 + 15) * mib, prefetch=stats,
+                                        activation_bytes=8 * mib, bytes_per_device={"disk": 10})])
+    check = report.memory_formula(loaded, cpu_budget=0, baseline=baseline)  # budget 0: everything on disk
+    assert check["bound"] == (376 + 15 + 297 + 8) * mib and not check["holds"]
+    assert "15.00 MiB dispatch + 0 B budget" in check["text"] and "8.00 MiB activations" in check["text"]
     over = report.memory_formula({**summary, "peak_rss": 1400 * mib}, cpu_budget=600 * mib, baseline=baseline)
     assert not over["holds"] and over["text"].endswith("EXCEEDED")
     groups = report.memory_formula({**summary, "prefetch": {**stats, "window_bytes": None, "depth": 2,
@@ -223,3 +228,15 @@ def test_the_draft_model_predicts_what_the_drafted_target_says(bench, tmp_path, 
         agree = (target(ids).logits[:, -1].argmax(-1) == draft(ids).logits[:, -1].argmax(-1)).float().mean()
     assert agree >= 0.6  # a useful draft, as a trained pair's
     assert draft_pair.build_pair(tmp_path, tmp_path / "source") == (target_dir, draft_dir)  # built once
+
+
+def test_a_loader_at_another_budget_is_its_own_row_of_the_cold_scenario(bench):
+    import run as harness
+
+    assert harness.split_loader("hf_bigmodel@0", "600MiB") == ("hf_bigmodel", "0")
+    assert harness.split_loader("transformers", "600MiB") == ("transformers", "600MiB")
+    args = harness.parse_args(["--loaders", "transformers,hf_bigmodel,hf_bigmodel@100MiB"])
+    assert args.loader_list == ["transformers", "hf_bigmodel", "hf_bigmodel@100MiB"]
+    for bad in ("nope@0", "hf_bigmodel@lots"):
+        with pytest.raises(SystemExit):
+            harness.parse_args(["--loaders", bad])

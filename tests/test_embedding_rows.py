@@ -14,7 +14,8 @@ from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch, remove
 from hf_bigmodel.runtime.embedding_rows import EmbeddingRowsHook
 from hf_bigmodel.runtime.hooks import AlignDevicesHook
 from hf_bigmodel.storage import direct_io
-from hf_bigmodel.storage.direct_io import DirectReader, read_rows, row_runs
+from hf_bigmodel.storage.direct_io import DirectReader
+from hf_bigmodel.storage.row_reads import read_rows, row_runs
 from hf_bigmodel.storage.safetensors_io import read_header
 
 VOCAB, DIM = 4096, 256  # 2 MiB in bf16: 512-byte rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from tiny_models import save_small_bf16_llama, small_llama_config
@@ -47,3 +49,124 @@ def test_a_layers_adjacent_tensors_come_in_one_read_and_give_the_same_outputs(ll
               "pad_token_id": 0}
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+def _batches(monkeypatch) -> list[int]:
+    """The number of spans of each ``lio_listio`` batch a DirectReader submits, from now on."""
+    from hf_bigmodel.storage import aio
+
+    sizes: list[int] = []
+    original = aio.read_spans
+
+    def recording(fds, address, spans):
+        sizes.append(len(spans))
+        return original(fds, address, spans)
+
+    monkeypatch.setattr(aio, "read_spans", recording)
+    return sizes
+
+
+needs_aio = pytest.mark.skipif("not __import__('hf_bigmodel.storage.aio').storage.aio.available()",
+                               reason="lio_listio needs Linux with glibc on a 64-bit machine")
+
+
+def _blob(tmp_path, nbytes: int) -> tuple[str, torch.Tensor]:
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    file = tmp_path / "blob.bin"
+    file.write_bytes(data.numpy().tobytes())
+    return str(file), data
+
+
+@needs_aio
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_reads_in_flight_give_the_exact_bytes_of_any_range(tmp_path, monkeypatch, in_flight):
+    from hf_bigmodel.storage import direct_io
+    from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
+    batches = _batches(monkeypatch)
+    file, data = _blob(tmp_path, 9 * ALIGNMENT + 123)
+    reader = DirectReader(direct=True, in_flight=in_flight)
+    for start, end in [(0, data.numel()), (5, 5 * ALIGNMENT + 1), (ALIGNMENT - 1, 7 * ALIGNMENT), (10, 20)]:
+        entry = TensorEntry(file, "k", torch.uint8, (end - start,), start, end)
+        assert torch.equal(reader.read_into(entry, aligned_empty(padded_span(entry)[1])), data[start:end])
+    reader.close()
+    # 10 pages in 2-page chunks: 5 in one batch, then 3 and 4 (the 10..20 range is one chunk: read alone)
+    assert batches == ([5, 3, 4] if in_flight > 1 else [])
+
+
+@needs_aio
+def test_a_failed_batch_is_read_again_one_read_at_a_time(tmp_path, monkeypatch):
+    from hf_bigmodel.storage import aio, direct_io
+    from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+
+    def out_of_resources(fds, address, spans):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
+    monkeypatch.setattr(aio, "read_spans", out_of_resources)
+    file, data = _blob(tmp_path, 9 * ALIGNMENT + 123)
+    entry = TensorEntry(file, "k", torch.uint8, (data.numel() - 7,), 7, data.numel())
+    reader = DirectReader(direct=True, in_flight=4)
+    assert torch.equal(reader.read_into(entry, aligned_empty(padded_span(entry)[1])), data[7:])
+    reader.close()
+
+
+@needs_aio
+def test_a_read_in_flight_of_a_truncated_file_names_the_tensor(tmp_path, monkeypatch):
+    from hf_bigmodel.errors import CorruptCheckpointError
+    from hf_bigmodel.storage import direct_io
+    from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
+    batches = _batches(monkeypatch)
+    file, _ = _blob(tmp_path, 3 * ALIGNMENT + 100)
+    entry = TensorEntry(file, "model.layers.0.mlp.up_proj.weight", torch.uint8, (8 * ALIGNMENT,), 0, 8 * ALIGNMENT)
+    reader = DirectReader(direct=True, in_flight=4)
+    with pytest.raises(CorruptCheckpointError, match="up_proj.*truncated"):
+        reader.read_into(entry, aligned_empty(padded_span(entry)[1]))
+    reader.close()
+    assert batches == [4]
+
+
+@needs_aio
+def test_the_prefetcher_keeps_several_reads_in_flight_and_gives_the_same_outputs(llama, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_bigmodel.storage import direct_io
+
+    path, ref = llama
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * direct_io.ALIGNMENT)
+    monkeypatch.setenv("HF_BIGMODEL_READS_IN_FLIGHT", "3")
+    batches = _batches(monkeypatch)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(small_llama_config())
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  "model.layers": "disk"}
+    model = load_checkpoint_and_dispatch(model, path, device_map=device_map, dtype=torch.bfloat16)
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3, "min_new_tokens": 3,
+              "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    assert prefetcher_of(model) is not None
+    assert batches and max(batches) > 1  # the layers' runs went in chunks, several at once
+
+
+def test_reads_in_flight_come_from_the_environment(monkeypatch):
+    from hf_bigmodel.storage.direct_io import DEFAULT_IN_FLIGHT, reads_in_flight
+
+    monkeypatch.delenv("HF_BIGMODEL_READS_IN_FLIGHT", raising=False)
+    assert reads_in_flight() == DEFAULT_IN_FLIGHT
+    monkeypatch.setenv("HF_BIGMODEL_READS_IN_FLIGHT", "1")
+    assert reads_in_flight() == 1
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("HF_BIGMODEL_READS_IN_FLIGHT", bad)
+        with pytest.raises(ValueError, match="HF_BIGMODEL_READS_IN_FLIGHT.*whole number >= 1"):
+            reads_in_flight()
+    with pytest.raises(ValueError, match="in_flight must be >= 1"):
+        DirectReader(in_flight=0)

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..storage.direct_io import DirectReader, padded_span, read_rows, row_runs
+from ..storage.direct_io import DirectReader, padded_span
+from ..storage.row_reads import read_rows, row_runs
 from ..storage.weights_map import DiskTensor, WeightsMap
 from .hooks import AlignDevicesHook, send_to_device
 

@@ -26,7 +26,9 @@ abandoned to whoever holds it and a fresh one takes its place. Errors of the rea
 the forward that needs the group, naming the file. The thread stops on :meth:`Prefetcher.close`
 (called when hooks are removed) or when the prefetcher is garbage-collected with its model.
 
-``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off).
+``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off);
+``HF_BIGMODEL_READS_IN_FLIGHT`` how many chunks of a CPU run's reads go at once (default 8; see
+:mod:`hf_bigmodel.storage.direct_io`).
 :func:`~hf_bigmodel.runtime.prefetch_plan.plan_prefetch` tells, before loading, the memory it will hold.
 """
 
@@ -47,7 +49,7 @@ from torch import nn
 
 from ..errors import BigModelError, OffloadError
 from ..model.sizes import format_size
-from ..storage.direct_io import DirectReader, aligned_empty
+from ..storage.direct_io import DirectReader, aligned_empty, reads_in_flight
 from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, plan_prefetch
 from .prefetch_plan import rounded_buffer as _rounded
 from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
@@ -148,7 +150,8 @@ class Prefetcher:
         self._order(self._planned)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=reader_loop, args=(self._jobs, DirectReader(), device, stream),
+        reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1)
+        self._thread = threading.Thread(target=reader_loop, args=(self._jobs, reader, device, stream),
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, stop_reader, self._jobs, self._thread)

@@ -10,6 +10,12 @@ to buffered reads followed by ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the cons
 
 ``HF_BIGMODEL_DIRECT_IO=0`` turns ``O_DIRECT`` off (buffered reads, pages dropped after use).
 
+A reader made with ``in_flight=N`` cuts each ``O_DIRECT`` read longer than one :data:`CHUNK` into
+chunks and submits them together with ``lio_listio`` (:mod:`.aio`), ``N`` at a time at the device: the
+reading thread releases the GIL once per run of tensors instead of once per read, and a device that
+serves several requests at once (NVMe, virtio) is kept busy. Where that is not available reads go one
+at a time. ``HF_BIGMODEL_READS_IN_FLIGHT`` sets what the prefetcher uses (:func:`reads_in_flight`).
+
 :func:`read_shard` is the loader's way through a shard: O_DIRECT under a memory cap, else a private
 memory map (zero-copy), or buffered reads in parallel chunks (much faster than one ``pread`` into
 memory not yet faulted in).
@@ -22,14 +28,14 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..errors import CorruptCheckpointError
+from . import aio
 from .safetensors_io import TensorEntry
 
 if TYPE_CHECKING:
@@ -42,16 +48,20 @@ __all__ = [
     "direct_io_enabled",
     "drop_page_cache",
     "padded_span",
-    "read_rows",
     "read_shard",
     "read_uncached",
-    "row_runs",
+    "reads_in_flight",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Buffer address, file offset and length alignment for O_DIRECT (the page size covers every common device).
 ALIGNMENT = 4096
+#: A reader with several reads in flight cuts reads into chunks of this size (a multiple of ALIGNMENT).
+CHUNK = 8 * 2**20
+#: Reads the prefetcher keeps in flight unless ``HF_BIGMODEL_READS_IN_FLIGHT`` says otherwise.
+DEFAULT_IN_FLIGHT = 8
+READS_ENV = "HF_BIGMODEL_READS_IN_FLIGHT"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FADVISE = hasattr(os, "posix_fadvise")
 
@@ -101,10 +111,27 @@ def padded_span(entry: TensorEntry, alignment: int = ALIGNMENT) -> tuple[int, in
     return first, max(last - first, alignment if entry.end > entry.start else 0)
 
 
+def reads_in_flight() -> int:
+    """``$HF_BIGMODEL_READS_IN_FLIGHT`` (a whole number >= 1), else :data:`DEFAULT_IN_FLIGHT`.
+
+    >>> reads_in_flight() >= 1
+    True
+    """
+    raw = os.environ.get(READS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IN_FLIGHT
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{READS_ENV}={raw!r} is not a whole number >= 1; set it to 1 (one read at a time), "
+                         f"{DEFAULT_IN_FLIGHT} (the default) or more.")
+    return int(raw)
+
+
 class DirectReader:
     """Reads tensors' bytes into caller-provided aligned buffers, bypassing (or dropping) the page cache.
 
-    One file descriptor per file is kept open until :meth:`close`. Thread-safe.
+    One file descriptor per file is kept open until :meth:`close`. Thread-safe. ``in_flight`` > 1:
+    ``O_DIRECT`` reads longer than :data:`CHUNK` go in chunks, that many at a time (module docstring),
+    through as many duplicate descriptors of the file.
 
     Example::
 
@@ -113,9 +140,13 @@ class DirectReader:
         data = reader.read_into(entry, buf)   # uint8 view of exactly entry.nbytes bytes
     """
 
-    def __init__(self, *, direct: bool | None = None) -> None:
+    def __init__(self, *, direct: bool | None = None, in_flight: int = 1) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1 (reads at a time), got {in_flight}")
         self.direct = direct_io_enabled() if direct is None else direct
+        self.in_flight = in_flight
         self._fds: dict[str, tuple[int, bool]] = {}
+        self._dups: dict[str, list[int]] = {}
         self._lock = threading.Lock()
 
     def _open(self, path: str) -> tuple[int, bool]:
@@ -139,6 +170,8 @@ class DirectReader:
     def _buffered(self, path: str, fd: int) -> None:
         """``O_DIRECT`` was refused at read time: reopen ``path`` buffered for good."""
         with self._lock:
+            for dup in self._dups.pop(path, [fd])[1:]:
+                os.close(dup)
             os.close(fd)
             self._fds[path] = (os.open(path, os.O_RDONLY), False)
 
@@ -158,7 +191,10 @@ class DirectReader:
         view = buffer.numpy().data
         if direct:
             try:
-                self._pread(entry, fd, view[:length], first, need=entry.end - first)
+                if self.in_flight > 1 and length > CHUNK and aio.available():
+                    self._read_in_flight(entry, fd, buffer, first, need=entry.end - first)
+                else:
+                    self._pread(entry, fd, view[:length], first, need=entry.end - first)
                 return buffer[skip : skip + entry.nbytes]
             except OSError as err:
                 if err.errno != errno.EINVAL:
@@ -175,8 +211,39 @@ class DirectReader:
     def _pread(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
         _pread_exact(entry, fd, view, offset, need=need)
 
+    def _read_in_flight(self, entry: TensorEntry, fd: int, buffer: torch.Tensor, offset: int, *, need: int) -> None:
+        """Fill ``need`` bytes of ``buffer`` from ``offset`` in :data:`CHUNK` pieces, ``in_flight`` at a time.
+
+        A piece that came back short is completed with ``pread`` (which names ``entry`` if the file
+        ended); if the batch failed (out of resources, say), the whole range is read again with ``pread``.
+        """
+        spans = [(a, offset + a, -(-min(CHUNK, need - a) // ALIGNMENT) * ALIGNMENT) for a in range(0, need, CHUNK)]
+        view = buffer.numpy().data
+        try:
+            counts = aio.read_spans(self._duplicates(entry.path, fd), buffer.data_ptr(), spans)
+        except OSError as err:
+            logger.debug("lio_listio read of %s failed (%s); reading it with pread", entry.path, err)
+            self._pread(entry, fd, view[: spans[-1][0] + spans[-1][2]], offset, need=need)
+            return
+        for (at, _, length), got in zip(spans, counts):
+            wanted = min(length, need - at)
+            if got < wanted:  # only when the file ended early: pread says so, naming the entry
+                done = got - got % ALIGNMENT
+                self._pread(entry, fd, view[at + done : at + length], offset + at + done, need=wanted - done)
+
+    def _duplicates(self, path: str, fd: int) -> list[int]:
+        with self._lock:
+            dups = self._dups.get(path)
+            if dups is None:
+                dups = self._dups[path] = [fd] + [os.dup(fd) for _ in range(self.in_flight - 1)]
+            return dups
+
     def close(self) -> None:
         with self._lock:
+            for dups in self._dups.values():
+                for dup in dups[1:]:
+                    os.close(dup)
+            self._dups.clear()
             for fd, _ in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -184,53 +251,6 @@ class DirectReader:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
             self.close()
-
-
-def row_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
-    """``rows`` (sorted, distinct) as half-open runs of consecutive indices.
-
-    >>> row_runs([0, 1, 2, 7, 9, 10])
-    [(0, 3), (7, 8), (9, 11)]
-    """
-    runs: list[tuple[int, int]] = []
-    for row in rows:
-        if runs and runs[-1][1] == row:
-            runs[-1] = (runs[-1][0], row + 1)
-        else:
-            runs.append((row, row + 1))
-    return runs
-
-
-def read_rows(entry: TensorEntry, rows: Sequence[int], reader: DirectReader) -> torch.Tensor:
-    """Rows ``rows`` (sorted, distinct indices along dim 0) of the tensor ``entry``, read from its file alone.
-
-    Consecutive rows are read together, each run with one aligned read; nothing else of the tensor is
-    read. Returns a fresh ``(len(rows), *entry.shape[1:])`` tensor of ``entry.dtype``.
-
-    Example::
-
-        reader = DirectReader()
-        embeddings = read_rows(header.entries["model.embed_tokens.weight"], [1, 17, 4095], reader)
-    """
-    if not entry.shape:
-        raise ValueError(f"{entry.key!r} is a scalar; it has no rows to read")
-    row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-    out = torch.empty((len(rows), *entry.shape[1:]), dtype=entry.dtype)
-    if not rows or row_bytes == 0:
-        return out
-    flat = out.view(-1).view(torch.uint8)
-    runs = row_runs(rows)
-    pieces = [replace(entry, key=f"{entry.key}[{a}:{b}]", shape=(b - a, *entry.shape[1:]),
-                      start=entry.start + a * row_bytes, end=entry.start + b * row_bytes) for a, b in runs]
-    if runs[0][0] < 0 or runs[-1][1] > entry.shape[0]:
-        raise IndexError(f"rows {runs[0][0]}..{runs[-1][1] - 1} of {entry.key!r} asked; it has {entry.shape[0]}")
-    buffer = aligned_empty(max(padded_span(p)[1] for p in pieces))
-    at = 0
-    for piece in pieces:
-        raw = reader.read_into(piece, buffer)
-        flat[at : at + piece.nbytes].copy_(raw)
-        at += piece.nbytes
-    return out
 
 
 def drop_page_cache(path: str, start: int = 0, end: int | None = None) -> None:

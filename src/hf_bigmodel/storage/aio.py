@@ -1,0 +1,101 @@
+"""Several reads in flight in one call that releases the GIL once: glibc's ``lio_listio``.
+
+A Python thread that reads with ``pread`` gives the GIL up for the system call and must take it back
+before it can issue the next one; while the main thread runs Python, that can take a switch interval
+(5 ms) per read, and the disk idles meanwhile. Several threads reading chunks keep the disk busy but
+take the GIL back once per chunk, which the main thread's Python pays for. ``lio_listio(LIO_WAIT)``
+submits every chunk at once and returns when all are done: the GIL is released once for the whole
+run of tensors, and glibc's own threads (one per file descriptor, hence a duplicate descriptor per
+read in flight) keep that many requests at the device. ``benchmarks/reader_gil.py`` measures it
+against one ``pread`` per run and against a pool of threads.
+
+Only on Linux with glibc on a 64-bit machine (the ``struct aiocb`` layout below); elsewhere
+:func:`available` is False and readers fall back to one ``pread`` per run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import sys
+from collections.abc import Sequence
+from functools import cache
+
+__all__ = ["available", "read_spans"]
+
+_LIO_READ = 0
+_LIO_WAIT = 0
+
+
+class _Aiocb(ctypes.Structure):
+    """glibc's ``struct aiocb`` on 64-bit Linux (168 bytes; ``aio_offset`` is 64-bit there)."""
+
+    _fields_ = [
+        ("aio_fildes", ctypes.c_int), ("aio_lio_opcode", ctypes.c_int), ("aio_reqprio", ctypes.c_int),
+        ("aio_buf", ctypes.c_void_p), ("aio_nbytes", ctypes.c_size_t), ("aio_sigevent", ctypes.c_byte * 64),
+        ("next_prio", ctypes.c_void_p), ("abs_prio", ctypes.c_int), ("policy", ctypes.c_int),
+        ("error_code", ctypes.c_int), ("return_value", ctypes.c_ssize_t), ("aio_offset", ctypes.c_int64),
+        ("reserved", ctypes.c_byte * 32),
+    ]
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The C library that has ``lio_listio`` (libc since glibc 2.34, librt before), or None."""
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(_Aiocb) != 168:
+        return None
+    for name in ("c", "rt"):
+        path = ctypes.util.find_library(name)
+        if path is None:
+            continue
+        try:
+            lib = ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            continue
+        needed = ("lio_listio", "aio_error", "aio_return", "aio_suspend", "gnu_get_libc_version")  # glibc's
+        if all(hasattr(lib, f) for f in needed):
+            lib.aio_return.restype = ctypes.c_ssize_t
+            return lib
+    return None
+
+
+def available() -> bool:
+    """True where :func:`read_spans` works (Linux, glibc, 64-bit)."""
+    return _library() is not None
+
+
+def read_spans(fds: Sequence[int], address: int, spans: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Read every ``(buffer offset, file offset, length)`` span into memory at ``address``, all in flight.
+
+    Span ``i`` is read through ``fds[i % len(fds)]`` (descriptors of one file: glibc runs one request
+    per descriptor at a time). Returns the bytes each span got (fewer than asked only at the end of the
+    file). Returns only once no request is running, whatever happened; raises ``OSError`` with the first
+    failed request's error (or :func:`available`'s absence as ``ENOSYS``).
+    """
+    lib = _library()
+    if lib is None:
+        raise OSError(errno.ENOSYS, "lio_listio is not available on this platform")
+    blocks = (_Aiocb * len(spans))()
+    for block, (at, offset, length), index in zip(blocks, spans, range(len(spans))):
+        block.aio_fildes = fds[index % len(fds)]
+        block.aio_lio_opcode = _LIO_READ
+        block.aio_buf = address + at
+        block.aio_nbytes = length
+        block.aio_offset = offset
+    pointers = (ctypes.POINTER(_Aiocb) * len(spans))(*[ctypes.pointer(b) for b in blocks])
+    lib.lio_listio(_LIO_WAIT, pointers, len(spans), None)  # a signal may end the wait early: see below
+    counts: list[int] = []
+    failure = 0
+    for index, block in enumerate(blocks):
+        status = lib.aio_error(ctypes.byref(block))
+        while status == errno.EINPROGRESS:
+            lib.aio_suspend(ctypes.byref(pointers, index * ctypes.sizeof(ctypes.c_void_p)), 1, None)
+            status = lib.aio_error(ctypes.byref(block))
+        got = lib.aio_return(ctypes.byref(block))  # also frees glibc's record of the request
+        if status != 0 or got < 0:
+            failure = failure or status or errno.EIO
+        counts.append(max(int(got), 0))
+    if failure:
+        raise OSError(failure, f"lio_listio read failed: {errno.errorcode.get(failure, failure)}")
+    return counts
