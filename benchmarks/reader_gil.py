@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import json
 import mmap
 import os
@@ -133,21 +132,9 @@ def make_pool_reader(threads: int, chunk: int) -> Callable[[int, list[memoryview
     return read
 
 
-class _Aiocb(ctypes.Structure):
-    """glibc's ``struct aiocb`` on 64-bit Linux (168 bytes)."""
-
-    _fields_ = [
-        ("aio_fildes", ctypes.c_int), ("aio_lio_opcode", ctypes.c_int), ("aio_reqprio", ctypes.c_int),
-        ("aio_buf", ctypes.c_void_p), ("aio_nbytes", ctypes.c_size_t), ("aio_sigevent", ctypes.c_byte * 64),
-        ("next_prio", ctypes.c_void_p), ("abs_prio", ctypes.c_int), ("policy", ctypes.c_int),
-        ("error_code", ctypes.c_int), ("return_value", ctypes.c_ssize_t), ("aio_offset", ctypes.c_int64),
-        ("reserved", ctypes.c_byte * 32),
-    ]
-
-
 def make_aio_reader(in_flight: int, chunk: int) -> Callable[[int, list[memoryview], int], None]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    assert ctypes.sizeof(_Aiocb) == 168, ctypes.sizeof(_Aiocb)
+    """The prefetcher's way (:func:`hf_bigmodel.storage.aio.read_spans`): one ``lio_listio`` per group."""
+    from hf_bigmodel.storage import aio
 
     def read(fd: int, buffers: list[memoryview], groups: int) -> None:
         size = _padded_group()
@@ -155,17 +142,7 @@ def make_aio_reader(in_flight: int, chunk: int) -> Callable[[int, list[memoryvie
         try:
             for g in range(groups):
                 address = ctypes.addressof(ctypes.c_char.from_buffer(buffers[g % SLOTS]))
-                starts = list(range(0, size, chunk))
-                blocks = (_Aiocb * len(starts))()
-                for i, a in enumerate(starts):
-                    blocks[i].aio_fildes = fds[i % in_flight]
-                    blocks[i].aio_lio_opcode = 0  # LIO_READ
-                    blocks[i].aio_buf = address + a
-                    blocks[i].aio_nbytes = min(chunk, size - a)
-                    blocks[i].aio_offset = g * size + a
-                pointers = (ctypes.POINTER(_Aiocb) * len(starts))(*[ctypes.pointer(b) for b in blocks])
-                if libc.lio_listio(0, pointers, len(starts), None) != 0:  # LIO_WAIT: GIL released throughout
-                    raise OSError(ctypes.get_errno(), "lio_listio failed")
+                aio.read_spans(fds, address, [(a, g * size + a, min(chunk, size - a)) for a in range(0, size, chunk)])
         finally:
             for d in fds:
                 os.close(d)
