@@ -34,10 +34,12 @@ def llama(tmp_path_factory):
     return save_small_bf16_llama(tmp_path_factory.mktemp("llama")).path
 
 
-@pytest.mark.parametrize("prefetch", [None, 1, "100KiB"])
-def test_planned_memory_bounds_the_prefetcher_of_a_dispatched_model(llama, prefetch, monkeypatch) -> None:
+@pytest.mark.parametrize(("prefetch", "embedding"), [(None, "cpu"), (1, "cpu"), ("100KiB", "cpu"), (None, "disk")])
+def test_planned_memory_bounds_the_prefetcher_of_a_dispatched_model(llama, prefetch, embedding, monkeypatch) -> None:
+    """An embedding on disk reads its rows itself, in no group: the plan leaves it out as the prefetcher does."""
     monkeypatch.delenv(ENV_VAR, raising=False)
-    device_map = _device_map({"model.layers.1", "model.layers.2", "model.layers.3", "model.norm", "lm_head"})
+    disk = {"model.layers.1", "model.layers.2", "model.layers.3", "model.norm", "lm_head"}
+    device_map = _device_map(disk | ({"model.embed_tokens"} if embedding == "disk" else set()))
     empty = _empty_llama()
     planned = plan_prefetch(empty, device_map, sizes=compute_module_sizes(empty, torch.bfloat16), prefetch=prefetch)
     model = load_checkpoint_and_dispatch(_empty_llama(), llama, device_map=device_map, dtype=torch.bfloat16,

@@ -20,6 +20,7 @@ from ..model.naming import is_within, join, owner, parent
 from ..plan.devices import Device, torch_device
 from ..plan.placement import Placement
 from ..storage.direct_io import ALIGNMENT
+from .embedding_rows import row_readable
 from .prefetch_window import Window, prefetch_memory, prefetch_window
 
 __all__ = ["GROUP_BYTES", "MERGE_BYTES", "PlannedPrefetch", "cut_groups", "find_blocks", "plan_prefetch",
@@ -95,11 +96,16 @@ def plan_prefetch(
     on_cpu = placement.main == "cpu"
     units: list[tuple[str, str, int]] = []
     room: list[int] = []  # what each unit takes in a buffer (CPU) or on the device (CUDA)
+    holders: dict[int, int] = {}  # id of a parameter -> modules holding it (a tied one: several)
+    for _, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)] = holders.get(id(param), 0) + 1
     for name, module in model.named_modules():
         key = owner(name, device_map)
         if key is None or not placement.is_offloaded(device_map[key]):
             continue
         leaves = [leaf for leaf, _ in module.named_parameters(recurse=False)]
+        if device_map[key] == "disk" and row_readable(module, leaves) and holders[id(module.weight)] == 1:
+            continue  # an embedding on disk reads its batch's rows itself, in no group (a tied one: whole)
         leaves += [leaf for leaf, _ in module.named_buffers(recurse=False)] if offload_buffers else []
         found = [sizes[join(name, leaf)] for leaf in leaves if join(name, leaf) in sizes]  # tied: counted once
         if sum(found):
