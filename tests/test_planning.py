@@ -212,9 +212,22 @@ def test_verbose_logs_decisions_and_never_prints(toy, caplog, capsys):
     assert caplog.text == ""
 
 
-def test_a_disk_budget_is_ignored_disk_is_always_the_unlimited_last_resort(toy):
-    assert plan(toy, {0: 1000, "disk": 0}) == {"embed": 0, "stack.scale": 0, "stack.blocks": "disk", "norm": "disk",
-                                               "head": 0}
+def test_a_disk_budget_is_a_budget_and_disk_is_unlimited_without_one(toy):
+    expected = {"embed": 0, "stack.scale": 0, "stack.blocks": "disk", "norm": "disk", "head": 0}
+    assert plan(toy, {0: 1000}) == expected
+    sizes, buffers = compute_module_sizes(toy), compute_module_sizes(toy, buffers_only=True)
+    stored = {name: sizes[name] - buffers.get(name, 0) for name in sizes}  # buffers stay in RAM, not on disk
+    on_disk = sum(stored[name] for name, device in expected.items() if device == "disk")
+    assert plan(toy, {0: 1000, "disk": on_disk}) == expected  # exactly what it needs
+    for budget in range(0, on_disk, 50):  # less: another plan within the budget, or an error saying so
+        try:
+            found = plan(toy, {0: 1000, "disk": budget})
+        except DeviceMapError as err:
+            assert "are left once every device is full" in str(err) and "'disk': " in str(err)
+            continue
+        assert sum(stored[name] for name, device in found.items() if device == "disk") <= budget, (budget, found)
+    with pytest.raises(DeviceMapError, match="'disk': 0 B of 0 B"):
+        plan(toy, {0: 1000, "disk": 0})
 
 
 def test_resolve_passes_planning_options_through(toy):

@@ -409,7 +409,7 @@ def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, d
     reader.close()
 
 
-@pytest.mark.parametrize("mode", ["mmap", "chunked", "uncached"])
+@pytest.mark.parametrize("mode", ["chunked", "uncached"])
 def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
     from safetensors.torch import save_file
 
@@ -427,7 +427,6 @@ def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
     save_file(tensors, tmp_path / "model.safetensors")
     before = (tmp_path / "model.safetensors").read_bytes()
     monkeypatch.setattr(diskio, "READ_CHUNK", ALIGNMENT)
-    monkeypatch.setenv("HF_BIGMODEL_MMAP", "1" if mode == "mmap" else "0")
     ckpt = find_checkpoint(tmp_path)
     got = dict(read_shard(ckpt, ckpt.files[0], {"a", "b", "c", "d"}, uncached=mode == "uncached"))
     assert got.keys() == tensors.keys()
@@ -436,24 +435,6 @@ def test_read_shard_gives_every_tensor_exactly(tmp_path, monkeypatch, mode):
     got["b"].mul_(2)  # writes stay in the process, whatever the reading mode
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert dict(read_shard(ckpt, ckpt.files[0], {"c"})).keys() == {"c"}
-
-
-def test_read_shard_reads_when_the_file_cannot_be_mapped(tmp_path, monkeypatch):
-    from safetensors.torch import save_file
-
-    from hf_bigmodel.storage.checkpoint import find_checkpoint
-    from hf_bigmodel.storage.direct_io import read_shard
-
-    tensors = {"w": torch.arange(12.0).view(3, 4)}
-    save_file(tensors, tmp_path / "model.safetensors")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("mmap not supported on this filesystem")
-
-    monkeypatch.setattr(torch.UntypedStorage, "from_file", refuse)
-    ckpt = find_checkpoint(tmp_path)
-    got = dict(read_shard(ckpt, ckpt.files[0]))
-    assert torch.equal(got["w"], tensors["w"])
 
 
 def test_the_prefetcher_serves_any_streamed_weights_without_hooks(tmp_path):

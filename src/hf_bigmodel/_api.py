@@ -10,6 +10,8 @@ from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DeviceMapError,
+    DtypeError,
+    FileChangedError,
     GatedModelError,
     HubError,
     InvalidIndexError,
@@ -46,6 +48,7 @@ from .runtime.hooks import (
     remove_hook_from_submodules,
 )
 from .runtime.offload_model import cpu_offload, cpu_offload_with_hook, disk_offload
+from .storage.accelerate_compat import OffloadedWeightsLoader, offload_state_dict
 
 __all__ = [
     # empty skeletons
@@ -68,6 +71,8 @@ __all__ = [
     "cpu_offload",
     "cpu_offload_with_hook",
     "disk_offload",
+    "offload_state_dict",
+    "OffloadedWeightsLoader",
     # hooks
     "ModelHook",
     "SequentialHook",
@@ -91,6 +96,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DeviceMapError",
+    "DtypeError",
+    "FileChangedError",
     "GatedModelError",
     "HubError",
     "InvalidIndexError",

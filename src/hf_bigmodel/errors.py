@@ -20,6 +20,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DeviceMapError",
+    "DtypeError",
+    "FileChangedError",
     "GatedModelError",
     "HubError",
     "InvalidIndexError",
@@ -132,6 +134,15 @@ class DeviceMapError(BigModelError, ValueError):
         self.modules = list(modules)
 
 
+class DtypeError(BigModelError, ValueError):
+    """A dtype asked for cannot hold the weights' values (``torch.int8`` for a floating-point checkpoint)."""
+
+    def __init__(self, message: str, *, dtype: Any = None, names: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.dtype = dtype
+        self.names = list(names)
+
+
 class CheckpointError(BigModelError):
     """Base class of the problems found in a checkpoint."""
 
@@ -154,6 +165,16 @@ class InvalidIndexError(CheckpointError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError, ValueError):
     """A torch pickle asked to run code or build objects that plain tensors never need."""
+
+
+class FileChangedError(CheckpointError, OSError):
+    """A weights file changed (size, modification time, inode or header) after it was planned.
+
+    Raised before anything is read from it: offsets taken from the old file would read wrong weights.
+    """
+
+    def __str__(self) -> str:  # OSError would otherwise format errno/strerror
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointMismatchError(CheckpointError, RuntimeError):

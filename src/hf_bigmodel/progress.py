@@ -6,9 +6,10 @@ Silence them with ``HF_BIGMODEL_DISABLE_PROGRESS_BARS=1`` (or huggingface_hub's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from .env import flag
 
 if TYPE_CHECKING:
     import torch
@@ -17,10 +18,8 @@ __all__ = ["ByteProgress", "progress_enabled"]
 
 
 def progress_enabled() -> bool:
-    for var in ("HF_BIGMODEL_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return False
-    return True
+    return not (flag("HF_BIGMODEL_DISABLE_PROGRESS_BARS", default=False)
+                or flag("HF_HUB_DISABLE_PROGRESS_BARS", default=False, strict=False))
 
 
 class ByteProgress:

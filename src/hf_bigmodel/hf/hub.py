@@ -14,7 +14,6 @@ without a single request.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from ..env import flag
 from ..errors import (
     Advice,
     GatedModelError,
     HubError,
-    InvalidIndexError,
     ModelFileNotFoundError,
     ModelNotFoundError,
     OfflineCacheMissError,
@@ -34,6 +33,13 @@ from ..errors import (
     summarize,
 )
 from ..model.sizes import format_size
+from ..storage.index import (
+    DEFAULT_WEIGHT_NAMES,
+    DIFFUSERS_WEIGHT_NAMES,
+    INDEX_SUFFIX,
+    TRANSFORMERS_WEIGHT_NAMES,
+    parse_index,
+)
 from ..version import __version__
 
 __all__ = [
@@ -48,22 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRANSFORMERS_WEIGHT_NAMES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-DIFFUSERS_WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.bin.index.json",
-    "diffusion_pytorch_model.bin",
-)
-#: Safetensors (either library's names) before torch pickles; an index before a single file.
-DEFAULT_WEIGHT_NAMES = (*TRANSFORMERS_WEIGHT_NAMES[:2], *DIFFUSERS_WEIGHT_NAMES[:2],
-                        *TRANSFORMERS_WEIGHT_NAMES[2:], *DIFFUSERS_WEIGHT_NAMES[2:])
-_INDEX = ".index.json"
+_INDEX = INDEX_SUFFIX
 _OTHER_NAMES = Advice("If they are named otherwise, pass {}.", "weight_names", "[...]")
 _PIN = Advice("Or pin a revision whose shards are complete: {}.", "revision", "'<commit>'")
 
@@ -250,7 +241,7 @@ def _collect(
     checkpoint = get(chosen)
     if not chosen.endswith(_INDEX):
         return chosen, checkpoint, (checkpoint,)
-    shards = _index_shards(checkpoint, chosen)
+    shards = parse_index(checkpoint).shards
     if not fetch_shards:
         return chosen, checkpoint, tuple(checkpoint.parent / s for s in shards)
     missing = [s for s in shards if not has(s)]
@@ -489,8 +480,8 @@ def _offline_reason(local_files_only: bool) -> str:
 
     if local_files_only:
         return _LOCAL_ONLY
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return _OFFLINE_ENV if env or constants.is_offline_mode() else ""
+    offline = flag("HF_HUB_OFFLINE", default=False, strict=False) or constants.is_offline_mode()
+    return _OFFLINE_ENV if offline else ""
 
 
 def _cache_dir(repo: _Repo) -> str:
@@ -550,38 +541,3 @@ def _resolve_cached(
 # -- indexes and formats ---------------------------------------------------------------------------
 def _format(name: str) -> Literal["safetensors", "torch"]:
     return "safetensors" if name.removesuffix(_INDEX).endswith(".safetensors") else "torch"
-
-
-def _index_shards(index_file: Path, name: str) -> list[str]:
-    """The shards an index names, in first-use order, once each is checked to be a safe relative path.
-
-    Shards must stay inside the index's folder (no absolute path, drive or ``..``) and carry the
-    extension of the index's own name (``model.safetensors.index.json`` -> ``.safetensors``).
-    """
-    where = str(index_file)
-    try:
-        data = json.loads(index_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidIndexError(f"Index {where!r} is not valid JSON ({err}).", path=where) from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InvalidIndexError(
-            f"Index {where!r} has no 'weight_map' object mapping tensor names to shard files.", path=where
-        )
-    ext = PurePosixPath(name.removesuffix(_INDEX)).suffix
-    shards = list(dict.fromkeys(weight_map.values()))
-    bad = []
-    for shard in shards:
-        if not isinstance(shard, str) or not shard:
-            bad.append(f"{shard!r} (not a file name)")
-        elif shard.startswith("/") or "\\" in shard or ":" in shard or ".." in PurePosixPath(shard).parts:
-            bad.append(f"{shard!r} (points outside the index's folder)")
-        elif not shard.endswith(ext):
-            bad.append(f"{shard!r} (not a {ext} file)")
-    if bad:
-        raise InvalidIndexError(
-            f"Index {where!r} names invalid shard(s): {summarize(bad)}. Shards must be relative {ext} file "
-            "names inside the index's folder; this index is broken or malicious.",
-            path=where,
-        )
-    return shards

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import Advice, DeviceMapError, OffloadError, summarize
-from ..model.dtypes import resolve_dtype
+from ..model.dtypes import check_cast, resolve_dtype
 from ..model.tensors import ModelTensor, model_tensors, put_tensor, set_tensor
 from ..plan.device_map import check_device_map
 from ..plan.devices import Device, is_present, torch_device
@@ -115,8 +115,11 @@ def load_checkpoint(
     cast = resolve_dtype(dtype) if dtype is not None else None
     dm = check_device_map(model, device_map) if device_map is not None else None
     slots = model_tensors(model)
+    infos = ckpt.scan()
+    if cast is not None:
+        check_cast(cast, {key: info.dtype for key, info in infos.items()}, source=repr(ckpt.path))
     plan = plan_load(
-        slots, ckpt.scan(), path=ckpt.path, device_map=dm, dtype=cast,
+        slots, infos, path=ckpt.path, device_map=dm, dtype=cast,
         keep_in_fp32_modules=list(keep_in_fp32_modules or []), offload_buffers=offload_buffers, strict=strict,
         key_mapping=key_mapping, conversions=conversions,
     )
@@ -305,9 +308,9 @@ def _retype_placeholders(slots: Mapping[str, ModelTensor], weights: WeightsMap) 
 
 
 def _source_id(file: str) -> str:
-    """Identity of a checkpoint shard (path, size, mtime): names its converted copy in the offload folder."""
+    """Identity of a checkpoint shard (path, size, mtime, inode): names its converted copy in the offload folder."""
     st = os.stat(file)
-    return f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
 
 
 def _bytes_to_convert(folder: OffloadFolder, plan: LoadPlan) -> int:

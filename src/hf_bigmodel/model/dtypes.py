@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["FLOAT8", "resolve_dtype", "target_dtype", "matches_module"]
+from ..errors import DtypeError, summarize
+
+__all__ = ["FLOAT8", "check_cast", "resolve_dtype", "target_dtype", "matches_module"]
 
 #: The 8-bit float dtypes this torch has. Their values mean something only with the scales stored beside
 #: them, so they are never cast to or from another dtype implicitly.
@@ -65,3 +67,28 @@ def target_dtype(
     if keep_in_fp32_modules and matches_module(name, keep_in_fp32_modules):
         return torch.float32
     return dtype
+
+
+def check_cast(dtype: torch.dtype, tensors: Mapping[str, torch.dtype], *, source: str = "the checkpoint") -> None:
+    """Refuse a ``dtype`` that cannot hold floating-point weights (``int8``, ``uint8``, ``bool``, complex...).
+
+    ``dtype`` applies to floating-point tensors only (:func:`target_dtype`); ``tensors`` maps names to their
+    dtype in ``source``. Casting floats to an integer type would truncate every weight to a few values
+    and fail later inside a forward, so it raises :class:`~hf_bigmodel.errors.DtypeError` now, naming them.
+
+    >>> check_cast(torch.bfloat16, {"w": torch.float32})
+    >>> check_cast(torch.int8, {"w": torch.float32})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hf_bigmodel.errors.DtypeError: dtype=torch.int8 cannot hold the floating-point weights of the checkpoint ...
+    """
+    if dtype.is_floating_point:
+        return
+    floats = [name for name, kind in tensors.items() if kind.is_floating_point and kind not in FLOAT8]
+    if floats:
+        raise DtypeError(
+            f"dtype={dtype} cannot hold the floating-point weights of {source} ({len(floats)} tensor(s): "
+            f"{summarize(floats, 5)}). The dtype option sets the floating-point type the weights are loaded "
+            "in: pass torch.float16, torch.bfloat16 or torch.float32 (quantising to integers needs a quantiser).",
+            dtype=dtype, names=floats,
+        )

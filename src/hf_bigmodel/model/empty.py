@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .tensors import ModelTensor, put_tensor, set_tensor
+from .tensors import ModelTensor, set_tensor
 
 __all__ = ["init_empty_weights", "init_on_device", "register_meta_build_context"]
 
@@ -47,9 +47,12 @@ def init_empty_weights(include_buffers: bool | None = None) -> Iterator[None]:
 def init_on_device(device: torch.device | str | int, include_buffers: bool | None = None) -> Iterator[None]:
     """Create every parameter (and, with ``include_buffers``, every buffer) registered inside on ``device``.
 
-    With ``include_buffers=True`` the device also becomes torch's default device, so intermediate
-    tensors built in ``__init__`` are created there directly. On the meta device, transformers models
-    skip their weight initialisation of modules that hold only meta tensors (it would compute nothing).
+    With ``include_buffers=True`` the model is built inside torch's device context: parameters, buffers and
+    intermediate tensors of ``__init__`` are created there directly, and nothing of ``nn.Module`` is
+    replaced (as accelerate does on torch >= 2). Without it, ``register_parameter`` moves parameters as
+    they are registered (keeping their class and attributes) and buffers stay where they are built. On the
+    meta device, transformers models skip their weight initialisation of modules that hold only meta
+    tensors (it would compute nothing).
 
     Example::
 
@@ -59,8 +62,11 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
     if isinstance(device, int):
         device = torch.device("cuda", device)
     device = torch.device(device)
+    if include_buffers:  # torch's device context creates every tensor there: nothing of nn.Module is replaced
+        with device, _meta_build(device):
+            yield
+        return
     original_register_parameter = nn.Module.register_parameter
-    original_register_buffer = nn.Module.register_buffer
 
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original_register_parameter(module, name, param)
@@ -68,24 +74,19 @@ def init_on_device(device: torch.device | str | int, include_buffers: bool | Non
             # Keeps the Parameter subclass and its extra attributes (quantised or sharded params carry some).
             set_tensor(ModelTensor(module, name, False), param.to(device))
 
-    def register_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        original_register_buffer(module, name, tensor, persistent=persistent)
-        if tensor is not None and tensor.device != device:
-            put_tensor(ModelTensor(module, name, True), tensor.to(device))
-
-    replacements: dict[str, Callable[..., None]] = {"register_parameter": register_parameter}
-    if include_buffers:
-        replacements["register_buffer"] = register_buffer
-    for method, replacement in replacements.items():  # setattr: mypy cannot type a function put over a method
-        setattr(nn.Module, method, replacement)
+    setattr(nn.Module, "register_parameter", register_parameter)  # noqa: B010  (mypy: a function over a method)
     try:
-        with ExitStack() as stack:
-            if include_buffers:
-                stack.enter_context(device)
-            if device.type == "meta":
-                for factory in _META_BUILD_CONTEXTS:
-                    stack.enter_context(factory())
+        with _meta_build(device):
             yield
     finally:
         nn.Module.register_parameter = original_register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = original_register_buffer  # type: ignore[method-assign]
+
+
+@contextmanager
+def _meta_build(device: torch.device) -> Iterator[None]:
+    """The registered meta-build contexts, entered when building on the meta device."""
+    with ExitStack() as stack:
+        if device.type == "meta":
+            for factory in _META_BUILD_CONTEXTS:
+                stack.enter_context(factory())
+        yield

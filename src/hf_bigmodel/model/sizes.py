@@ -50,7 +50,7 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
             raise ValueError(f"Invalid {what}: {value!r} is not a finite number of bytes.")
         if value < 0:
             raise ValueError(f"Invalid {what}: {value!r} is negative; give a byte count >= 0 such as 2**30 or '1GiB'.")
-        return int(value)
+        return _bounded(value, value, what)
     if not isinstance(value, str):
         raise ValueError(f"Invalid {what}: expected bytes (int) or a string like '10GiB', got {type(value).__name__}.")
     match = _SIZE_RE.match(value)
@@ -75,7 +75,25 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
             f"Invalid {what}: unknown unit {unit!r} in {value!r}. "
             "Use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2)."
         )
-    size = number * factor / (8 if bits else 1)
+    return _bounded(number * factor / (8 if bits else 1), value, what)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, int) and value > 10**30:  # repr of a 5,000-digit integer raises ValueError
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:48]
+
+
+#: No device holds more bytes than this (16 EiB); a larger "size" is a typo or an attempt at infinity.
+MAX_SIZE = 2**64
+
+
+def _bounded(size: float, value: object, what: str) -> int:
+    if size > MAX_SIZE or (isinstance(size, float) and not math.isfinite(size)):
+        raise ValueError(
+            f"Invalid {what}: {_short(value)} is more bytes than any device holds (over 16 EiB). Give the real "
+            "size, or leave the device out of max_memory to use what it has."
+        )
     return int(size)
 
 

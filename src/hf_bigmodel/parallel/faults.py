@@ -27,6 +27,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..env import text as env_text
 from ..errors import PipelineError, RankFailedError
 from .world import World
 
@@ -38,9 +39,9 @@ _BEATS_TO_LOSE = 10
 
 def heartbeat_interval() -> float:
     """Seconds between heartbeats (``HF_BIGMODEL_PIPELINE_HEARTBEAT``, default 1)."""
-    raw = os.environ.get("HF_BIGMODEL_PIPELINE_HEARTBEAT", "")
+    raw = env_text("HF_BIGMODEL_PIPELINE_HEARTBEAT")
     try:
-        value = float(raw) if raw.strip() else 1.0
+        value = float(raw) if raw is not None else 1.0
     except ValueError:
         raise PipelineError(f"HF_BIGMODEL_PIPELINE_HEARTBEAT={raw!r} is not a number of seconds.") from None
     return max(value, 0.01)

@@ -26,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..env import text as env_text
 from ..errors import PipelineError
 
 __all__ = ["World", "join_world", "launched_world_size", "pipeline_timeout"]
@@ -45,9 +46,9 @@ def launched_world_size() -> int:
 
 def pipeline_timeout() -> float:
     """Seconds any process waits for another (``HF_BIGMODEL_PIPELINE_TIMEOUT``, default 600)."""
-    raw = os.environ.get("HF_BIGMODEL_PIPELINE_TIMEOUT", "")
+    raw = env_text("HF_BIGMODEL_PIPELINE_TIMEOUT")
     try:
-        value = float(raw) if raw.strip() else DEFAULT_TIMEOUT
+        value = float(raw) if raw is not None else DEFAULT_TIMEOUT
     except ValueError:
         raise PipelineError(
             f"HF_BIGMODEL_PIPELINE_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 600."

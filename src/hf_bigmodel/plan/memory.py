@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
 
+from ..env import text as env_text
 from ..errors import DeviceMapError, InvalidMaxMemoryError
 from ..model.sizes import parse_size
 from .devices import Device, device_rank, is_present, local_devices, normalize_device
@@ -73,8 +73,8 @@ def get_max_memory(
     """
     if max_memory is None:
         budgets: dict[Device, int] = {d: available_memory(d) for d in local_devices()}
-        cap = os.environ.get("HF_BIGMODEL_MAX_CPU_MEMORY")
-        if cap:
+        cap = env_text("HF_BIGMODEL_MAX_CPU_MEMORY")
+        if cap is not None:
             budgets["cpu"] = min(budgets["cpu"], parse_size(cap, what="HF_BIGMODEL_MAX_CPU_MEMORY"))
         return budgets
     if not isinstance(max_memory, Mapping):

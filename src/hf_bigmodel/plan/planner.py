@@ -1,9 +1,10 @@
 """Device-map planning: where each module's weights are stored, decided from sizes and budgets alone.
 
 Planning is pure. It reads shapes and dtypes (meta tensors are fine), never allocates and never touches
-files. Devices are filled in budget order (GPUs by index, other accelerators, ``"cpu"``, then an
-unlimited ``"disk"``). Room for the largest offloaded layer is kept on the execution device only when
-something is actually offloaded, unlike accelerate, which always reserves it.
+files. Devices are filled in budget order (GPUs by index, other accelerators, ``"cpu"``, then
+``"disk"``, unlimited unless ``max_memory`` gives it a budget). Room for the largest offloaded layer is
+kept on the execution device only when something is actually offloaded, unlike accelerate, which always
+reserves it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 import torch
 from torch import nn
 
-from ..errors import Advice, BigModelWarning, summarize
+from ..errors import Advice, BigModelWarning, DeviceMapError, summarize
 from ..model.naming import join, owner, parent
 from ..model.sizes import compute_module_sizes, format_size
 from ..model.tensors import model_tensors, tie_groups
@@ -236,7 +237,25 @@ def _assign(
                 continue
         log("Nothing more goes on %r (%s used of %s).", device, format_size(used[device]), format_size(room))
         index += 1
+        if index == len(devices):
+            raise _no_room(tree, queue.names(), used, limits, offloaded)
     return placement
+
+
+def _no_room(
+    tree: _Tree, left: list[str], used: Mapping[Device, int], limits: Mapping[Device, int | None],
+    offloaded: set[Device],
+) -> DeviceMapError:
+    """Every device is full (``"disk"`` has a budget too) and ``left`` is still unplaced: say by how much."""
+    short = tree.cost(left, "disk" in offloaded)
+    budgets = ", ".join(f"{d!r}: {format_size(used[d])} of {format_size(limit)}"
+                        for d, limit in limits.items() if limit is not None)
+    return DeviceMapError(
+        f"The model does not fit in max_memory: {format_size(short)} of weights (in {summarize(left, 5)}) are left "
+        f"once every device is full ({budgets}; room kept for offloaded layers included). Raise max_memory for "
+        "a device (e.g. 'disk'), or load in a smaller dtype.",
+        modules=left,
+    )
 
 
 def _search(queue: _Queue, names: list[str], exclude: set[str], room: int, offloaded: bool) -> list[str] | None:
@@ -295,8 +314,9 @@ def infer_auto_device_map(
     moves to the next device. Tied parameters always land together. When anything is offloaded (to
     ``"cpu"`` while an accelerator exists, or to ``"disk"``), the execution device (the first accelerator,
     else the CPU) keeps room for the largest offloaded layer plus, unless ``offload_buffers``, the
-    buffers of offloaded modules. ``"disk"`` is always the unlimited last resort (a ``"disk"`` budget is
-    ignored). ``fallback_allocation`` lets a device that would stay empty take a later item that fits.
+    buffers of offloaded modules. ``"disk"`` is the last resort, unlimited unless ``max_memory`` gives it
+    a budget; a model that does not fit then raises :class:`~hf_bigmodel.errors.DeviceMapError` naming
+    the shortfall. ``fallback_allocation`` lets a device that would stay empty take a later item that fits.
     ``verbose`` logs each decision at INFO level on the ``hf_bigmodel.plan.planner`` logger.
     ``tensor_sizes``: bytes of tensors whose loaded form differs from their dtype (quantized weights).
 
@@ -380,7 +400,8 @@ def _assign_with_reserve(
     fallback: bool, log: Callable[..., None],
 ) -> dict[str, Device]:
     """One greedy pass with ``reserve`` bytes kept free on ``main`` for offloaded layers."""
-    limits = {d: None if d == "disk" else max(budgets[d] - (reserve if d == main else 0), 0) for d in devices}
+    limits = {d: budgets.get(d) if d == "disk" else max(budgets[d] - (reserve if d == main else 0), 0)
+              for d in devices}
     offloaded: set[Device] = {"disk"} if main == "cpu" else {"disk", "cpu"}
     return _assign(tree, devices, limits, offloaded, fallback=fallback, log=log)
 

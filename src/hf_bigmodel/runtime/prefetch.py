@@ -35,7 +35,6 @@ the forward that needs the group, naming the file. The thread stops on :meth:`Pr
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..env import whole_number
 from ..errors import BigModelError, OffloadError
 from ..model.sizes import format_size
 from ..storage.direct_io import DirectReader, aligned_empty, reads_in_flight
@@ -80,19 +80,12 @@ def prefetch_depth(prefetch: int | None = None) -> int:
     >>> prefetch_depth(0)
     0
     """
-    source, value = "prefetch", prefetch
-    if value is None:
-        raw = os.environ.get(ENV_VAR, "").strip()
-        if not raw:
-            return DEFAULT_DEPTH
-        source = ENV_VAR
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_VAR}={raw!r} is not a whole number; set it to 0 (off), 1, 2...") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid {source}: {value!r}; pass a whole number >= 0 (0 turns prefetching off).")
-    return value
+    if prefetch is None:
+        depth = whole_number(ENV_VAR)
+        return DEFAULT_DEPTH if depth is None else depth
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"Invalid prefetch: {prefetch!r}; pass a whole number >= 0 (0 turns prefetching off).")
+    return prefetch
 
 
 def prefetcher_of(model: nn.Module) -> Prefetcher | None:

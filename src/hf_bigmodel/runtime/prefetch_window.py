@@ -17,11 +17,11 @@ each buffer sized for its own group), or ``0`` (off).
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..env import text as env_text
 from ..model.sizes import format_size, parse_size
 
 __all__ = ["DEFAULT_GROUPS", "ENV_VAR", "Window", "prefetch_memory", "prefetch_window"]
@@ -66,8 +66,8 @@ def prefetch_window(prefetch: int | str | None = None) -> Window:
     source: str = "prefetch"
     value: int | str | None = prefetch
     if value is None:
-        raw = os.environ.get(ENV_VAR, "").strip()
-        if not raw:
+        raw = env_text(ENV_VAR)
+        if raw is None:
             return Window()
         source, value = ENV_VAR, raw
     if isinstance(value, bool) or not isinstance(value, (int, str)):

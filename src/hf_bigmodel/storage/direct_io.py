@@ -16,9 +16,9 @@ reading thread releases the GIL once per run of tensors instead of once per read
 serves several requests at once (NVMe, virtio) is kept busy. Where that is not available reads go one
 at a time. ``HF_BIGMODEL_READS_IN_FLIGHT`` sets what the prefetcher uses (:func:`reads_in_flight`).
 
-:func:`read_shard` is the loader's way through a shard: O_DIRECT under a memory cap, else a private
-memory map (zero-copy), or buffered reads in parallel chunks (much faster than one ``pread`` into
-memory not yet faulted in).
+:func:`read_shard` is the loader's way through a shard: O_DIRECT under a memory cap, else buffered
+reads in parallel chunks (much faster than one ``pread`` into memory not yet faulted in). Never a
+memory map: a loaded tensor must own its bytes (see :func:`read_shard`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import CorruptCheckpointError
+from ..env import flag
 from . import aio
+from .files import pread_exact
 from .safetensors_io import TensorEntry
 
 if TYPE_CHECKING:
@@ -66,25 +67,9 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FADVISE = hasattr(os, "posix_fadvise")
 
 
-def _pread_exact(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
-    """``pread`` until ``need`` bytes of ``view`` are filled from ``offset``; a short file names ``entry``."""
-    done = 0
-    while done < need:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CorruptCheckpointError(
-                f"{entry.path!r} ended while reading {entry.key!r} (byte {offset + done} of "
-                f"{entry.start}..{entry.end}); the file was truncated or replaced after it was opened. "
-                "Download or write it again.",
-                path=entry.path,
-            )
-        done += n
-
-
 def direct_io_enabled() -> bool:
     """False when ``HF_BIGMODEL_DIRECT_IO`` is ``0``/``false``/``off``/``no``, or the OS has no O_DIRECT."""
-    setting = os.environ.get("HF_BIGMODEL_DIRECT_IO", "").strip().lower()
-    return bool(_O_DIRECT) and setting not in ("0", "false", "off", "no")
+    return bool(_O_DIRECT) and flag("HF_BIGMODEL_DIRECT_IO", default=True)
 
 
 def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False) -> torch.Tensor:
@@ -147,33 +132,46 @@ class DirectReader:
         self.in_flight = in_flight
         self._fds: dict[str, tuple[int, bool]] = {}
         self._dups: dict[str, list[int]] = {}
+        self._checked: set[str] = set()  # files whose descriptor was fstat-ed since the last new_group()
         self._lock = threading.Lock()
 
-    def _open(self, path: str) -> tuple[int, bool]:
+    def new_group(self) -> None:
+        """Start a group of reads: each file is checked again (one ``fstat``) before its next read."""
+        with self._lock:
+            self._checked.clear()
+
+    def _open(self, entry: TensorEntry) -> tuple[int, bool]:
+        """The descriptor for ``entry``'s file: opened (and checked: stat and header) once, then ``fstat``-ed
+        once per group against the identity recorded when the file was planned."""
+        path = entry.path
         with self._lock:
             found = self._fds.get(path)
             if found is not None:
+                if path not in self._checked and entry.identity is not None:
+                    entry.identity.check_fd(found[0])
+                self._checked.add(path)
                 return found
             fd, direct = -1, False
             if self.direct:
                 try:
-                    fd, direct = os.open(path, os.O_RDONLY | _O_DIRECT), True
+                    fd, direct = _open_checked(entry, os.O_RDONLY | _O_DIRECT), True
                 except OSError as err:
                     if err.errno != errno.EINVAL:
                         raise
                     logger.debug("%s does not support O_DIRECT; reading it buffered and dropping its pages", path)
             if fd < 0:
-                fd = os.open(path, os.O_RDONLY)
+                fd = _open_checked(entry, os.O_RDONLY)
             self._fds[path] = (fd, direct)
+            self._checked.add(path)
             return fd, direct
 
-    def _buffered(self, path: str, fd: int) -> None:
-        """``O_DIRECT`` was refused at read time: reopen ``path`` buffered for good."""
+    def _buffered(self, entry: TensorEntry, fd: int) -> None:
+        """``O_DIRECT`` was refused at read time: reopen the file buffered for good (checked again)."""
         with self._lock:
-            for dup in self._dups.pop(path, [fd])[1:]:
+            for dup in self._dups.pop(entry.path, [fd])[1:]:
                 os.close(dup)
             os.close(fd)
-            self._fds[path] = (os.open(path, os.O_RDONLY), False)
+            self._fds[entry.path] = (_open_checked(entry, os.O_RDONLY), False)
 
     def read_into(self, entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``entry``'s bytes into ``buffer`` (aligned ``uint8``, at least ``padded_span(entry)[1]`` long).
@@ -187,8 +185,9 @@ class DirectReader:
         skip = entry.start - first
         if entry.nbytes == 0:
             return buffer[skip:skip]
-        fd, direct = self._open(entry.path)
+        fd, direct = self._open(entry)
         view = buffer.numpy().data
+        what = repr(entry.key)
         if direct:
             try:
                 if self.in_flight > 1 and length > CHUNK and aio.available():
@@ -200,16 +199,16 @@ class DirectReader:
                 if err.errno != errno.EINVAL:
                     raise
                 logger.debug("O_DIRECT read of %s refused (%s); falling back to buffered reads", entry.path, err)
-                self._buffered(entry.path, fd)
-                fd, _ = self._open(entry.path)
-        self._pread(entry, fd, view[skip : skip + entry.nbytes], entry.start, need=entry.nbytes)
+                self._buffered(entry, fd)
+                fd, _ = self._open(entry)
+        pread_exact(fd, view[skip : skip + entry.nbytes], entry.start, path=entry.path, what=what)
         if _FADVISE:
             os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return buffer[skip : skip + entry.nbytes]
 
     @staticmethod
     def _pread(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
-        _pread_exact(entry, fd, view, offset, need=need)
+        pread_exact(fd, view, offset, path=entry.path, what=repr(entry.key), need=need)
 
     def _read_in_flight(self, entry: TensorEntry, fd: int, buffer: torch.Tensor, offset: int, *, need: int) -> None:
         """Fill ``need`` bytes of ``buffer`` from ``offset`` in :data:`CHUNK` pieces, ``in_flight`` at a time.
@@ -251,6 +250,11 @@ class DirectReader:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
             self.close()
+
+
+def _open_checked(entry: TensorEntry, flags: int) -> int:
+    """Open ``entry``'s file, checked against the identity recorded when it was planned (when there is one)."""
+    return entry.identity.open(flags) if entry.identity is not None else os.open(entry.path, flags)
 
 
 def drop_page_cache(path: str, start: int = 0, end: int | None = None) -> None:
@@ -318,10 +322,11 @@ def _read_chunked(entry: TensorEntry, fd: int) -> torch.Tensor:
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
     view = buffer.numpy().data if entry.nbytes else memoryview(b"")
     spans = [(a, min(a + READ_CHUNK, entry.nbytes)) for a in range(0, entry.nbytes, READ_CHUNK)]
+    what = repr(entry.key)
     if len(spans) <= 1:
-        _pread_exact(entry, fd, view, entry.start, need=entry.nbytes)
+        pread_exact(fd, view, entry.start, path=entry.path, what=what)
     else:
-        futures = [_readers().submit(_pread_exact, entry, fd, view[a:b], entry.start + a, need=b - a)
+        futures = [_readers().submit(pread_exact, fd, view[a:b], entry.start + a, path=entry.path, what=what)
                    for a, b in spans]
         wait(futures)  # every chunk finished before the buffer is used or dropped
         for future in futures:
@@ -333,10 +338,12 @@ def read_shard(checkpoint: Checkpoint, file: str, keys: set[str] | None = None, 
                uncached: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """``(key, tensor)`` for ``keys`` of one shard, as ``checkpoint.iter_shard`` gives them, but faster.
 
-    Safetensors shards: without ``uncached``, tensors are views of a private memory map of the shard
-    (zero-copy, like transformers; ``HF_BIGMODEL_MMAP=0`` reads them in parallel chunks instead); with
-    ``uncached`` (a memory-capped load) they are read with O_DIRECT (or buffered with their pages
-    dropped), so neither the page cache nor mapped pages grow. Torch shards: ``checkpoint.iter_shard``.
+    Every tensor is read into memory of its own, so a loaded model never changes, nor crashes, when its
+    checkpoint is rewritten or truncated later (a private memory map would: pages not yet touched
+    still come from the file). The file is checked against the identity recorded when it was planned
+    before the first byte is read. Safetensors shards: buffered reads in parallel chunks (the page
+    cache serves a warm file at memory speed); with ``uncached`` (a memory-capped load) O_DIRECT (or
+    buffered with the pages dropped), so the page cache does not grow. Torch shards: ``checkpoint.iter_shard``.
 
     Example::
 
@@ -348,6 +355,8 @@ def read_shard(checkpoint: Checkpoint, file: str, keys: set[str] | None = None, 
         return
     entries = [i.entry for i in checkpoint.scan().values()
                if i.file == file and i.entry is not None and (keys is None or i.key in keys)]
+    if not entries:
+        return
     if uncached:
         reader = DirectReader()
         try:
@@ -358,32 +367,9 @@ def read_shard(checkpoint: Checkpoint, file: str, keys: set[str] | None = None, 
             reader.close()
             drop_page_cache(file)  # what readahead around buffered fallback reads brought in
         return
-    whole = _map(file) if entries and _mmap_enabled() else None
-    if whole is not None:
-        for entry in entries:
-            yield entry.key, _as_tensor(whole[entry.start : entry.end], entry)
-        return
-    fd = os.open(file, os.O_RDONLY)
+    fd = _open_checked(entries[0], os.O_RDONLY)
     try:
         for entry in entries:
             yield entry.key, _read_chunked(entry, fd)
     finally:
         os.close(fd)
-
-
-def _map(file: str) -> torch.Tensor | None:
-    """The whole file as a ``uint8`` tensor over a private (copy-on-write) memory map, or None if it cannot be.
-
-    Zero-copy: pages come from the page cache when first touched; writes to the tensors stay private.
-    """
-    try:
-        storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=os.path.getsize(file))
-    except (RuntimeError, OSError) as err:
-        logger.debug("Cannot memory-map %s (%s); reading it instead", file, err)
-        return None
-    # from_file is typed on the storage base class; called on UntypedStorage it returns an UntypedStorage.
-    return torch.empty(0, dtype=torch.uint8).set_(cast(torch.UntypedStorage, storage))
-
-
-def _mmap_enabled() -> bool:
-    return os.environ.get("HF_BIGMODEL_MMAP", "").strip().lower() not in ("0", "false", "off", "no")

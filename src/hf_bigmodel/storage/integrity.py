@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..errors import CorruptCheckpointError, summarize
 from ..model.sizes import format_size
-from .checkpoint import _is_truncated_zip
 from .safetensors_io import read_header
+from .torch_io import is_truncated_zip
 
 __all__ = ["verify_cached_file", "check_weight_file_sizes"]
 
@@ -75,7 +75,7 @@ def check_weight_file_sizes(
                 read_header(file)
             except CorruptCheckpointError as err:
                 problems[file] = str(err).split(". The file")[0]
-        elif _is_truncated_zip(file):
+        elif is_truncated_zip(file):
             problems[file] = f"{file!r} is a torch zip archive without its end record (truncated)"
     if problems:
         raise CorruptCheckpointError(

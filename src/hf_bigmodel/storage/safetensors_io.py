@@ -3,7 +3,8 @@
 The header is checked against the file before anything trusts it: a truncated download or a corrupt
 file is reported by name with what is wrong, instead of crashing deep inside a forward pass.
 Tensors are read with ``pread`` straight into their final memory, with no mmap that would pin the
-page cache to the process.
+page cache to the process. Each entry carries the :class:`~hf_bigmodel.storage.files.FileIdentity` of
+its file as the header was read, and reads check it first.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..model.sizes import format_size
+from .files import FileIdentity, pread_exact
 
 __all__ = [
     "DTYPES",
@@ -47,6 +49,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    identity: FileIdentity | None = field(default=None, compare=False, repr=False)  # of ``path`` when planned
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +62,7 @@ class SafetensorsHeader:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
     file_size: int
+    identity: FileIdentity
 
 
 def refetch_advice(path: str | os.PathLike[str]) -> str:
@@ -82,16 +86,19 @@ def _corrupt(path: str | Path, why: str) -> CorruptCheckpointError:
     )
 
 
-def read_header(path: str | Path) -> SafetensorsHeader:
+def read_header(path: str | Path, *, content_named: bool = False) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file (reads only the header bytes).
 
     Checks the header length, the JSON, every dtype and shape, and that every tensor's bytes lie
-    inside the file, so later reads cannot fail half-way.
+    inside the file, so later reads cannot fail half-way. Records the file's identity (stat and header
+    digest) in every entry, for the checks before later reads (``content_named``: see
+    :class:`~hf_bigmodel.storage.files.FileIdentity`).
     """
     path = str(path)
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            file_size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _corrupt(path, f"it holds {file_size} bytes, less than the 8-byte header length")
@@ -107,10 +114,15 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raw = f.read(header_len)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"Checkpoint file {path!r} does not exist.", path=path) from None
+    if len(raw) != header_len:
+        raise _corrupt(path, f"it ended {header_len - len(raw)} bytes into its header (it changed while read)")
+    identity = FileIdentity.of(path, st, header=prefix + raw, content_named=content_named)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _corrupt(path, f"its header is not JSON ({err})") from None
+    except RecursionError:
+        raise _corrupt(path, "its header nests JSON deeper than any tensor description does") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise _corrupt(path, f"its header is not JSON ({str(err)[:160]})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
     data_start = 8 + header_len
@@ -132,11 +144,13 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         for d in shape:
             numel *= d
         expected = numel * dtype.itemsize
+        if expected > 2**63:
+            raise _corrupt(path, f"{key!r} has shape {str(list(shape))[:80]}, larger than any file can hold")
         if end < begin or end - begin != expected:
             raise _corrupt(
                 path, f"{key!r} spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {expected}"
             )
-        entries[key] = TensorEntry(path, key, dtype, shape, data_start + begin, data_start + end)
+        entries[key] = TensorEntry(path, key, dtype, shape, data_start + begin, data_start + end, identity)
     cut = sorted((e for e in entries.values() if e.end > file_size), key=lambda e: e.start)
     if cut:
         needed = max(e.end for e in cut)
@@ -147,12 +161,12 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             f"{cut[0].key!r} (bytes {cut[0].start}-{cut[0].end})",
         )
     _check_layout(path, entries, data_start)
-    return SafetensorsHeader(path, entries, dict(metadata), file_size)
+    return SafetensorsHeader(path, entries, dict(metadata), file_size, identity)
 
 
 def _dim(value: object) -> int:
-    """A shape entry or offset: a non-negative JSON integer (not a bool, float or string)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A shape entry or offset: a JSON integer in 0..2**63 (not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63:
         raise ValueError(value)
     return value
 
@@ -169,19 +183,19 @@ def _check_layout(path: str, entries: dict[str, TensorEntry], data_start: int) -
 
 
 def read_tensor(entry: TensorEntry, *, fd: int | None = None) -> torch.Tensor:
-    """Read one tensor into fresh CPU memory with ``pread``."""
-    nbytes = entry.nbytes
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    handle = os.open(entry.path, os.O_RDONLY) if fd is None else fd
+    """Read one tensor into fresh CPU memory with ``pread`` (from ``fd`` when given, else the file, checked first).
+
+    An ``fd`` is the caller's, already checked against ``entry.identity``; without one the file is
+    opened and checked here.
+    """
+    handle = fd if fd is not None else (entry.identity.open() if entry.identity else os.open(entry.path, os.O_RDONLY))
     try:
-        view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
-        done = 0
-        while done < nbytes:
-            n = os.preadv(handle, [view[done:]], entry.start + done)
-            if n <= 0:
-                raise _corrupt(entry.path, f"reading {entry.key!r} stopped at byte {entry.start + done}")
-            done += n
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if entry.nbytes:
+            pread_exact(handle, buffer.numpy().data, entry.start, path=entry.path, what=repr(entry.key))
     finally:
         if fd is None:
             os.close(handle)
-    return buffer.view(entry.dtype).reshape(entry.shape) if nbytes else torch.empty(entry.shape, dtype=entry.dtype)
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return buffer.view(entry.dtype).reshape(entry.shape)
