@@ -36,7 +36,7 @@ import torch
 
 from ..env import flag
 from . import aio
-from .files import pread_exact
+from .files import FileIdentity, pread_exact
 from .safetensors_io import TensorEntry
 
 if TYPE_CHECKING:
@@ -130,26 +130,19 @@ class DirectReader:
             raise ValueError(f"in_flight must be >= 1 (reads at a time), got {in_flight}")
         self.direct = direct_io_enabled() if direct is None else direct
         self.in_flight = in_flight
-        self._fds: dict[str, tuple[int, bool]] = {}
-        self._dups: dict[str, list[int]] = {}
-        self._checked: set[str] = set()  # files whose descriptor was fstat-ed since the last new_group()
+        # One descriptor per file as planned (its identity; its path when none was recorded).
+        self._fds: dict[FileIdentity | str, tuple[int, bool]] = {}
+        self._dups: dict[FileIdentity | str, list[int]] = {}  # more of them, for reads in flight
         self._lock = threading.Lock()
 
-    def new_group(self) -> None:
-        """Start a group of reads: each file is checked again (one ``fstat``) before its next read."""
-        with self._lock:
-            self._checked.clear()
-
     def _open(self, entry: TensorEntry) -> tuple[int, bool]:
-        """The descriptor for ``entry``'s file: opened (and checked: stat and header) once, then ``fstat``-ed
-        once per group against the identity recorded when the file was planned."""
+        """The descriptor for ``entry``'s file: opened and checked (stat and header) once; every read from it
+        is then checked with an ``fstat`` (:func:`~hf_bigmodel.storage.files.pread_exact`)."""
         path = entry.path
+        key = entry.identity or path
         with self._lock:
-            found = self._fds.get(path)
+            found = self._fds.get(key)
             if found is not None:
-                if path not in self._checked and entry.identity is not None:
-                    entry.identity.check_fd(found[0])
-                self._checked.add(path)
                 return found
             fd, direct = -1, False
             if self.direct:
@@ -161,17 +154,16 @@ class DirectReader:
                     logger.debug("%s does not support O_DIRECT; reading it buffered and dropping its pages", path)
             if fd < 0:
                 fd = _open_checked(entry, os.O_RDONLY)
-            self._fds[path] = (fd, direct)
-            self._checked.add(path)
+            self._fds[key] = (fd, direct)
             return fd, direct
 
     def _buffered(self, entry: TensorEntry, fd: int) -> None:
         """``O_DIRECT`` was refused at read time: reopen the file buffered for good (checked again)."""
         with self._lock:
-            for dup in self._dups.pop(entry.path, [fd])[1:]:
+            for dup in self._dups.pop(entry.identity or entry.path, [fd])[1:]:
                 os.close(dup)
             os.close(fd)
-            self._fds[entry.path] = (_open_checked(entry, os.O_RDONLY), False)
+            self._fds[entry.identity or entry.path] = (_open_checked(entry, os.O_RDONLY), False)
 
     def read_into(self, entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``entry``'s bytes into ``buffer`` (aligned ``uint8``, at least ``padded_span(entry)[1]`` long).
@@ -201,14 +193,15 @@ class DirectReader:
                 logger.debug("O_DIRECT read of %s refused (%s); falling back to buffered reads", entry.path, err)
                 self._buffered(entry, fd)
                 fd, _ = self._open(entry)
-        pread_exact(fd, view[skip : skip + entry.nbytes], entry.start, path=entry.path, what=what)
+        pread_exact(fd, view[skip : skip + entry.nbytes], entry.start, path=entry.path, what=what,
+                    identity=entry.identity)
         if _FADVISE:
             os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return buffer[skip : skip + entry.nbytes]
 
     @staticmethod
     def _pread(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
-        pread_exact(fd, view, offset, path=entry.path, what=repr(entry.key), need=need)
+        pread_exact(fd, view, offset, path=entry.path, what=repr(entry.key), need=need, identity=entry.identity)
 
     def _read_in_flight(self, entry: TensorEntry, fd: int, buffer: torch.Tensor, offset: int, *, need: int) -> None:
         """Fill ``need`` bytes of ``buffer`` from ``offset`` in :data:`CHUNK` pieces, ``in_flight`` at a time.
@@ -219,7 +212,7 @@ class DirectReader:
         spans = [(a, offset + a, -(-min(CHUNK, need - a) // ALIGNMENT) * ALIGNMENT) for a in range(0, need, CHUNK)]
         view = buffer.numpy().data
         try:
-            counts = aio.read_spans(self._duplicates(entry.path, fd), buffer.data_ptr(), spans)
+            counts = aio.read_spans(self._duplicates(entry, fd), buffer.data_ptr(), spans)
         except OSError as err:
             logger.debug("lio_listio read of %s failed (%s); reading it with pread", entry.path, err)
             self._pread(entry, fd, view[: spans[-1][0] + spans[-1][2]], offset, need=need)
@@ -229,12 +222,15 @@ class DirectReader:
             if got < wanted:  # only when the file ended early: pread says so, naming the entry
                 done = got - got % ALIGNMENT
                 self._pread(entry, fd, view[at + done : at + length], offset + at + done, need=wanted - done)
+        if entry.identity is not None:  # as after every pread: the file must still be the one planned
+            entry.identity.check_fd(fd)
 
-    def _duplicates(self, path: str, fd: int) -> list[int]:
+    def _duplicates(self, entry: TensorEntry, fd: int) -> list[int]:
+        key = entry.identity or entry.path
         with self._lock:
-            dups = self._dups.get(path)
+            dups = self._dups.get(key)
             if dups is None:
-                dups = self._dups[path] = [fd] + [os.dup(fd) for _ in range(self.in_flight - 1)]
+                dups = self._dups[key] = [fd] + [os.dup(fd) for _ in range(self.in_flight - 1)]
             return dups
 
     def close(self) -> None:
@@ -324,9 +320,10 @@ def _read_chunked(entry: TensorEntry, fd: int) -> torch.Tensor:
     spans = [(a, min(a + READ_CHUNK, entry.nbytes)) for a in range(0, entry.nbytes, READ_CHUNK)]
     what = repr(entry.key)
     if len(spans) <= 1:
-        pread_exact(fd, view, entry.start, path=entry.path, what=what)
+        pread_exact(fd, view, entry.start, path=entry.path, what=what, identity=entry.identity)
     else:
-        futures = [_readers().submit(pread_exact, fd, view[a:b], entry.start + a, path=entry.path, what=what)
+        futures = [_readers().submit(pread_exact, fd, view[a:b], entry.start + a, path=entry.path, what=what,
+                                     identity=entry.identity)
                    for a, b in spans]
         wait(futures)  # every chunk finished before the buffer is used or dropped
         for future in futures:

@@ -3,8 +3,9 @@
 A weights file is read at byte offsets taken when it was planned. Re-saving it (a header a few bytes
 longer), truncating or replacing it would make those offsets read garbage, so every planned file
 carries a :class:`FileIdentity` (size, modification time, inode and a digest of its header) and every
-read checks it first: when the file is opened (its stat and header) and before each group of reads
-(an ``fstat`` of the open descriptor, about a microsecond). A changed file raises
+read checks it: when the file is opened (its stat and header) and after each read (an ``fstat`` of the
+open descriptor, about a microsecond, so bytes of a file written meanwhile are never used). A changed
+file raises
 :class:`~hf_bigmodel.errors.FileChangedError` naming it; it is never read.
 
 What a later run trusts (offload files, their index) is written to a private name, flushed to the
@@ -136,24 +137,32 @@ class FileIdentity:
         os.close(self.open())
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, *, path: str, what: str, need: int | None = None) -> int:
+def pread_exact(fd: int, view: memoryview, offset: int, *, path: str, what: str, need: int | None = None,
+                identity: FileIdentity | None = None) -> int:
     """Read from ``offset`` of ``fd`` into ``view`` until ``need`` bytes (default: all of it) are in (the one
     ``pread`` loop); returns the bytes read, which may exceed ``need`` (an ``O_DIRECT`` read of a padded span).
 
-    Raises :class:`~hf_bigmodel.errors.CorruptCheckpointError` naming ``path`` and ``what`` when the
-    file ends first.
+    With ``identity`` (the file as planned) the descriptor is checked after the read (one ``fstat``): a
+    write, truncation or re-save that happened before or during the read changes its size or mtime, so
+    bytes read from a changed file raise :class:`~hf_bigmodel.errors.FileChangedError` instead of being
+    used. Raises :class:`~hf_bigmodel.errors.CorruptCheckpointError` naming ``path`` and ``what`` when the
+    file ends first (and the stat shows no change).
     """
     need = len(view) if need is None else need
     done = 0
     while done < need:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
+            if identity is not None:
+                identity.check_fd(fd)
             raise CorruptCheckpointError(
                 f"{path!r} ended while reading {what} (byte {offset + done}, {need - done} B short); the file "
                 "was truncated or replaced after it was opened. Download or write it again.",
                 path=path,
             )
         done += n
+    if identity is not None:
+        identity.check_fd(fd)
     return done
 
 

@@ -192,7 +192,8 @@ def read_tensor(entry: TensorEntry, *, fd: int | None = None) -> torch.Tensor:
     try:
         buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
         if entry.nbytes:
-            pread_exact(handle, buffer.numpy().data, entry.start, path=entry.path, what=repr(entry.key))
+            pread_exact(handle, buffer.numpy().data, entry.start, path=entry.path, what=repr(entry.key),
+                        identity=entry.identity)
     finally:
         if fd is None:
             os.close(handle)
