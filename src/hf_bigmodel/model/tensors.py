@@ -22,6 +22,7 @@ __all__ = [
     "module_slots",
     "move_tensor",
     "put_tensor",
+    "restore_data",
     "set_tensor",
     "tie_groups",
     "with_slot_class",
@@ -153,6 +154,11 @@ def move_tensor(slot: ModelTensor, device: torch.device) -> None:
         put_tensor(slot, tensor.to(device))
     else:
         tensor.data = tensor.data.to(device)
+
+
+def restore_data(param: torch.Tensor, data: torch.Tensor) -> None:
+    """Give ``param`` back the data it held before a :func:`move_tensor` (the same object, its old storage)."""
+    param.data = data
 
 
 def module_slots(module: nn.Module, *, buffers: bool = True) -> Iterable[ModelTensor]:

@@ -27,10 +27,11 @@ from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_ind
 from ..storage.weights_map import DiskRef, WeightsMap
 from .dispatch_plan import DispatchPlan, plan_dispatch
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
-from .hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+from .hooks import AlignDevicesHook, ModelHook, add_hook_to_module, hooks_of, strip_hooks
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
 from .prefetch_window import Window, prefetch_window
+from .rollback import ModelState
 from .streaming import StreamedWeights
 
 __all__ = [
@@ -136,45 +137,81 @@ def _dispatch(
     offload_cpu: bool | None = None,
     prefetch: int | str | None = None,
 ) -> nn.Module:
-    """Plan (:func:`~.dispatch_plan.plan_dispatch`, every check before any change), then apply the plan."""
-    window = prefetch_window(prefetch)
-    dm = check_device_map(model, device_map)
-    _check_present(set(dm.values()))
-    weights, given = _collect_weights(model, offload_dir, offload_index, state_dict)
-    placement = Placement.of(dm, main_device=main_device, offload_cpu=offload_cpu)
-    _check_present({placement.main})
-    slots = model_tensors(model, persistent_only=False)
-    plan = plan_dispatch(
-        model, placement, slots, weights, given=given, offload_buffers=offload_buffers,
-        preload_module_classes=preload_module_classes or (), force_hooks=force_hooks,
-        pin=torch.cuda.is_available() and isinstance(placement.main, int), can_write=offload_dir is not None,
-    )
-    if not plan.hooked:
-        target = torch_device(next(iter(dm.values())))
-        for name in plan.fill:
-            set_tensor(slots[name], weights[name].to(target))
-        model.to(target)
+    """Plan (:func:`~.dispatch_plan.plan_dispatch`, every check before any change), then apply the plan.
+
+    The hooks of an earlier dispatch are replaced, not stacked (other hooks stay). Whatever fails leaves
+    the model as it was (:class:`~.rollback.ModelState`), earlier hooks included.
+    """
+    state = ModelState.capture(model)
+    new_hooks: list[nn.Module] = []
+    try:
+        window = prefetch_window(prefetch)
+        dm = check_device_map(model, device_map)
+        _check_present(set(dm.values()))
+        weights, given = _collect_weights(model, offload_dir, offload_index, state_dict)
+        placement = Placement.of(dm, main_device=main_device, offload_cpu=offload_cpu)
+        _check_present({placement.main})
+        slots = model_tensors(model, persistent_only=False)
+        plan = plan_dispatch(
+            model, placement, slots, weights, given=given, offload_buffers=offload_buffers,
+            preload_module_classes=preload_module_classes or (), force_hooks=force_hooks,
+            pin=torch.cuda.is_available() and isinstance(placement.main, int), can_write=offload_dir is not None,
+        )
+        earlier = strip_hooks(model, AlignDevicesHook)  # replaced below; their tensors stay placeholders
+        if plan.hooked:
+            _apply(model, plan, slots, weights, offload_dir, new_hooks, skip_keys=skip_keys,
+                   offload_buffers=offload_buffers, window=window)
+        else:
+            _apply_unhooked(model, plan, slots, weights, dm)
         _finish(model, dm, placement.main)
-        return model
+    except BaseException:
+        for module in new_hooks:
+            _close_fetchers(module)
+        state.restore()
+        raise
+    for hook in earlier:
+        _close_fetchers(hook)
+    if plan.hooked:
+        logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(plan.units),
+                    placement.main)
+    return model
+
+
+def _close_fetchers(of: nn.Module | ModelHook) -> None:
+    """Stop the prefetcher of a hook (or of a module's hooks) that will not run again."""
+    for hook in hooks_of(of) if isinstance(of, nn.Module) else [of]:
+        fetcher = getattr(hook, "fetcher", None)
+        if fetcher is not None:
+            fetcher.close()
+
+
+def _apply_unhooked(model: nn.Module, plan: DispatchPlan, slots: Mapping[str, ModelTensor], weights: WeightsMap,
+                    dm: Mapping[str, Device]) -> None:
+    """Everything on one device and no hook: the model holds every weight itself; a weights map left from an
+    earlier load or dispatch no longer describes it and is dropped."""
+    target = torch_device(next(iter(dm.values())))
+    for name in plan.fill:
+        set_tensor(slots[name], weights[name].to(target))
+    model.to(target)
+    if all(slot.tensor.device.type != "meta" for slot in slots.values()):
+        model.__dict__.pop(OFFLOAD_ATTR, None)
+
+
+def _apply(
+    model: nn.Module, plan: DispatchPlan, slots: Mapping[str, ModelTensor], weights: WeightsMap,
+    offload_dir: str | os.PathLike[str] | None, added: list[nn.Module], *,
+    skip_keys: str | Sequence[str] | None, offload_buffers: bool, window: Window,
+) -> None:
+    """Place resident tensors, stage streamed ones (the offload folder written), attach the hooks."""
     folder = None
     if plan.to_write:
         assert offload_dir is not None  # plan_dispatch checked it
         folder = OffloadFolder(offload_dir)
         folder.prepare()
-    added: list[nn.Module] = []
-    try:
-        _place_resident(plan, slots, weights)
-        _stage_streamed(plan, slots, weights, folder)
-        _attach_hooks(model, plan, weights, added, skip_keys=skip_keys, offload_buffers=offload_buffers, window=window)
-    except BaseException:
-        for module in added:
-            remove_hook_from_module(module)  # closes the prefetcher too
-        raise
+    _place_resident(plan, slots, weights)
+    _stage_streamed(plan, slots, weights, folder)
+    _attach_hooks(model, plan, weights, added, skip_keys=skip_keys, offload_buffers=offload_buffers, window=window)
     setattr(model, OFFLOAD_ATTR, weights)
-    _finish(model, dm, placement.main)
-    logger.info("Dispatched %s: %d offloaded group(s) streamed to %s", type(model).__name__, len(plan.units),
-                placement.main)
-    return model
 
 
 def _collect_weights(
@@ -192,10 +229,18 @@ def _collect_weights(
         weights.disk.update(offload_index)
         given.update(offload_index)
     elif recorded is None and offload_dir is not None and (Path(offload_dir) / INDEX_NAME).is_file():
-        shapes = {n: tuple(s.tensor.shape) for n, s in model_tensors(model, persistent_only=False).items()}
-        for name, ref in load_offload_index(offload_dir, expected=shapes).items():
-            weights.disk.setdefault(name, ref)
-            given.add(name)
+        # The folder serves only what the model lacks: meta tensors, and the buffers of a model built empty
+        # (their values come from __init__). Parameters the model holds are its own, whatever an earlier run
+        # (maybe of another model) left in the folder.
+        slots = model_tensors(model, persistent_only=False)
+        built_empty = any(not s.is_buffer and s.tensor.device.type == "meta" for s in slots.values())
+        empty = {n: tuple(s.tensor.shape) for n, s in slots.items()
+                 if s.tensor.device.type == "meta" or (built_empty and s.is_buffer)}
+        if empty:
+            for name, ref in load_offload_index(offload_dir, expected=empty).items():
+                if name in empty:
+                    weights.disk.setdefault(name, ref)
+                    given.add(name)
     if state_dict:
         weights.memory.update(state_dict)
         given.update(state_dict)
@@ -224,14 +269,15 @@ def _stage_streamed(
         if id(tensor) not in in_ram:
             in_ram[id(tensor)] = tensor.detach().to("cpu")
         weights.memory[name] = in_ram[id(tensor)]
-    for name, partner in plan.alias.items():  # a partner is held, or an alias staged before
+    if folder is not None:
+        for names in plan.to_write.values():  # one file per module
+            weights.disk.update(folder.write({n: slots[n].tensor.detach().to("cpu") for n in names}))
+    for name, partner in plan.alias.items():  # a partner is held, written, or an alias staged before
         if weights.is_on_disk(partner):
             weights.disk[name] = weights.disk[partner]
         else:
             weights.memory[name] = weights.memory[partner]
     if folder is not None:
-        for names in plan.to_write.values():  # one file per module
-            weights.disk.update(folder.write({n: slots[n].tensor.detach().to("cpu") for n in names}))
         folder.write_index(weights.disk)
     if plan.pin:  # page-locked RAM copies to the GPU asynchronously; tied names keep sharing one copy
         pin_blocks(weights, plan.pin_blocks)  # one exactly sized arena per device-map block

@@ -242,8 +242,10 @@ def _plan_streamed(
     for name, device in plan.streamed.items():
         if name in held:
             continue
-        if _is_meta(slots[name]):  # a tied name (all of its group are meta) some partner of which is held
-            plan.alias[name] = next(p for p in partners[name] if p in will_hold)
+        partner = next((p for p in partners.get(name, ()) if p in will_hold), None)
+        if _is_meta(slots[name]) or (partner is not None and plan.streamed.get(partner) == device):
+            # a tied name with no value of its own, or one stored like a partner: one entry for the group
+            plan.alias[name] = partner if partner is not None else next(p for p in partners[name] if p in will_hold)
         elif device == "disk" and not slots[name].is_buffer:
             plan.to_write.setdefault(parent(name), []).append(name)
         else:

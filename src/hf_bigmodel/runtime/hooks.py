@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..model.tensors import ModelTensor, module_slots, move_tensor
+from ..load.loading import OFFLOAD_ATTR
+from ..model.tensors import ModelTensor, model_tensors, module_slots, move_tensor, put_tensor, set_tensor
 from ..plan.devices import Device, torch_device
 from ..storage.weights_map import WeightsMap
-from .placeholders import StreamedSlot
+from .placeholders import StreamedSlot, plain
 from .streaming import StreamedUnit, WeightsFetcher
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ __all__ = [
     "move_direct_tensors",
     "remove_hook_from_module",
     "remove_hook_from_submodules",
+    "hooks_of",
     "send_to_device",
+    "strip_hooks",
 ]
 
 
@@ -149,39 +152,93 @@ def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Modu
     hook = module.__dict__.get("_hf_hook")
     if hook is not None:
         hook.detach_hook(module)
-        del module._hf_hook
-    if "_old_forward" in module.__dict__:
-        if module.__dict__.pop("_hf_hook_had_instance_forward", False):
-            module.forward = cast("_HookedModule", module)._old_forward
-        else:
-            module.__dict__.pop("forward", None)
-        del module._old_forward
+    _unwrap(module)
     if recurse:
         for child in module.children():
             remove_hook_from_module(child, recurse=True)
     return module
 
 
-def remove_hook_from_submodules(module: nn.Module) -> None:
-    """Detach every hook below ``module`` (not ``module``'s own). Offloaded weights come back to CPU.
+def _unwrap(module: nn.Module) -> None:
+    """Take the hook off ``module`` and give it back its own ``forward`` (the hook itself is left as it is)."""
+    module.__dict__.pop("_hf_hook", None)
+    if "_old_forward" in module.__dict__:
+        if module.__dict__.pop("_hf_hook_had_instance_forward", False):
+            module.forward = cast("_HookedModule", module)._old_forward
+        else:
+            module.__dict__.pop("forward", None)
+        del module._old_forward
 
-    Weights ``module`` itself streams (its forward reads a child's weight without calling the child) come
-    back too; the rest of its own hook stays. The model is then plain, so its ``hf_device_map`` (which no
-    longer describes it) is dropped too: transformers' ``generate`` would otherwise go looking for the
-    hooks it implies.
+
+def hooks_of(module: nn.Module) -> list[ModelHook]:
+    """The hooks on ``module`` itself, a chain's one by one (empty: none)."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    return list(hook.hooks) if isinstance(hook, SequentialHook) else [hook]
+
+
+def strip_hooks(model: nn.Module, kind: type[ModelHook]) -> list[ModelHook]:
+    """Take every hook of ``kind`` off ``model`` and its submodules without detaching it; other hooks stay.
+
+    A detached offloading hook reads its weights back into RAM; a stripped one leaves its modules'
+    tensors on the meta device (plain placeholders of the weight's kind, no longer refusing to be computed
+    with: the weights are in a weights map kept elsewhere), for dispatch to replace it. Returns the hooks
+    taken (their prefetchers still running: the caller closes them).
+    """
+    taken: list[ModelHook] = []
+    for module in model.modules():
+        chain = hooks_of(module)
+        kept = [h for h in chain if not isinstance(h, kind)]
+        if len(kept) == len(chain):
+            continue
+        for hook in chain:
+            if isinstance(hook, kind):
+                taken.append(hook)
+                for streamed in getattr(hook, "slots", ()):
+                    put_tensor(streamed.slot, streamed.placeholder)
+        if not kept:
+            _unwrap(module)
+        else:
+            cast("_HookedModule", module)._hf_hook = kept[0] if len(kept) == 1 else SequentialHook(*kept)
+    return taken
+
+
+def remove_hook_from_submodules(module: nn.Module) -> None:
+    """Detach every hook of ``module`` and its submodules and give back a plain, complete model in RAM.
+
+    Offloaded weights come back to RAM (tied names sharing one tensor again), whether a hook held them
+    or loading left them in the model's weights map (``"disk"`` entries of a device map without
+    dispatch). The weights map and ``hf_device_map``, which no longer describe the model, are dropped:
+    ``disk_offload`` or ``dispatch_model`` afterwards start from the plain model, and transformers'
+    ``generate`` does not go looking for hooks.
 
     Example::
 
         model = load_checkpoint_and_dispatch(model, "ckpt/", device_map={"": "disk"})
         remove_hook_from_submodules(model)   # every weight in RAM, forward untouched
     """
-    for child in module.children():
-        remove_hook_from_module(child, recurse=True)
-    own = module.__dict__.get("_hf_hook")
-    for hook in own.hooks if isinstance(own, SequentialHook) else [own]:
-        if isinstance(hook, AlignDevicesHook) and hook.offload:
-            hook.detach_hook(module)  # its weights in RAM for good; it then streams nothing
+    remove_hook_from_module(module, recurse=True)
+    weights = module.__dict__.pop(OFFLOAD_ATTR, None)
+    if isinstance(weights, WeightsMap):
+        _fill_from(module, weights)
     module.__dict__.pop("hf_device_map", None)
+
+
+def _fill_from(model: nn.Module, weights: WeightsMap) -> None:
+    """Every meta slot the weights map holds, read into RAM; names sharing one entry (tied) share one tensor."""
+    first: dict[int, torch.Tensor] = {}
+    for name, slot in model_tensors(model, persistent_only=False).items():
+        entry: object = weights.memory[name] if name in weights.memory else weights.disk.get(name)
+        if entry is None:
+            continue
+        held = first.get(id(entry))
+        if held is not None and isinstance(held, nn.Parameter) and not slot.is_buffer:
+            put_tensor(slot, held)  # one parameter again, as before dispatch
+        elif slot.tensor.device.type == "meta":
+            first[id(entry)] = set_tensor(slot, weights[name].to("cpu"), like=plain(slot.tensor))
+        else:
+            first.setdefault(id(entry), slot.tensor)
 
 
 def send_to_device(obj: Any, device: torch.device, skip_keys: Sequence[str] | str | None = None,

@@ -7,7 +7,6 @@ back on request, for pipelines whose models run one after another.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 
@@ -16,11 +15,12 @@ from torch import nn
 
 from ..load.loading import OFFLOAD_ATTR
 from ..model.naming import parent
-from ..model.tensors import model_tensors, set_tensor
-from ..storage.offload_folder import OffloadFolder, load_offload_index
+from ..model.tensors import ModelTensor, model_tensors, set_tensor
+from ..storage.offload_folder import OffloadFolder, content_id, load_offload_index
 from ..storage.weights_map import DiskRef, WeightsMap
 from .dispatch import _dispatch
 from .hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
+from .rollback import ModelState
 
 __all__ = ["cpu_offload", "cpu_offload_with_hook", "disk_offload"]
 
@@ -77,10 +77,11 @@ def disk_offload(
 ) -> nn.Module:
     """Store every weight in ``offload_dir`` and read each module's weights only while it runs.
 
-    Weights are written module by module and dropped from RAM as they are written, so RAM never holds
-    a second copy. Files are named by their content: offloading the same weights again writes nothing,
-    and other weights never take the place of old ones. An empty model (built with
-    ``init_empty_weights``) is instead served from the folder's index, after its files are checked.
+    Weights are written module by module; files are named by their content, so offloading the same
+    weights again writes nothing, and other weights never take the place of old ones. Only once every
+    file and the folder's index are written does the model give up its tensors (for meta placeholders):
+    a write that fails (a full disk, a file-size limit) leaves the model as it was. An empty model (built
+    with ``init_empty_weights``) is instead served from the folder's index, after its files are checked.
 
     Example::
 
@@ -89,48 +90,50 @@ def disk_offload(
     if execution_device is None:
         execution_device = 0 if torch.cuda.is_available() else "cpu"
     slots = model_tensors(model)
-    weights: WeightsMap = getattr(model, OFFLOAD_ATTR, None) or WeightsMap()
-    to_store = [n for n, s in slots.items() if s.tensor.device.type != "meta" and n not in weights]
+    recorded: WeightsMap | None = getattr(model, OFFLOAD_ATTR, None)
+    to_store = [n for n, s in slots.items() if s.tensor.device.type != "meta" and n not in (recorded or {})]
     index: dict[str, DiskRef] | None = None
-    if not any(not slots[n].is_buffer for n in to_store):
-        # An empty model: the folder is where its weights are (a previous disk_offload wrote them).
-        shapes = {n: tuple(s.tensor.shape) for n, s in slots.items()}
-        index = load_offload_index(offload_dir, expected=shapes)
-    else:
-        folder = OffloadFolder(offload_dir)
-        folder.prepare()
-        by_module: dict[str, list[str]] = {}
-        for name in to_store:
-            by_module.setdefault(parent(name), []).append(name)
-        written: dict[int, DiskRef] = {}
-        for names in by_module.values():
-            fresh = {n: slots[n].tensor.detach().to("cpu") for n in names if id(slots[n].tensor) not in written}
-            # Named by content: the same weights are written once, other weights never collide.
-            refs = folder.write(fresh, source_id=_content_id(fresh)) if fresh else {}
-            for n in names:
-                key = id(slots[n].tensor)
-                ref = refs.get(n) or written[key]
-                written.setdefault(key, ref)
-                weights.disk[n] = ref
-            for n in names:  # free RAM as we go: the hooks only need meta placeholders
+    state = ModelState.capture(model)
+    try:
+        if not any(not slots[n].is_buffer for n in to_store):
+            # An empty model: the folder is where its weights are (a previous disk_offload wrote them).
+            shapes = {n: tuple(s.tensor.shape) for n, s in slots.items()}
+            index = load_offload_index(offload_dir, expected=shapes)
+        else:
+            weights = WeightsMap(recorded.memory if recorded else None, recorded.disk if recorded else None)
+            folder = OffloadFolder(offload_dir)
+            weights.disk.update(_write_all(slots, to_store, folder))
+            folder.write_index(weights.disk)
+            for n in to_store:  # all written: the hooks only need meta placeholders
                 slot = slots[n]
                 if slot.is_buffer and not offload_buffers:
                     continue  # stored for a later run, but kept here: it travels with its module
                 set_tensor(slot, slot.tensor.detach().to("meta"))
-        folder.write_index(weights.disk)
-        setattr(model, OFFLOAD_ATTR, weights)
-    return _dispatch(
-        model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers, offload_index=index,
-        preload_module_classes=preload_module_classes, force_hooks=True, prefetch=prefetch,
-    )
+            setattr(model, OFFLOAD_ATTR, weights)
+        return _dispatch(
+            model, {"": "disk"}, main_device=execution_device, offload_buffers=offload_buffers, offload_index=index,
+            preload_module_classes=preload_module_classes, force_hooks=True, prefetch=prefetch,
+        )
+    except BaseException:
+        state.restore()
+        raise
 
 
-def _content_id(tensors: Mapping[str, torch.Tensor]) -> str:
-    """A digest of the tensors' bytes, names, dtypes and shapes."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return "content:" + digest.hexdigest()
+def _write_all(slots: Mapping[str, ModelTensor], names: Sequence[str], folder: OffloadFolder) -> dict[str, DiskRef]:
+    """Write ``names`` into ``folder`` one module at a time (tied names once); where each went."""
+    folder.prepare()
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(parent(name), []).append(name)
+    refs: dict[str, DiskRef] = {}
+    written: dict[int, DiskRef] = {}
+    for group in by_module.values():
+        fresh = {n: slots[n].tensor.detach().to("cpu") for n in group if id(slots[n].tensor) not in written}
+        # Named by content: the same weights are written once, other weights never collide.
+        stored = folder.write(fresh, source_id=content_id(fresh)) if fresh else {}
+        for n in group:
+            key = id(slots[n].tensor)
+            ref = stored.get(n) or written[key]
+            written.setdefault(key, ref)
+            refs[n] = ref
+    return refs
