@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointMismatchError, summarize
 from ..load.conversions import Conversion
 from ..load.loading import OFFLOAD_ATTR, load_checkpoint
-from ..model.dtypes import matches_module
+from ..model.dtypes import check_cast, matches_module
 from ..model.naming import lookup
 from ..model.sizes import find_tied_parameters
 from ..model.tensors import model_tensors
@@ -89,6 +89,8 @@ class LoadSteps:
         """Load ``checkpoint`` within ``device_map``, run the loader's ``after_load``, dispatch."""
         model, ctx = self.model, self.ctx
         self.loader.check_device_map(ctx, device_map)
+        if ctx.dtype is not None:  # transformers 5 casts nothing itself (cast None): an integer dtype is refused here
+            check_cast(ctx.dtype, {k: i.dtype for k, i in checkpoint.scan().items()}, source=repr(checkpoint.path))
         report = load_checkpoint(
             model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=self.cast,
             offload_buffers=offload_buffers, keep_in_fp32_modules=self.keep, key_mapping=key_mapping,
