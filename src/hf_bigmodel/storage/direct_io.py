@@ -275,6 +275,7 @@ def drop_page_cache(path: str, start: int = 0, end: int | None = None) -> None:
 
 # --- the loader's shard reads ----------------------------------------------------------------------------
 
+_MATMUL_ALIGN = 64
 #: Buffered reads into fresh memory go in chunks of this size on two threads: one large ``pread`` into
 #: not-yet-faulted memory is several times slower than chunks read in parallel.
 READ_CHUNK = 8 * 2**20
@@ -315,7 +316,11 @@ def read_uncached(entry: TensorEntry) -> torch.Tensor:
 
 
 def _read_chunked(entry: TensorEntry, fd: int) -> torch.Tensor:
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    # The tensor starts at the same address modulo 64 as its bytes in the file (as a memory map would place
+    # it): CPU matmul kernels take paths by alignment, and loading must give from_pretrained's exact outputs.
+    room = torch.empty(entry.nbytes + _MATMUL_ALIGN, dtype=torch.uint8)
+    skip = (entry.start - room.data_ptr()) % _MATMUL_ALIGN
+    buffer = room[skip : skip + entry.nbytes]
     view = buffer.numpy().data if entry.nbytes else memoryview(b"")
     spans = [(a, min(a + READ_CHUNK, entry.nbytes)) for a in range(0, entry.nbytes, READ_CHUNK)]
     what = repr(entry.key)
