@@ -173,6 +173,14 @@ def test_only_model_tensors_puts_tensors_into_module_slots() -> None:
     assert not writes, "use hf_bigmodel.model.tensors (set_tensor, put_tensor, move_tensor):\n" + "\n".join(writes)
 
 
+def test_only_env_reads_the_environment() -> None:
+    """Settings are read by ``env.py`` alone (one parser, one error for a bad value); ``parallel/world.py``
+    reads the launcher's own variables (``WORLD_SIZE``, ``RANK``...), which are not settings of ours."""
+    readers = sorted(str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
+                     if "os.environ" in f.read_text() or "os.getenv" in f.read_text())
+    assert readers == ["env.py", "parallel/world.py"], readers
+
+
 def test_the_checks_above_can_fail(tmp_path: Path) -> None:
     """The parser sees relative imports, function-level ones, and TYPE_CHECKING blocks as they are."""
     sample = PACKAGE / "model" / "_layering_probe.py"

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..env import flag
+from ..env import flag, whole_number
 from . import aio
 from .files import FileIdentity, pread_exact
 from .safetensors_io import TensorEntry
@@ -102,13 +102,8 @@ def reads_in_flight() -> int:
     >>> reads_in_flight() >= 1
     True
     """
-    raw = os.environ.get(READS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_IN_FLIGHT
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{READS_ENV}={raw!r} is not a whole number >= 1; set it to 1 (one read at a time), "
-                         f"{DEFAULT_IN_FLIGHT} (the default) or more.")
-    return int(raw)
+    value = whole_number(READS_ENV, minimum=1)
+    return DEFAULT_IN_FLIGHT if value is None else value
 
 
 class DirectReader:
