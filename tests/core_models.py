@@ -97,6 +97,14 @@ def save_state(model: nn.Module, path, *, shards: int = 1, fmt: str = "safetenso
     (path / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def empty_lm() -> TinyLM:
+    """A :class:`TinyLM` built on the meta device (``init_empty_weights``)."""
+    from hf_bigmodel import init_empty_weights
+
+    with init_empty_weights():
+        return TinyLM()
+
+
 def dispatched_tiny_lm(path, device_map, **kwargs) -> TinyLM:
     """An empty :class:`TinyLM` loaded from ``path`` and dispatched with ``load_checkpoint_and_dispatch``."""
     from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch

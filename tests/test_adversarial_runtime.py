@@ -13,13 +13,12 @@ import json
 import pytest
 import torch
 from adversarial import run_isolated
-from core_models import TinyLM, reference_tiny_lm, save_state
+from core_models import TinyLM, empty_lm, reference_tiny_lm, save_state
 from torch import nn
 
 from hf_bigmodel import (
     disk_offload,
     dispatch_model,
-    init_empty_weights,
     load_checkpoint_in_model,
     remove_hook_from_submodules,
 )
@@ -27,11 +26,6 @@ from hf_bigmodel.load.loading import OFFLOAD_ATTR
 from hf_bigmodel.model.tensors import model_tensors
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
-
-
-def empty_lm() -> TinyLM:
-    with init_empty_weights():
-        return TinyLM()
 
 
 # --- checkpoint files read in place that change under a dispatched model ----------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from adversarial import run_isolated, tiny_tmpfs
-from core_models import TinyLM, reference_tiny_lm, save_state
+from core_models import TinyLM, empty_lm, reference_tiny_lm, save_state
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,11 +37,6 @@ from hf_bigmodel import (
 from hf_bigmodel.storage.checkpoint import find_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 3], [7, 2, 0, 4]])
-
-
-def empty_lm() -> TinyLM:
-    with init_empty_weights():
-        return TinyLM()
 
 
 def all_meta(model: nn.Module) -> bool:

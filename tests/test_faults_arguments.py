@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from core_models import TinyLM, reference_tiny_lm, save_state
+from core_models import empty_lm, reference_tiny_lm, save_state
 from torch import nn
 
 from hf_bigmodel import (
@@ -20,17 +20,11 @@ from hf_bigmodel import (
     OffloadError,
     dispatch_model,
     get_max_memory,
-    init_empty_weights,
     load_checkpoint_and_dispatch,
 )
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="absent-device cases assume a CPU-only machine")
-
-
-def empty_lm() -> TinyLM:
-    with init_empty_weights():
-        return TinyLM()
 
 
 def hooked(model: nn.Module) -> list[str]:
