@@ -24,12 +24,16 @@ memory map: a loaded tensor must own its bytes (see :func:`read_shard`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
+import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 #: Buffer address, file offset and length alignment for O_DIRECT (the page size covers every common device).
 ALIGNMENT = 4096
+#: Buffers this large or larger are placed on, and advised as, transparent huge pages (see aligned_empty).
+HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 #: A reader with several reads in flight cuts reads into chunks of this size (a multiple of ALIGNMENT).
 CHUNK = 8 * 2**20
 #: Reads the prefetcher keeps in flight unless ``HF_BIGMODEL_READS_IN_FLIGHT`` says otherwise.
@@ -75,14 +82,48 @@ def direct_io_enabled() -> bool:
 def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False) -> torch.Tensor:
     """A ``uint8`` CPU tensor of ``nbytes`` whose first byte sits at a multiple of ``alignment``.
 
+    A buffer of :data:`HUGE_PAGE` or more (not pinned) starts on a huge-page boundary and is advised
+    to the kernel as huge pages before anything touches it (:func:`_advise_huge_pages`): an ``O_DIRECT``
+    read into 4 KiB pages is cut into as many requests as the device's segment limit demands (254 pages,
+    1 MiB, on a virtio disk), one into 2 MiB pages into far fewer; ``benchmarks/sustained_read.py``
+    measured 0.65 against 1.5 GB/s on the development machine's disk.
+
     Example::
 
         buf = aligned_empty(1 << 20)
         assert buf.data_ptr() % 4096 == 0
     """
+    huge = not pin and nbytes >= HUGE_PAGE
+    if huge:
+        alignment = max(alignment, HUGE_PAGE)
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
     shift = (-raw.data_ptr()) % alignment
-    return raw[shift : shift + nbytes]
+    out = raw[shift : shift + nbytes]
+    if huge:
+        _advise_huge_pages(out.data_ptr(), nbytes - nbytes % HUGE_PAGE)
+    return out
+
+
+def _advise_huge_pages(address: int, length: int) -> None:
+    """``madvise(MADV_HUGEPAGE)`` on untouched memory; a no-op where the OS or the kernel says no.
+
+    Only whole huge pages inside the range become huge, so what the tensor does not cover is never
+    made resident. Transparent huge pages set to ``never`` (or a kernel without them) leaves 4 KiB pages.
+    """
+    libc = _libc()
+    if libc is None or length <= 0:
+        return
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # failure: 4 KiB pages
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if _MADV_HUGEPAGE is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def padded_span(entry: TensorEntry, alignment: int = ALIGNMENT) -> tuple[int, int]:
