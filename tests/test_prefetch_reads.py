@@ -199,9 +199,34 @@ def test_large_read_buffers_are_huge_pages_and_small_ones_are_not_padded():
     read buffers of 2 MiB and more must be 2 MiB-aligned and backed by huge pages once touched."""
     from hf_bigmodel.storage.direct_io import ALIGNMENT, HUGE_PAGE, aligned_empty
 
-    big = aligned_empty(8 * HUGE_PAGE + 12345)
+    big = aligned_empty(8 * HUGE_PAGE + 12345, huge=True)
     assert big.data_ptr() % HUGE_PAGE == 0 and big.numel() == 8 * HUGE_PAGE + 12345
     big.fill_(1)
     assert _anon_huge_bytes(big.data_ptr()) >= 4 * HUGE_PAGE  # the kernel may be short of some
-    small = aligned_empty(HUGE_PAGE - ALIGNMENT)
+    small = aligned_empty(HUGE_PAGE - ALIGNMENT, huge=True)
     assert small.data_ptr() % ALIGNMENT == 0 and small.numel() == HUGE_PAGE - ALIGNMENT
+    once = aligned_empty(8 * HUGE_PAGE)  # memory read into once (a loaded tensor) stays on 4 KiB pages
+    once.fill_(1)
+    if _thp_mode() == "madvise":
+        assert _anon_huge_bytes(once.data_ptr()) == 0
+
+
+def test_the_prefetchers_buffers_are_huge_pages(llama, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_bigmodel.storage import direct_io
+
+    asked = []
+    real = direct_io.aligned_empty
+
+    def spy(nbytes, **kwargs):
+        asked.append(kwargs.get("huge", False))
+        return real(nbytes, **kwargs)
+
+    monkeypatch.setattr("hf_bigmodel.runtime.prefetch.aligned_empty", spy)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(small_llama_config())
+    model = load_checkpoint_and_dispatch(model, llama[0], device_map={"": "disk"}, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+    assert prefetcher_of(model) is not None and asked and all(asked)

@@ -334,7 +334,7 @@ class Prefetcher:
                 if not free(buffer):
                     self.abandoned += 1
                 buffer.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
-        tensor = aligned_empty(size)
+        tensor = aligned_empty(size, huge=True)  # read into at every forward: 2 MiB pages (see there)
         buffer = Buffer(tensor, use_count(tensor))
         self._buffers.append(buffer)
         return buffer

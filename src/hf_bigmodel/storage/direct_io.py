@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 #: Buffer address, file offset and length alignment for O_DIRECT (the page size covers every common device).
 ALIGNMENT = 4096
-#: Buffers this large or larger are placed on, and advised as, transparent huge pages (see aligned_empty).
+#: ``aligned_empty(huge=True)`` buffers this large or larger are placed on, and advised as, transparent huge pages.
 HUGE_PAGE = 2 * 2**20
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 #: A reader with several reads in flight cuts reads into chunks of this size (a multiple of ALIGNMENT).
@@ -79,21 +79,24 @@ def direct_io_enabled() -> bool:
     return bool(_O_DIRECT) and flag("HF_BIGMODEL_DIRECT_IO", default=True)
 
 
-def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False) -> torch.Tensor:
+def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False, huge: bool = False) -> torch.Tensor:
     """A ``uint8`` CPU tensor of ``nbytes`` whose first byte sits at a multiple of ``alignment``.
 
-    A buffer of :data:`HUGE_PAGE` or more (not pinned) starts on a huge-page boundary and is advised
-    to the kernel as huge pages before anything touches it (:func:`_advise_huge_pages`): an ``O_DIRECT``
-    read into 4 KiB pages is cut into as many requests as the device's segment limit demands (254 pages,
-    1 MiB, on a virtio disk), one into 2 MiB pages into far fewer; ``benchmarks/sustained_read.py``
-    measured 0.65 against 1.5 GB/s on the development machine's disk.
+    ``huge``: for a buffer that is read into again and again (the prefetcher's). One of
+    :data:`HUGE_PAGE` or more starts on a huge-page boundary and is advised to the kernel as huge pages
+    before anything touches it (:func:`_advise_huge_pages`): an ``O_DIRECT`` read into 4 KiB pages is
+    cut into as many requests as the device's segment limit demands (254 pages, 1 MiB, on a virtio
+    disk), one into 2 MiB pages into far fewer; ``benchmarks/sustained_read.py`` measured 0.72 against
+    1.6 GB/s on the development machine's disk. Not for memory allocated once per read or per tensor:
+    the first touch of a huge page may wait for the kernel to compact memory (~1 s per 440 MiB measured
+    there, after a page cache eviction), which a reused buffer pays once and a loaded model every time.
 
     Example::
 
         buf = aligned_empty(1 << 20)
         assert buf.data_ptr() % 4096 == 0
     """
-    huge = not pin and nbytes >= HUGE_PAGE
+    huge = huge and not pin and nbytes >= HUGE_PAGE
     if huge:
         alignment = max(alignment, HUGE_PAGE)
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
