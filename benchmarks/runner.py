@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import os
@@ -238,7 +239,12 @@ def activation_bytes(config: dict[str, Any], *, batch: int, new_tokens: int) -> 
 
 def measure_baseline(result: Result, checkpoint: Path) -> None:
     """RSS of a process that imported torch, transformers, the model family's modules and hf_bigmodel,
-    and built the empty (meta) model: what every hf_bigmodel run holds before any weight."""
+    built the empty (meta) model, and generated 2 tokens with a one-layer, 256-token-vocabulary model of
+    the same shape and dtype (then freed): what every run holds before any weight. The generation
+    brings in what a first forward does in every run: the pages of torch's kernels it executes (counted
+    in RSS as mapped file pages) and the modules transformers imports on first use."""
+    import gc
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -247,6 +253,15 @@ def measure_baseline(result: Result, checkpoint: Path) -> None:
     config = AutoConfig.from_pretrained(str(checkpoint))
     family = config.model_type
     importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    small = AutoConfig.from_pretrained(str(checkpoint), num_hidden_layers=1, vocab_size=256)
+    warm = AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16).eval()
+    ids = prompt_ids(256, 1)
+    with torch.no_grad():
+        warm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=2,
+                      min_new_tokens=2, pad_token_id=0)
+    del warm
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # give the freed weights back (glibc keeps freed heap memory otherwise)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layer = model.model.layers[0]
