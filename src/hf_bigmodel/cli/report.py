@@ -286,6 +286,12 @@ def _offload_lines(report: PlanReport) -> list[str]:
             f"group in use (the largest of {window.groups}: {_common(window.largest)}, "
             f"{format_size(window.largest_bytes)}) and {window.window_text} read ahead ({ENV_VAR} sets it)."
         )
+        placed = report.totals.get(window.device, 0)
+        lines.append(
+            f"Peak memory on {window.device!r} while the model runs: {format_size(placed)} of weights placed there "
+            f"+ {format_size(window.total)} prefetching = {format_size(placed + window.total)}, beside the "
+            "runtime (Python, torch and the libraries, a few hundred MiB on CPU) and the activations."
+        )
     return lines
 
 
