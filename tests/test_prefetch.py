@@ -173,6 +173,42 @@ def test_order_is_learned_from_the_first_forward(tmp_path, one_group_per_module)
     assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 2 * 5, after
 
 
+def test_a_group_whose_modules_run_apart_is_cut_where_they_do(llama, monkeypatch):
+    """A layer too large for one group is cut into its children, and its two norms (small neighbours in
+    model order) are merged; they run apart (one before the attention, one before the MLP). Fetched as
+    one group, the second norm asks for a group already used: every layer missed, cancelled its reads
+    ahead and read them again. After the first forward the groups follow the runs: no miss, no re-read."""
+    path, ref = llama
+    monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 60_000)  # a layer is 73,984 bytes; its MLP 49,152
+    monkeypatch.setattr(prefetch_plan, "MERGE_BYTES", 1_000)  # the two 128-byte norms merge, nothing else
+    reads: list[int] = []
+    original = DirectReader.read_into
+
+    def counting(self, entry, buffer):
+        reads.append(entry.nbytes)
+        return original(self, entry, buffer)
+
+    monkeypatch.setattr(DirectReader, "read_into", counting)
+    model = _load(path, prefetch="1MiB")
+    fetcher = prefetcher_of(model)
+    planned = [g.prefixes for g in fetcher._groups]
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for _ in range(2):  # the first forward teaches the order
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        before = fetcher.stats()
+        reads.clear()
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    after = fetcher.stats()
+    assert after["misses"] == before["misses"] and after["unscheduled"] == 0, (before, after)
+    on_disk = sum(p.numel() * p.element_size() for n, p in ref.named_parameters()
+                  if n.startswith(("lm_head", *(f"model.layers.{i}." for i in range(1, LAYERS)))))
+    assert sum(reads) == 3 * on_disk  # each offloaded weight read once per forward
+    assert ["model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm"] in planned
+    assert ["model.layers.1.input_layernorm"] in [g.prefixes for g in fetcher._groups]
+
+
 def test_conditional_and_out_of_order_modules_fall_back_without_wrong_results(tmp_path, one_group_per_module):
     ref, model = _chain(tmp_path, prefetch=1)
     fetcher = prefetcher_of(model)
@@ -461,7 +497,7 @@ def test_the_prefetcher_serves_any_streamed_weights_without_hooks(tmp_path):
                 got = fetcher.take(unit)
                 assert got is not None and len(got) == 2
                 assert torch.equal(got[0], tensors[unit.names[0]]) and torch.equal(got[1], tensors["t0"])
-        assert [g.prefixes for g in fetcher._groups] == [["m3"], ["m1", "m2"], ["m0"]]
+        assert [g.prefixes for g in fetcher._groups] == [["m3"], ["m2", "m1"], ["m0"]]  # as they ran
         assert fetcher.take(StreamedUnit("other", ("t0",), weights, cpu)) is None  # not one of its units
         assert fetcher.stats()["unscheduled"] == 1
     finally:

@@ -99,6 +99,39 @@ def prefetcher_of(model: nn.Module) -> Prefetcher | None:
     return None
 
 
+def _execution_groups(planned: Sequence[Sequence[int]], recording: Sequence[int]) -> list[list[int]]:
+    """The planned groups (lists of unit indices) re-cut to the order the units first ran in (``recording``).
+
+    A group stays whole while its units run one after another. One whose units run interleaved with
+    another group's becomes one group per run: a decoder layer too large to be one group is cut into
+    its children, and its two norms, merged as small neighbours, run one before the attention and one
+    before the MLP; fetched as one group, the second norm would ask for a group already used, which
+    cancels the reads ahead and reads them again (40% more bytes per token measured on a 4B model).
+    Groups none of whose units ran are left out (their hooks fetch for themselves); units that did not
+    run stay with their group's first run (a MoE block's experts not routed in the first forward).
+
+    >>> _execution_groups([[0, 1], [2], [3, 4], [5]], [0, 2, 1, 3])
+    [[0], [2], [1], [3, 4]]
+    """
+    group_of = {unit: g for g, group in enumerate(planned) for unit in group}
+    runs: list[list[int]] = []
+    first_run: dict[int, list[int]] = {}
+    last: int | None = None
+    for unit in recording:
+        group = group_of.get(unit)
+        if group is None:
+            continue
+        if group != last:
+            runs.append([])
+            first_run.setdefault(group, runs[-1])
+            last = group
+        runs[-1].append(unit)
+    ran = set(recording)
+    for group, run in first_run.items():
+        run.extend(unit for unit in planned[group] if unit not in ran)
+    return runs
+
+
 class Prefetcher:
     """Fetches offloaded hooks' weights ahead of use (see the module docstring).
 
@@ -141,6 +174,10 @@ class Prefetcher:
         self.wait_s = 0.0
         self._groups: list[Group] = []
         self._order(self._planned)
+        # The window and the memory bound follow the plan (what plan_prefetch printed), whatever re-cut follows.
+        sizes = [_rounded(g.fetch_bytes) for g in self._groups]
+        self._limit = self.window.bytes_for(sizes)  # None: a number of groups
+        self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1)
@@ -165,10 +202,8 @@ class Prefetcher:
         self._groups = [plan_group(i, [(u, self._units[u]) for u in group], on_cpu) for i, group in enumerate(groups)]
         self._group_of = {u: g for g in self._groups for u in g.slots}
         self._capacity = max((g.host_bytes for g in self._groups), default=0)
-        sizes = [_rounded(g.fetch_bytes) for g in self._groups]
-        self._limit = self.window.bytes_for(sizes)  # None: a number of groups
-        self.depth = min(self.window.groups if self.window.groups is not None else len(sizes), max(len(sizes) - 1, 1))
-        self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
+        count = len(self._groups)
+        self.depth = min(self.window.groups if self.window.groups is not None else count, max(count - 1, 1))
         return True
 
     # What hooks call ------------------------------------------------------------------------------------
@@ -256,10 +291,8 @@ class Prefetcher:
             if len(recording) < len(self._units):
                 return
         self._recording = None
-        group_of = {u: i for i, group in enumerate(self._planned) for u in group}
-        ran = dict.fromkeys(group_of[u] for u in recording)  # groups in the order their first unit ran
         current, inflight = self._current, list(self._inflight)
-        if self._order([self._planned[i] for i in ran]):
+        if self._order(_execution_groups(self._planned, recording)):
             logger.debug("Execution order differs from model order; re-ordered %d prefetch group(s)",
                          len(self._groups))
             for job in [current, *inflight]:
