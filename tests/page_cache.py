@@ -52,3 +52,18 @@ def filesystem_type(path: Path) -> str:
             if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
                 best, kind = point, fields[2]
     return kind
+
+
+def spy_reads(monkeypatch) -> list:
+    """Every ``TensorEntry`` a ``DirectReader`` reads from now on (its key, bytes, file), in order."""
+    from hf_bigmodel.storage.direct_io import DirectReader
+
+    entries: list = []
+    original = DirectReader.read_into
+
+    def recording(self, entry, buffer):
+        entries.append(entry)
+        return original(self, entry, buffer)
+
+    monkeypatch.setattr(DirectReader, "read_into", recording)
+    return entries

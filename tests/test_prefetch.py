@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from page_cache import filesystem_type, resident_pages
+from page_cache import filesystem_type, resident_pages, spy_reads
 from tiny_models import SMALL_LLAMA_LAYERS, save_small_bf16_llama, small_llama_config
 from torch import nn
 
@@ -181,14 +181,7 @@ def test_a_group_whose_modules_run_apart_is_cut_where_they_do(llama, monkeypatch
     path, ref = llama
     monkeypatch.setattr(prefetch_plan, "GROUP_BYTES", 60_000)  # a layer is 73,984 bytes; its MLP 49,152
     monkeypatch.setattr(prefetch_plan, "MERGE_BYTES", 1_000)  # the two 128-byte norms merge, nothing else
-    reads: list[int] = []
-    original = DirectReader.read_into
-
-    def counting(self, entry, buffer):
-        reads.append(entry.nbytes)
-        return original(self, entry, buffer)
-
-    monkeypatch.setattr(DirectReader, "read_into", counting)
+    reads = spy_reads(monkeypatch)
     model = _load(path, prefetch="1MiB")
     fetcher = prefetcher_of(model)
     planned = [g.prefixes for g in fetcher._groups]
@@ -204,7 +197,7 @@ def test_a_group_whose_modules_run_apart_is_cut_where_they_do(llama, monkeypatch
     assert after["misses"] == before["misses"] and after["unscheduled"] == 0, (before, after)
     on_disk = sum(p.numel() * p.element_size() for n, p in ref.named_parameters()
                   if n.startswith(("lm_head", *(f"model.layers.{i}." for i in range(1, LAYERS)))))
-    assert sum(reads) == 3 * on_disk  # each offloaded weight read once per forward
+    assert sum(e.nbytes for e in reads) == 3 * on_disk  # each offloaded weight read once per forward
     assert ["model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm"] in planned
     assert ["model.layers.1.input_layernorm"] in [g.prefixes for g in fetcher._groups]
 

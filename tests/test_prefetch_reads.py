@@ -6,6 +6,7 @@ import errno
 
 import pytest
 import torch
+from page_cache import spy_reads
 from tiny_models import save_small_bf16_llama, small_llama_config
 
 from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
@@ -23,14 +24,7 @@ def test_a_layers_adjacent_tensors_come_in_one_read_and_give_the_same_outputs(ll
     from transformers import AutoModelForCausalLM
 
     path, ref = llama
-    reads: list[str] = []
-    original = DirectReader.read_into
-
-    def counting(self, entry, buffer):
-        reads.append(entry.key)
-        return original(self, entry, buffer)
-
-    monkeypatch.setattr(DirectReader, "read_into", counting)
+    reads = spy_reads(monkeypatch)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(small_llama_config())
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
