@@ -193,6 +193,10 @@ def test_large_read_buffers_are_huge_pages_and_small_ones_are_not_padded():
     read buffers of 2 MiB and more must be 2 MiB-aligned and backed by huge pages once touched."""
     from hf_bigmodel.storage.direct_io import ALIGNMENT, HUGE_PAGE, aligned_empty
 
+    # Leave touched heap memory behind (glibc raises its mmap threshold once a large block is freed):
+    # torch.empty of this size would then reuse 4 KiB pages that advice cannot turn into huge ones.
+    torch.empty(30 * 2**20, dtype=torch.uint8).fill_(0)  # freed at once
+    torch.empty(9 * HUGE_PAGE, dtype=torch.uint8).fill_(1)  # now from the heap, touched, freed
     big = aligned_empty(8 * HUGE_PAGE + 12345, huge=True)
     assert big.data_ptr() % HUGE_PAGE == 0 and big.numel() == 8 * HUGE_PAGE + 12345
     big.fill_(1)

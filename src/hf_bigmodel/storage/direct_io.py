@@ -24,16 +24,13 @@ memory map: a loaded tensor must own its bytes (see :func:`read_shard`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,7 +81,7 @@ def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False,
 
     ``huge``: for a buffer that is read into again and again (the prefetcher's). One of
     :data:`HUGE_PAGE` or more starts on a huge-page boundary and is advised to the kernel as huge pages
-    before anything touches it (:func:`_advise_huge_pages`): an ``O_DIRECT`` read into 4 KiB pages is
+    before anything touches it (:func:`_huge_empty`): an ``O_DIRECT`` read into 4 KiB pages is
     cut into as many requests as the device's segment limit demands (254 pages, 1 MiB, on a virtio
     disk), one into 2 MiB pages into far fewer; ``benchmarks/sustained_read.py`` measured 0.72 against
     1.6 GB/s on the development machine's disk. Not for memory allocated once per read or per tensor:
@@ -96,37 +93,29 @@ def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT, pin: bool = False,
         buf = aligned_empty(1 << 20)
         assert buf.data_ptr() % 4096 == 0
     """
-    huge = huge and not pin and nbytes >= HUGE_PAGE
-    if huge:
-        alignment = max(alignment, HUGE_PAGE)
+    if huge and not pin and nbytes >= HUGE_PAGE and _MADV_HUGEPAGE is not None:
+        return _huge_empty(nbytes)
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
     shift = (-raw.data_ptr()) % alignment
-    out = raw[shift : shift + nbytes]
-    if huge:
-        _advise_huge_pages(out.data_ptr(), nbytes - nbytes % HUGE_PAGE)
-    return out
+    return raw[shift : shift + nbytes]
 
 
-def _advise_huge_pages(address: int, length: int) -> None:
-    """``madvise(MADV_HUGEPAGE)`` on untouched memory; a no-op where the OS or the kernel says no.
+def _huge_empty(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of fresh anonymous memory from a mapping of its own, starting on a huge-page boundary,
+    its whole huge pages advised as such before anything touches them.
 
-    Only whole huge pages inside the range become huge, so what the tensor does not cover is never
-    made resident. Transparent huge pages set to ``never`` (or a kernel without them) leaves 4 KiB pages.
+    Not ``torch.empty``: below glibc's mmap threshold (up to 32 MiB once large blocks were freed) that
+    reuses heap memory already faulted in as 4 KiB pages, which advice cannot change. The mapping is
+    unmapped when the last tensor viewing it goes.
     """
-    libc = _libc()
-    if libc is None or length <= 0:
-        return
-    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # failure: 4 KiB pages
-
-
-@cache
-def _libc() -> ctypes.CDLL | None:
-    if _MADV_HUGEPAGE is None or not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+    assert _MADV_HUGEPAGE is not None
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
+    shift = (-raw.data_ptr()) % HUGE_PAGE
+    whole = nbytes - nbytes % HUGE_PAGE
+    with contextlib.suppress(OSError):  # refused (transparent huge pages off): 4 KiB pages, still correct
+        region.madvise(_MADV_HUGEPAGE, shift, whole)
+    return raw[shift : shift + nbytes]
 
 
 def padded_span(entry: TensorEntry, alignment: int = ALIGNMENT) -> tuple[int, int]:
