@@ -12,7 +12,7 @@ Example::
 
     python benchmarks/scale.py                          # 1b, 4b, 8b: ~30-60 min on the 2-core machine
     python benchmarks/scale.py --sizes 1b,4b --loaders hf_bigmodel,transformers --new-tokens 2
-    python benchmarks/scale.py --sizes 14b              # larger than this machine's 24 GiB of RAM
+    python benchmarks/scale.py --sizes 14b              # 25.2 GiB: larger than this machine's 23.5 GiB of RAM
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from hf_bigmodel.model.sizes import format_size, parse_size
 
 logger = logging.getLogger("benchmarks.scale")
 
-#: Llama shapes; "14b" (26 GB in bf16) is larger than the development machine's RAM.
+#: Llama shapes; "14b" (13.5B parameters, 48 layers: 27.1 GB, 25.2 GiB in bf16) is larger than the development
+#: machine's 23.5 GiB of RAM (with 44 layers it was 23.2 GiB, just under it).
 SHAPES: dict[str, dict[str, Any]] = {
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 32000},
@@ -47,7 +48,7 @@ SHAPES: dict[str, dict[str, Any]] = {
            "num_key_value_heads": 8, "vocab_size": 32000},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256},
-    "14b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 44, "num_attention_heads": 40,
+    "14b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48, "num_attention_heads": 40,
             "num_key_value_heads": 8, "vocab_size": 32000},
 }
 SHARD_BYTES = 2 * 10**9
