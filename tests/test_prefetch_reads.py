@@ -7,7 +7,7 @@ import errno
 import pytest
 import torch
 from page_cache import spy_reads
-from tiny_models import save_small_bf16_llama, small_llama_config
+from tiny_models import assert_same_outputs, greedy, save_small_bf16_llama, small_llama_config
 
 from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 from hf_bigmodel.runtime.prefetch import prefetcher_of
@@ -39,10 +39,8 @@ def test_a_layers_adjacent_tensors_come_in_one_read_and_give_the_same_outputs(ll
     assert groups and all(len(g.reads) < len(g.items) for g in groups)  # 9 tensors of a layer, fewer reads
     tensors = sum(len(g.items) for g in groups)
     assert len(reads) < tensors  # the forward read runs, not tensors
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 4, "min_new_tokens": 4,
-              "pad_token_id": 0}
     with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+        assert torch.equal(model.generate(ids, **greedy(ids, 4)), ref.generate(ids, **greedy(ids, 4)))
 
 
 def _batches(monkeypatch) -> list[int]:
@@ -142,11 +140,7 @@ def test_the_prefetcher_keeps_several_reads_in_flight_and_gives_the_same_outputs
                   "model.layers": "disk"}
     model = load_checkpoint_and_dispatch(model, path, device_map=device_map, dtype=torch.bfloat16)
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3, "min_new_tokens": 3,
-              "pad_token_id": 0}
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref(ids).logits)
-        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    assert_same_outputs(model, ref, ids, 3)
     assert prefetcher_of(model) is not None
     assert batches and max(batches) > 1  # the layers' runs went in chunks, several at once
 

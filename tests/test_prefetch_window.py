@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import save_small_bf16_llama, small_llama_config
+from tiny_models import assert_same_outputs, save_small_bf16_llama, small_llama_config
 
 from hf_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 from hf_bigmodel.runtime import prefetch as prefetch_module
@@ -72,11 +72,7 @@ def test_generation_is_bit_identical_and_buffers_stay_within_the_bound(llama, pr
 
     monkeypatch.setattr(fetcher, "_fill", watched)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5,
-              "pad_token_id": 0}
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref(ids).logits)
-        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    assert_same_outputs(model, ref, ids, 5)
     stats = fetcher.stats()
     assert held and max(held) <= stats["memory_bound"]
     if stats["window_bytes"] is not None:  # more than one group ahead only when they fit the window

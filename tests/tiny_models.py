@@ -364,6 +364,19 @@ def small_llama_config() -> Any:
                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def greedy(ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for exactly ``new_tokens`` greedy tokens after the prompts ``ids``."""
+    return {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens, "pad_token_id": 0}
+
+
+def assert_same_outputs(model: Any, ref: Any, ids: torch.Tensor, new_tokens: int) -> None:
+    """``model`` gives ``ref``'s logits for ``ids`` and its ``new_tokens`` greedy tokens, exactly."""
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert torch.equal(model.generate(ids, **greedy(ids, new_tokens)), ref.generate(ids, **greedy(ids, new_tokens)))
+
+
 def save_small_bf16_llama(directory: str | Path, *, seed: int = 0) -> SavedModel:
     """:func:`small_llama_config` with bf16 weights, saved as ~60 KB safetensors shards.
 

@@ -185,7 +185,6 @@ class Prefetcher:
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, stop_reader, self._jobs, self._thread)
-        sizes = [_rounded(g.fetch_bytes) for g in self._groups]
         logger.debug("Prefetching %d group(s) (largest %s) %s ahead to %s", len(self._groups),
                      format_size(self._capacity), window.describe(sizes), device)
         self._fill(len(self._groups) - 1)  # the first forward finds its first groups on their way

@@ -207,7 +207,6 @@ class DirectReader:
             return buffer[skip:skip]
         fd, direct = self._open(entry)
         view = buffer.numpy().data
-        what = repr(entry.key)
         if direct:
             try:
                 if self.in_flight > 1 and length > CHUNK and aio.available():
@@ -221,8 +220,7 @@ class DirectReader:
                 logger.debug("O_DIRECT read of %s refused (%s); falling back to buffered reads", entry.path, err)
                 self._buffered(entry, fd)
                 fd, _ = self._open(entry)
-        pread_exact(fd, view[skip : skip + entry.nbytes], entry.start, path=entry.path, what=what,
-                    identity=entry.identity)
+        self._pread(entry, fd, view[skip : skip + entry.nbytes], entry.start, need=entry.nbytes)
         if _FADVISE:
             os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return buffer[skip : skip + entry.nbytes]
