@@ -4,11 +4,13 @@ A reader thread that calls ``os.preadv`` gives up the GIL for the system call bu
 afterwards; while the main thread runs Python, that can take up to ``sys.getswitchinterval()`` (5 ms)
 per call, and the disk idles meanwhile. This script measures, on one file read with ``O_DIRECT`` in
 decoder-layer-sized groups (86 MiB, as the benchmark checkpoint's layers), the throughput of each way
-of reading, under three loads of the main thread:
+of reading, under these loads of the main thread:
 
 - ``idle``: the main thread waits (the reader's best);
 - ``python``: a pure-Python loop (the worst case: it never lets go of the GIL on its own);
 - ``decode``: small torch ops with Python glue in between, as a decoder's forward at batch 1.
+- ``gemv``: bf16 ``linear`` over 132 MiB of weights on every torch thread, as a decode step over weights
+  kept in RAM (not a default: pass ``--loads idle,gemv``; it measures the cores' and memory's contention).
 
 Ways of reading (``--strategies``):
 
@@ -228,6 +230,22 @@ def make_decode_load() -> Callable[[Callable[[], bool]], int]:
     return load
 
 
+def make_gemv_load() -> Callable[[Callable[[], bool]], int]:
+    import torch
+
+    weights = [torch.randn(5632, 2048, dtype=torch.bfloat16) for _ in range(6)]  # 132 MiB: not in any cache
+    x = torch.randn(1, 1, 2048, dtype=torch.bfloat16)
+
+    def load(stop: Callable[[], bool]) -> int:
+        spins = 0
+        while not stop():
+            for w in weights:  # a decode step over weights in RAM: bf16 GEMV on every torch thread
+                torch.nn.functional.linear(x, w)
+            spins += 1
+        return spins
+    return load
+
+
 def load_idle(stop: Callable[[], bool]) -> int:
     while not stop():
         time.sleep(0.001)
@@ -311,7 +329,7 @@ def main() -> None:
     groups = max(1, parse_size(args.size) // _padded_group())
     path = args.work_dir / "reader_probe.bin"
     make_file(path, groups * _padded_group())
-    loads = {"idle": load_idle, "python": load_python, "decode": make_decode_load()}
+    loads = {"idle": load_idle, "python": load_python, "decode": make_decode_load(), "gemv": make_gemv_load()}
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     chosen = [name.strip() for name in args.loads.split(",") if name.strip()]
     results: dict[str, dict[str, list[float]]] = {s: {name: [] for name in chosen} for s in strategies}

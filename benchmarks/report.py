@@ -108,6 +108,36 @@ def floor(summary: dict[str, Any], *, compute: list[float] | None, bandwidth: fl
     }
 
 
+def floor_around(runs: list[dict[str, Any]], *, compute: list[float] | None) -> dict[str, Any] | None:
+    """Each OK run against its own floor, its bandwidth measured just before and after it (the faster of the two).
+
+    The disk of a shared machine swings by a third within minutes, so a bandwidth measured once in the
+    session can be far from the one a run met. Taking the faster of the two passes around a run keeps the
+    floor on the strict side. Returns the median ratio over the runs and the bandwidths used.
+    """
+    ratios, bandwidths = [], []
+    for run in runs:
+        around = [b for b in run.get("disk_bandwidth_around") or [] if b]
+        seconds, read, times = run.get("generate_s"), run.get("generate_read_bytes"), run.get("generate_forward_s")
+        if run.get("status") != "OK" or not around or not seconds or read is None or not compute or not times:
+            continue
+        if len(times) != len(compute):
+            continue
+        bandwidth = max(around)
+        per_read = read / len(times) / bandwidth
+        ratios.append(seconds / sum(max(c, per_read) for c in compute))
+        bandwidths.append(bandwidth)
+    if not ratios:
+        return None
+    ratio = statistics.median(ratios)
+    span = f"{min(bandwidths) / 1e9:.2f}-{max(bandwidths) / 1e9:.2f}" if len(bandwidths) > 1 else f"{bandwidths[0] / 1e9:.2f}"
+    return {
+        "ratio": ratio, "ratios": ratios, "bandwidths": bandwidths,
+        "text": (f"against each run's own floor, from the disk's speed just before and after it (the faster pass, "
+                 f"{span} GB/s): {ratio:.2f}x (median of {len(ratios)}; runs {', '.join(f'{r:.2f}' for r in ratios)})"),
+    }
+
+
 def best_anchor(summaries: dict[str, dict[str, Any]], key: str) -> tuple[str, float] | None:
     """The anchor (transformers or accelerate) with the lowest value in column ``key``."""
     candidates = [(summaries[a][key], a) for a in ANCHORS if a in summaries and summaries[a].get(key)]

@@ -164,8 +164,12 @@ class Harness:
                 else:
                     system.warm_page_cache([self.checkpoint])
                 cached, total = system.resident_bytes([self.checkpoint])
+                # The disk's speed swings by a third within minutes: read it just before and after each run.
+                before = system.direct_read_bandwidth([self.checkpoint], repeat=1) if cold else None
                 result = self.launch(loader, f"{scenario}-{spec}-{repeat}", extra=extra,
                                      memory_limit=parse_size(args.memory_limit) if cold else None)
+                if cold:
+                    result["disk_bandwidth_around"] = [before, system.direct_read_bandwidth([self.checkpoint], repeat=1)]
                 result["checkpoint_cached_before"] = cached
                 result["checkpoint_bytes"] = total
                 if cold:
@@ -354,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
                 floor = report.floor(summary, compute=compute, bandwidth=disk_bandwidth)
                 if floor:
                     floors[loader] = floor
+                    around = report.floor_around(runs[loader], compute=compute)
+                    if around:
+                        floor["around"] = around
+                        floor["text"] += f"; {around['text']}"
             entry["floor"] = floors
         entry["notes"] = notes
         results["scenarios"][scenario] = entry

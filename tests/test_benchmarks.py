@@ -95,6 +95,25 @@ def test_floor_takes_the_larger_of_compute_and_reading_in_each_forward(bench):
     assert nothing_read["floor_s"] == pytest.approx(1.3)  # all in RAM: the floor is the compute
 
 
+def test_floor_around_each_run_uses_the_faster_of_the_passes_before_and_after_it(bench):
+    report, _ = bench
+    compute = [1.0, 0.1, 0.1, 0.1]  # 0.75 GB read per forward
+    runs = [run(generate_s=2.2, generate_read_bytes=3e9, generate_forward_s=[1, 0.4, 0.4, 0.4],
+                disk_bandwidth_around=[1.5e9, 3e9]),  # floor 1.75 s at 3 GB/s (the faster pass)
+            run(generate_s=4.0, generate_read_bytes=3e9, generate_forward_s=[1, 1, 1, 1],
+                disk_bandwidth_around=[1.5e9, None]),  # floor 1 + 3 x 0.5 = 2.5 s
+            run(generate_s=9.0, generate_read_bytes=3e9, generate_forward_s=[1, 1, 1, 1]),  # not measured
+            run("KILLED", generate_s=1.0, generate_read_bytes=3e9, generate_forward_s=[1, 1, 1, 1],
+                disk_bandwidth_around=[3e9, 3e9])]
+    around = report.floor_around(runs, compute=compute)
+    assert around["ratios"] == pytest.approx([2.2 / 1.75, 4.0 / 2.5])
+    assert around["bandwidths"] == [3e9, 1.5e9]
+    assert around["ratio"] == pytest.approx((2.2 / 1.75 + 4.0 / 2.5) / 2)
+    assert "1.50-3.00 GB/s" in around["text"]
+    assert report.floor_around(runs, compute=compute[:3]) is None  # another number of forwards
+    assert report.floor_around(runs[2:], compute=compute) is None
+
+
 def test_compute_times_are_medians_per_forward(bench):
     report, _ = bench
     runs = [run(generate_forward_s=[1.0, 0.2, 0.1]), run(generate_forward_s=[3.0, 0.1, 0.3]),
