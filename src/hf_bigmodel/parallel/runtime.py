@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import PipelineError
-from ..runtime.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from ..runtime.hook_protocol import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from .channel import Channel, Kind, MessageId
 from .stages import StagePlan
 

@@ -27,7 +27,8 @@ from ..storage.offload_folder import INDEX_NAME, OffloadFolder, load_offload_ind
 from ..storage.weights_map import DiskRef, WeightsMap
 from .dispatch_plan import DispatchPlan, plan_dispatch
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
-from .hooks import AlignDevicesHook, ModelHook, add_hook_to_module, hooks_of, strip_hooks
+from .hook_protocol import ModelHook, add_hook_to_module, hooks_of
+from .hooks import AlignDevicesHook, strip_hooks
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
 from .prefetch_window import Window, prefetch_window
