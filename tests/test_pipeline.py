@@ -227,3 +227,35 @@ def test_two_hosts_joined_by_a_network_link_give_the_tokens_of_one(models, tmp_p
                      rank_env=lambda rank: {"GLOO_SOCKET_IFNAME": links[rank],
                                             "HF_HOME": str(tmp_path / f"host{rank}")})
     _check_run(results, {"llama": models["llama"]}, 2)
+
+
+def test_a_pre_quantized_checkpoint_is_cut_and_planned_at_the_bytes_it_holds(models, tmp_path, capsys):
+    """torchao int8 weights count as their int8 bytes (the shards' headers), not as bfloat16: a budget that
+    holds each quantized stage keeps it whole in RAM (at bfloat16 sizes part would go to disk), and the
+    pipeline gives from_pretrained's tokens and logits."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from hf_bigmodel.cli import main
+
+    int8 = tmp_path / "int8"
+    transformers.AutoModelForCausalLM.from_pretrained(
+        models["llama"], quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.bfloat16,
+    ).save_pretrained(int8)
+
+    def stage_bytes(*argv: str) -> list[int]:
+        capsys.readouterr()
+        assert main(["plan", *argv, "--stages", "2", "--max-memory", "cpu=1GiB", "--json"]) == 0
+        return [stage["bytes"] for stage in json.loads(capsys.readouterr().out)["stages"]]
+
+    quantized, plain = stage_bytes(str(int8)), stage_bytes(str(models["llama"]), "--dtype", "bfloat16")
+    budget = max(quantized) + 64  # room for the rotary table every stage keeps
+    assert budget < min(plain)
+    results = launch(2, _spec({"int8": int8}, max_memory={"cpu": budget}), tmp_path)
+    tokens, logits = _reference(int8)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.output[-4000:]}"
+        got = r.result["int8"]
+        assert set(got["device_map"].values()) == {"cpu"}, (r.rank, got["device_map"])
+        assert [s["bytes"] for s in got["plan"]["stages"]] == quantized
+        assert torch.equal(got["tokens"], tokens) and torch.equal(got["logits"], logits), r.rank

@@ -196,6 +196,36 @@ def test_the_planner_counts_the_bytes_quantized_weights_take(llama: Path, int8: 
     assert_same(ours, ref)  # the part on disk stays int8 and computes the same
 
 
+def test_hf_bigmodel_plan_of_a_pre_quantized_checkpoint_is_the_plan_a_load_makes(int8: Path, tmp_path: Path,
+                                                                                  capsys, hub) -> None:
+    """``hf-bigmodel plan`` counts int8 weights at the bytes their checkpoint holds (headers read, no weight),
+    as loading does; a Hub repo's headers are not fetched: it says its sizes are the dtype's (an overestimate)."""
+    from hf_bigmodel.cli import main
+
+    whole = load_pretrained_dispatched(int8, device_map="cpu")
+    tensors = model_tensors(whole, persistent_only=False)
+    weights = sum(_loaded_bytes(tensors[name].tensor) for name in dict(whole.named_parameters()))
+    # Buffers are planned in the load dtype (the float32 rotary table too, as for any model).
+    buffers = sum(b.numel() * torch.bfloat16.itemsize for b in whole.buffers())
+    budget = (weights + buffers) // 2
+    capsys.readouterr()
+    assert main(["plan", str(int8), "--max-memory", f"cpu={budget}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_size"] == weights + buffers and not report["quantized_sizes_unknown"]
+    ours = load_pretrained_dispatched(int8, max_memory={"cpu": budget}, offload_folder=tmp_path / "offload")
+    assert report["device_map"] == ours.hf_device_map and "disk" in report["device_map"].values()
+
+    hub.add_repo("org/int8", int8)
+    assert main(["plan", "org/int8", "--max-memory", f"cpu={budget}", "--json"]) == 0
+    out, err = capsys.readouterr()
+    remote = json.loads(out)
+    assert remote["quantized_sizes_unknown"] and remote["total_size"] > weights + buffers
+    assert "quantized" in err and "dtype's size" in err
+    assert hub.downloaded_files() == ["config.json"]
+    assert main(["plan", "org/int8", "--max-memory", f"cpu={budget}"]) == 0
+    assert "quantized weights counted at this dtype's size" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("where", ["config", "argument"])
 def test_other_methods_are_refused_before_anything_is_read(llama: Path, tmp_path: Path, where: str) -> None:
     folder = tmp_path / "bnb"

@@ -40,6 +40,10 @@ class EmptyModel:
     special_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     #: True when the config names no dtype and no weights were read: float32 was assumed.
     dtype_assumed: bool = False
+    #: Bytes of quantized weights (a pre-quantized checkpoint's, from its headers), for the planner.
+    tensor_sizes: dict[str, int] = field(default_factory=dict)
+    #: True when the checkpoint is quantized but its headers were not read: sizes are its dtype's (more).
+    quantized_sizes_unknown: bool = False
 
 
 def _is_local(name: str, subfolder: str | None) -> bool:
@@ -122,7 +126,8 @@ def build_empty_model(
         empty.model.model.layers[0].mlp.up_proj.weight.device  # device(type='meta')
     """
     ctx, chosen = prepare(source, loader=loader)
-    needs_weights = dtype in (None, "auto") and not _config_names_dtype(ctx.raw_config)
+    quantized = ctx.cache.get("quantizer") is not None  # its weights' bytes are in the headers, not the config
+    needs_weights = quantized or (dtype in (None, "auto") and not _config_names_dtype(ctx.raw_config))
     if needs_weights and _is_local(source.name_or_path, source.subfolder):
         try:
             ctx.files = chosen.resolve_files(ctx)  # local: only headers are read, nothing is copied
@@ -148,4 +153,13 @@ def build_empty_model(
         name: torch.float32 for name, slot in model_tensors(ctx.model).items()
         if keep and slot.tensor.is_floating_point() and matches_module(name, keep)
     }
-    return EmptyModel(ctx.model, chosen, ctx, ctx.dtype, chosen.no_split_modules(ctx), special, assumed)
+    sizes: dict[str, int] = {}
+    if quantized and ctx.files is not None:
+        sizes = chosen.tensor_sizes(ctx)
+    elif quantized:
+        logger.warning(
+            "%s is quantized and planning reads no weights: its quantized weights are counted at their dtype's "
+            "size, more than they take. Plan a local copy for exact sizes.", source.name_or_path,
+        )
+    return EmptyModel(ctx.model, chosen, ctx, ctx.dtype, chosen.no_split_modules(ctx), special, assumed,
+                      sizes, quantized and ctx.files is None)

@@ -62,13 +62,14 @@ def plan_empty(
     resolved = dict(budgets) if budgets is not None else get_max_memory(None)
     device_map = resolve_device_map(
         empty.model, "auto", max_memory=resolved, no_split_module_classes=classes, dtype=empty.dtype,
-        special_dtypes=empty.special_dtypes, check_devices=False,
+        special_dtypes=empty.special_dtypes, check_devices=False, tensor_sizes=empty.tensor_sizes,
     )
     report = describe_plan(
         empty.model, device_map, budgets=resolved, dtype=empty.dtype, special_dtypes=empty.special_dtypes,
-        name=name, no_split_module_classes=classes,
+        name=name, no_split_module_classes=classes, tensor_sizes=empty.tensor_sizes,
     )
     report.dtype_assumed = empty.dtype_assumed
+    report.quantized_sizes_unknown = empty.quantized_sizes_unknown
     return report
 
 

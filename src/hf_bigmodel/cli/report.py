@@ -48,6 +48,7 @@ class PlanReport:
     typed_budgets: dict[Device, str] = field(default_factory=dict)
     prefetch: PlannedPrefetch | None = None
     dtype_assumed: bool = False
+    quantized_sizes_unknown: bool = False
 
     @property
     def disk_modules(self) -> list[str]:
@@ -62,6 +63,7 @@ class PlanReport:
             "model_class": self.model_class,
             "dtype": self.dtype,
             "dtype_assumed": self.dtype_assumed,
+            "quantized_sizes_unknown": self.quantized_sizes_unknown,
             "device_map": dict(self.device_map),
             "sizes": dict(self.sizes),
             "totals": {str(d): n for d, n in self.totals.items()},
@@ -93,16 +95,19 @@ def describe_plan(
     offload_buffers: bool = False,
     name: str = "",
     no_split_module_classes: Sequence[str] = (),
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> PlanReport:
     """Measure ``device_map`` on ``model`` (meta tensors are fine) into a :class:`PlanReport`.
+
+    ``tensor_sizes``: bytes of quantized weights, as the planner was given them.
 
     Example::
 
         report = describe_plan(model, model.hf_device_map, budgets={"cpu": 2**20}, name="tiny")
         print(format_plan(report))
     """
-    sizes = compute_module_sizes(model, dtype, special_dtypes)
-    buffers = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True)
+    sizes = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
+    buffers = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True, tensor_sizes=tensor_sizes)
     placement = Placement.of(device_map)
     executor, offloaded = placement.main, placement.offload_targets
     totals: dict[Device, int] = {}
@@ -219,6 +224,9 @@ def format_plan(report: PlanReport) -> str:
     dtype = report.dtype or "no floating-point dtype"
     if report.dtype_assumed:
         dtype += " (assumed: the config names no dtype and no weights were read; pass --dtype)"
+    if report.quantized_sizes_unknown:
+        dtype += (" (quantized weights counted at this dtype's size, more than they take: their checkpoint's "
+                  "headers were not read; plan a local copy for exact sizes)")
     title = f"{report.model or report.model_class}: {report.model_class}, {format_size(report.total_size)} in {dtype}"
     lines = [title]
     if report.no_split_module_classes:

@@ -34,7 +34,8 @@ def _stage_rows(empty: EmptyModel, plan: StagePlan, budgets: Mapping[Device, int
     rows = []
     for stage in range(plan.num_stages):
         device_map = stage_device_map(empty.model, plan, stage, budgets, no_split_module_classes=no_split,
-                                      dtype=empty.dtype, special_dtypes=empty.special_dtypes)
+                                      dtype=empty.dtype, special_dtypes=empty.special_dtypes,
+                                      tensor_sizes=empty.tensor_sizes)
         start, stop = plan.block_range(stage)
         rows.append({"stage": stage, "blocks": [start, stop], "bytes": plan.bytes_of(stage),
                      "units": [n for n in plan.held_by(stage) if plan.stage_of(n) == stage],
@@ -49,7 +50,7 @@ def print_stages(empty: EmptyModel, stages: int, budgets: Mapping[Device, int] |
     classes = list(dict.fromkeys([*sorted(empty.no_split), *no_split]))
     try:
         plan = plan_stages(empty.model, budgets=[per_process] * stages, no_split_module_classes=classes,
-                           dtype=empty.dtype, special_dtypes=empty.special_dtypes)
+                           dtype=empty.dtype, special_dtypes=empty.special_dtypes, tensor_sizes=empty.tensor_sizes)
     except PipelineError as err:  # too few blocks, or none to cut between: the command line must change
         raise usage_error(f"--stages {stages}: {err}") from err
     rows = _stage_rows(empty, plan, per_process, classes)

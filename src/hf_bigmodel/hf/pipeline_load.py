@@ -31,9 +31,13 @@ def load_pipelined(prepare: Callable[[], LoadSteps], *, max_memory: Mapping[int 
         steps = prepare()
         model, ctx, loader = steps.model, steps.ctx, steps.loader
         _check_supported(model)
-        load.plan_stage(model, no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
-                        offload_buffers=offload_buffers)
         full = loader.checkpoint(ctx)  # the index only: no shard is opened yet
+        # Quantized weights' bytes come from every shard's header: read where every shard is here (a local
+        # checkpoint; a plain model reads none); a Hub checkpoint's shards are not all downloaded, and its
+        # quantized weights are planned at their dtype's size, more than they take (never less).
+        sizes = loader.tensor_sizes(ctx) if all(os.path.isfile(f) for f in full.files) else {}
+        load.plan_stage(model, no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
+                        offload_buffers=offload_buffers, tensor_sizes=sizes)
         names = key_table(loader, ctx, full.keys(), rename=lambda key: loader.target_name(key, ctx))
         checkpoint = stage_checkpoint(full, load.keys(full, base=lambda key: names.get(key, key)))
         assert ctx.files is not None

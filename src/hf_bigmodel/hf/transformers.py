@@ -210,8 +210,9 @@ class TransformersLoader(PretrainedLoader):
         model = ctx.model_class(ctx.config)  # inside init_empty_weights(), which skips all-meta inits
         quantizer = ctx.cache.get("quantizer")
         if quantizer is not None:  # quantized module classes in place of plain ones, still empty
-            quantizer.preprocess_model(model=model, dtype=ctx.dtype, device_map=None,
-                                       checkpoint_files=list(self.checkpoint(ctx).files), use_kernels=False)
+            files = list(self.checkpoint(ctx).files) if ctx.files is not None else None  # None: planning alone
+            quantizer.preprocess_model(model=model, dtype=ctx.dtype, device_map=None, checkpoint_files=files,
+                                       use_kernels=False)
         return model
 
     def after_build(self, ctx: LoadContext) -> None:
@@ -324,8 +325,10 @@ class TransformersLoader(PretrainedLoader):
 
     def tensor_sizes(self, ctx: LoadContext) -> dict[str, int]:
         assert ctx.model is not None
-        return quantized_sizes(ctx.model, ctx.cache.get("quantizer"), self.conversions(ctx),
-                               self.checkpoint(ctx).scan())
+        quantizer = ctx.cache.get("quantizer")
+        if quantizer is None:  # nothing to measure: no header is read (a pipeline stage opens only its shards)
+            return {}
+        return quantized_sizes(ctx.model, quantizer, self.conversions(ctx), self.checkpoint(ctx).scan())
 
     def check_device_map(self, ctx: LoadContext, device_map: Mapping[str, Any]) -> None:
         check_placement(ctx.cache.get("quantizer"), device_map, ctx.name_or_path)

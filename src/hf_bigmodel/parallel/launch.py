@@ -84,12 +84,12 @@ def _decode(text: str) -> dict[Device, int]:
 def agree_on_stages(
     model: nn.Module, world: World, monitor: Monitor, budgets: Mapping[Device, int], *,
     no_split_module_classes: Iterable[str] | None = None, dtype: str | torch.dtype | None = None,
-    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None, tensor_sizes: Mapping[str, int] | None = None,
 ) -> StagePlan:
     """Swap budgets with the other ranks and plan the cut; every rank must reach the same one."""
     everyone = [_decode(v) for v in monitor.exchange("budgets", _encode(budgets), "exchanging memory budgets")]
     plan = plan_stages(model, budgets=everyone, no_split_module_classes=no_split_module_classes, dtype=dtype,
-                       special_dtypes=special_dtypes)
+                       special_dtypes=special_dtypes, tensor_sizes=tensor_sizes)
     described = json.dumps([type(model).__name__, plan.to_dict()], sort_keys=True)
     digests = monitor.exchange("plan", hashlib.sha256(described.encode()).hexdigest(), "agreeing on the stages")
     if len(set(digests)) > 1:
@@ -163,17 +163,21 @@ class StageLoad:
     def plan_stage(self, model: nn.Module | None = None, *, no_split_module_classes: Iterable[str] | None = None,
                    dtype: str | torch.dtype | None = None,
                    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
-                   offload_buffers: bool = False) -> StagePlan:
-        """Agree on the cut of the empty ``model`` with the other ranks; plan this rank's stage within its budget."""
+                   offload_buffers: bool = False, tensor_sizes: Mapping[str, int] | None = None) -> StagePlan:
+        """Agree on the cut of the empty ``model`` with the other ranks; plan this rank's stage within its budget.
+
+        ``tensor_sizes``: bytes of quantized weights, as :func:`~hf_bigmodel.infer_auto_device_map` takes them.
+        """
         if model is not None:
             self._model = model
         self.budgets = own_budgets(self.max_memory, self.world)
         plan = agree_on_stages(self.model, self.world, self.monitor, self.budgets,
                                no_split_module_classes=no_split_module_classes, dtype=dtype,
-                               special_dtypes=special_dtypes)
+                               special_dtypes=special_dtypes, tensor_sizes=tensor_sizes)
         self.device_map = stage_device_map(self.model, plan, self.world.rank, self.budgets,
                                            no_split_module_classes=no_split_module_classes, dtype=dtype,
-                                           special_dtypes=special_dtypes, offload_buffers=offload_buffers)
+                                           special_dtypes=special_dtypes, offload_buffers=offload_buffers,
+                                           tensor_sizes=tensor_sizes)
         units = plan.held_by(self.world.rank)
         self.held = {n for n in model_tensors(self.model) if any(is_within(n, u) for u in units)}
         self.plan = plan

@@ -211,7 +211,7 @@ def _units(model: nn.Module, spine: str, sizes: Mapping[str, int]) -> list[Unit]
 
 
 def _unit_sizes(model: nn.Module, units: Sequence[Unit], dtype: str | torch.dtype | None,
-                special: Mapping[str, str | torch.dtype]) -> list[Unit]:
+                special: Mapping[str, str | torch.dtype], tensor_sizes: Mapping[str, int]) -> list[Unit]:
     """Units with their own bytes: a tied tensor counts in every unit holding it (each stage keeps a copy)."""
     sized = []
     for unit in units:
@@ -220,9 +220,17 @@ def _unit_sizes(model: nn.Module, units: Sequence[Unit], dtype: str | torch.dtyp
         except AttributeError:  # a tensor held directly by a module around the spine
             sized.append(unit)
             continue
-        own = {k[len(unit.name) + 1:]: v for k, v in special.items() if k.startswith(unit.name + ".")}
-        sized.append(Unit(unit.name, unit.kind, compute_module_sizes(module, dtype, own).get("", 0)))
+        own = _relative(special, unit.name)
+        size = compute_module_sizes(module, dtype, own, tensor_sizes=_relative(tensor_sizes, unit.name)).get("", 0)
+        sized.append(Unit(unit.name, unit.kind, size))
     return sized
+
+
+def _relative(by_name: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``by_name`` under module ``prefix``, named relative to it."""
+    if not prefix:
+        return dict(by_name)
+    return {k[len(prefix) + 1:]: v for k, v in by_name.items() if k.startswith(prefix + ".")}
 
 
 def _cut(weights: Sequence[int], first: int, last: int, capacities: Sequence[int]) -> tuple[int, ...]:
@@ -262,11 +270,13 @@ def plan_stages(
     no_split_module_classes: Iterable[str] | None = None,
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> StagePlan:
     """Cut ``model`` into stages: ``num_stages`` equal processes, or one per entry of ``budgets``.
 
     ``budgets[r]`` is process ``r``'s budget per device in bytes (as :func:`~hf_bigmodel.get_max_memory`
     returns); each stage's bytes are balanced against its process's :func:`fast_capacity`.
+    ``tensor_sizes``: bytes of quantized weights (their dtype and shape do not say), as the planner takes them.
 
     >>> blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
     >>> plan = plan_stages(nn.Sequential(nn.Embedding(8, 4), blocks, nn.Linear(4, 8)), 2)
@@ -283,9 +293,10 @@ def plan_stages(
         capacities = tuple(fast_capacity(b) for b in budgets)
     special = dict(special_dtypes or {})
     no_split = set(no_split_module_classes or ())
-    sizes = compute_module_sizes(model, dtype, special)
+    quantized = dict(tensor_sizes or {})
+    sizes = compute_module_sizes(model, dtype, special, tensor_sizes=quantized)
     spine = _find_spine(model, no_split, sizes)
-    units = _unit_sizes(model, _units(model, spine, sizes), dtype, special)
+    units = _unit_sizes(model, _units(model, spine, sizes), dtype, special, quantized)
     blocks = [u.size for u in units if u.kind == "block"]
     if len(blocks) < len(capacities):
         raise PipelineError(
@@ -308,6 +319,7 @@ def stage_device_map(
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     offload_buffers: bool = False,
+    tensor_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Device]:
     """The device map of stage ``stage`` within its own process's ``budgets`` (what does not fit is offloaded).
 
@@ -318,7 +330,7 @@ def stage_device_map(
     with stage_only(model, detached) as view:
         planned = plan_device_map(
             view, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype,
-            special_dtypes=special_dtypes, offload_buffers=offload_buffers,
+            special_dtypes=special_dtypes, offload_buffers=offload_buffers, tensor_sizes=tensor_sizes,
         )
     device_map = {k: d for k, d in planned.items() if not any(is_within(k, name) for name in detached)}
     placement = Placement.of(device_map)
