@@ -61,6 +61,50 @@ def test_get_max_memory_default_measures_ram():
     assert list(budgets)[-1] == "cpu"
 
 
+def _cgroups(tmp_path, proc: str, files: dict[str, str]):
+    """A fake ``/proc/self/cgroup`` and cgroup mount under ``tmp_path``; returns ``_cgroup_available``'s answer."""
+    from hf_bigmodel.plan.memory import _cgroup_available
+
+    (tmp_path / "proc").write_text(proc)
+    for name, value in files.items():
+        (tmp_path / "sys" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys" / name).write_text(value)
+    return _cgroup_available(tmp_path / "proc", tmp_path / "sys")
+
+
+V1_ROOT = {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5000000000\n"}
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "expected"),
+    [
+        # v1, a job's child cgroup (no namespace): its own limit, not the root's "no limit"
+        ("4:memory:/jobs/run1\n0::/\n", {**V1_ROOT, "memory/jobs/run1/memory.limit_in_bytes": "800000000",
+                                          "memory/jobs/run1/memory.usage_in_bytes": "150000000"}, 650_000_000),
+        # v1, the parent's limit is the tighter one
+        ("4:memory:/jobs/run1\n", {**V1_ROOT, "memory/jobs/memory.limit_in_bytes": "500000000",
+                                   "memory/jobs/memory.usage_in_bytes": "400000000",
+                                   "memory/jobs/run1/memory.limit_in_bytes": "800000000",
+                                   "memory/jobs/run1/memory.usage_in_bytes": "150000000"}, 100_000_000),
+        # v1 container that mounts only its own cgroup: the path is not there, the mount's files are its
+        ("11:memory:/docker/abc\n", {"memory/memory.limit_in_bytes": "2000000000",
+                                     "memory/memory.usage_in_bytes": "500000000"}, 1_500_000_000),
+        # v2, nested, usage over the limit counts as nothing left
+        ("0::/user.slice/job\n", {"cgroup.controllers": "memory", "memory.max": "max",
+                                   "user.slice/job/memory.max": "1000", "user.slice/job/memory.current": "1200"}, 0),
+        # v2 with a cgroup namespace: the mount's root is the process's cgroup
+        ("0::/\n", {"cgroup.controllers": "memory", "memory.max": "3000000000", "memory.current": "1000000000"},
+         2_000_000_000),
+        # no limit anywhere, and no cgroup file at all
+        ("4:memory:/a\n0::/\n", V1_ROOT, None),
+        ("0::/\n", {}, None),
+    ],
+    ids=["v1-child", "v1-parent-tighter", "v1-container", "v2-nested-over", "v2-namespace", "no-limit", "no-files"],
+)
+def test_cgroup_limits_of_the_process_own_cgroup_and_its_ancestors_bind(tmp_path, proc, files, expected):
+    assert _cgroups(tmp_path, proc, files) == expected
+
+
 def test_get_max_memory_orders_and_parses():
     budgets = get_max_memory({"cpu": "1GiB", "disk": "10GB", 1: 5, "cuda:0": "2GiB"}, check_devices=False)
     assert budgets == {0: 2 * 2**30, 1: 5, "cpu": 2**30, "disk": 10**10}
@@ -125,3 +169,26 @@ def test_dtype_helpers():
 
 def test_summarize_cuts_long_lists():
     assert summarize(range(12)) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (+2 more)"
+
+
+def test_a_process_in_a_memory_cgroup_plans_within_its_limit(monkeypatch, tmp_path):
+    """On this machine's real cgroup files: a process put in a child cgroup of 600 MB (as a job runner or the
+    benchmark does) gets a default CPU budget under 600 MB, not the machine's free RAM."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import system
+
+    group, why = system.MemoryCgroup.create(f"hfbm_test_{tmp_path.name[-12:]}", limit=600 * 10**6)
+    if group is None:
+        pytest.skip(f"no memory cgroup to make here: {why}")
+    try:
+        code = "from hf_bigmodel.plan.memory import get_max_memory; print(get_max_memory(None)['cpu'])"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=group.join,
+                              timeout=120)
+    finally:
+        group.remove()
+    assert done.returncode == 0, done.stderr
+    assert 0 < int(done.stdout) < 600 * 10**6

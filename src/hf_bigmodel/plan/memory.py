@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -14,27 +15,45 @@ from .devices import Device, device_rank, is_present, local_devices, normalize_d
 __all__ = ["available_memory", "get_max_memory"]
 
 
-def _cgroup_available() -> int | None:
-    """Bytes the memory cgroup of this process still allows, when it sets a limit."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit_file) as f:
-                raw = f.read().strip()
-            if raw == "max":
-                continue
-            limit = int(raw)
-            if limit >= 1 << 60:
-                continue
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-            return max(limit - usage, 0)
-        except (OSError, ValueError):
-            continue
-    return None
+#: Limits at or above this are "no limit" (cgroup v1 writes 2**63 rounded down to a page).
+_NO_LIMIT = 1 << 60
 
+
+def _cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the memory cgroups of this process still allow: the least ``limit - usage`` over its own cgroup and
+    every ancestor (a parent's limit binds its children too); None when none sets a limit.
+
+    The process's cgroup comes from ``/proc/self/cgroup`` (v2's ``0::/path``, v1's ``memory`` line), looked up
+    under ``root``: a process in a child cgroup (a job runner's, a container without a cgroup namespace) is
+    limited by that child, not by the root's files. A path the mount does not show (a container that mounts
+    only its own cgroup) ends at the mount's own files, which are then that cgroup's.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    places: list[tuple[Path, str, str, str]] = []
+    for line in lines:
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and not controllers:
+            unified = root if (root / "cgroup.controllers").exists() else root / "unified"
+            places.append((unified, path, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    least: int | None = None
+    for base, path, limit_name, usage_name in places:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            folder = base.joinpath(*parts[:depth])
+            try:
+                raw = (folder / limit_name).read_text().strip()
+                if raw == "max" or int(raw) >= _NO_LIMIT:
+                    continue
+                left = max(int(raw) - int((folder / usage_name).read_text().strip()), 0)
+            except (OSError, ValueError):
+                continue
+            least = left if least is None else min(least, left)
+    return least
 
 
 def available_memory(device: Device) -> int:
