@@ -125,6 +125,9 @@ def test_peak_rss_of_capped_load_and_generation_stays_within_the_formula(checkpo
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("HF_BIGMODEL_PREFETCH", None)
     env["HF_BIGMODEL_DISABLE_PROGRESS_BARS"] = "1"
+    # The reads that bypass the page cache (this machine's free RAM would let them keep their pages:
+    # tests/test_prefetch.py checks that mode).
+    env["HF_BIGMODEL_PAGE_CACHE"] = "0"
     proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(BUDGET), str(prefetch)],
                           capture_output=True, check=False, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -313,14 +313,17 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
+@pytest.mark.parametrize(("direct", "keep_cache", "in_flight"),
+                         [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (False, True, 4)])
+def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, monkeypatch, direct, keep_cache, in_flight):
+    from hf_bigmodel.storage import direct_io as diskio
     from hf_bigmodel.storage.safetensors_io import TensorEntry
 
+    monkeypatch.setattr(diskio, "CHUNK", 2 * ALIGNMENT)  # reads over two pages go in chunks, in flight
     data = torch.randint(0, 256, (3 * ALIGNMENT + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     file = tmp_path / "blob.bin"
     _write(file, data.numpy().tobytes())
-    reader = DirectReader(direct=direct)
+    reader = DirectReader(direct=direct, keep_cache=keep_cache, in_flight=in_flight)
     cases = [(0, 10), (5, 4096), (4095, 4097), (100, data.numel()), (data.numel() - 3, data.numel()), (7, 7)]
     for start, end in cases:
         entry = TensorEntry(str(file), "k", torch.uint8, (end - start,), start, end)
@@ -328,6 +331,51 @@ def test_direct_reader_returns_exact_bytes_at_any_offset(tmp_path, direct):
         view = reader.read_into(entry, buf)
         assert torch.equal(view, data[start:end]), (start, end)
     reader.close()
+
+
+def test_whether_reads_keep_their_pages_follows_the_setting_and_the_room(monkeypatch):
+    keeps = prefetch_module.keeps_page_cache
+    gib = 2**30
+    monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV, raising=False)
+    assert keeps(gib, gib // 4, room=2 * gib)  # 1.75 GiB with the spare fits 2 GiB
+    assert not keeps(gib, gib // 4, room=gib + gib // 2)
+    assert not keeps(0, 0, room=100 * gib)  # nothing read from disk
+    for value, expected in (("1", True), ("on", True), ("0", False), ("off", False), ("AUTO", False)):
+        monkeypatch.setenv(prefetch_module.PAGE_CACHE_ENV, value)
+        assert keeps(gib, 0, room=gib) is expected, value
+    monkeypatch.setenv(prefetch_module.PAGE_CACHE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="HF_BIGMODEL_PAGE_CACHE"):
+        keeps(gib, 0, room=gib)
+    monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV)
+    monkeypatch.setattr(prefetch_module, "available_memory", lambda device: 3 * gib)
+    assert keeps(2 * gib, 0) and not keeps(3 * gib, 0)  # measured when not given
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_page_cache_keeps_disk_weights_only_when_told_or_when_they_fit(llama, tmp_path, monkeypatch, setting):
+    """With pages kept, the disk layers' bytes stay cached after a forward (the next one reads RAM); without,
+    ``O_DIRECT`` leaves them out. Either way the logits are the reference's, bit for bit."""
+    path, ref = llama
+    if filesystem_type(path) in ("tmpfs", "ramfs", ""):
+        pytest.skip("pages of this filesystem cannot leave the page cache")
+    monkeypatch.setenv(prefetch_module.PAGE_CACHE_ENV, setting)
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    shards = sorted(path.glob("*.safetensors"))
+    model = _load(path, prefetch=2)
+    fetcher = prefetcher_of(model)
+    assert fetcher.page_cache is (setting == "1") and fetcher.stats()["page_cache"] is (setting == "1")
+    for shard in shards:
+        drop_page_cache(str(shard))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disk = sorted({ref_.entry.path for ref_ in model._hf_bigmodel_weights.disk.values()})
+    cached = sum(sum(resident_pages(Path(f))) for f in disk) * mmap.PAGESIZE
+    on_disk = sum(r.nbytes for r in model._hf_bigmodel_weights.disk.values())
+    if setting == "1":
+        assert cached >= on_disk
+    else:  # what reading the headers back brought in (readahead) and no weight read since
+        assert cached < on_disk / 2
 
 
 def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):

@@ -26,9 +26,16 @@ abandoned to whoever holds it and a fresh one takes its place. Errors of the rea
 the forward that needs the group, naming the file. The thread stops on :meth:`Prefetcher.close`
 (called when hooks are removed) or when the prefetcher is garbage-collected with its model.
 
+When the RAM available to the process (cgroup limits included) holds the disk part read per forward
+beside everything else, the reader goes through the page cache and keeps the pages
+(:func:`keeps_page_cache`): from the second forward on, disk weights come from RAM at memory speed. The
+budget is not touched (page cache is not the process's memory, and the kernel takes it back under
+pressure, the reads then going to the disk again); otherwise reads bypass the page cache (``O_DIRECT``).
+
 ``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off);
 ``HF_BIGMODEL_READS_IN_FLIGHT`` how many chunks of a CPU run's reads go at once (default 8; see
-:mod:`hf_bigmodel.storage.direct_io`).
+:mod:`hf_bigmodel.storage.direct_io`); ``HF_BIGMODEL_PAGE_CACHE`` (``auto``, ``1``, ``0``) whether
+reads keep their pages.
 :func:`~hf_bigmodel.runtime.prefetch_plan.plan_prefetch` tells, before loading, the memory it will hold.
 """
 
@@ -46,9 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..env import whole_number
+from ..env import flag, whole_number
+from ..env import text as env_text
 from ..errors import BigModelError, OffloadError
 from ..model.sizes import format_size
+from ..plan.memory import available_memory
 from ..storage.direct_io import DirectReader, aligned_empty, reads_in_flight
 from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, plan_prefetch
 from .prefetch_plan import rounded_buffer as _rounded
@@ -59,10 +68,12 @@ from .streaming import StreamedWeights
 __all__ = [
     "DEFAULT_DEPTH",
     "ENV_VAR",
+    "PAGE_CACHE_ENV",
     "GROUP_BYTES",
     "MERGE_BYTES",
     "PlannedPrefetch",
     "Prefetcher",
+    "keeps_page_cache",
     "plan_prefetch",
     "prefetch_depth",
     "prefetcher_of",
@@ -72,6 +83,30 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_BIGMODEL_PREFETCH"
 DEFAULT_DEPTH = 2
+PAGE_CACHE_ENV = "HF_BIGMODEL_PAGE_CACHE"
+#: What keeping the disk part in the page cache must leave free: activations, the KV cache, the rest.
+PAGE_CACHE_SPARE = 512 * 2**20
+
+
+def keeps_page_cache(disk_bytes: int, held_bytes: int, *, room: int | None = None) -> bool:
+    """Whether the prefetcher should read through the page cache and keep the pages it reads.
+
+    ``$HF_BIGMODEL_PAGE_CACHE``: ``1``/``on``: always; ``0``/``off``: never (``O_DIRECT``, the page cache
+    stays empty); ``auto`` or unset: when ``disk_bytes`` (read per forward) + ``held_bytes`` (what the
+    prefetcher will hold) + :data:`PAGE_CACHE_SPARE` fit ``room``, the RAM available to the process now
+    (cgroup limits included; measured when None). A wrong guess costs speed, never a result.
+
+    >>> keeps_page_cache(2**30, 2**28, room=4 * 2**30), keeps_page_cache(2**30, 2**28, room=2**30)
+    (True, False)
+    """
+    raw = (env_text(PAGE_CACHE_ENV) or "auto").strip().lower()
+    if raw != "auto":
+        return flag(PAGE_CACHE_ENV, default=False)
+    if disk_bytes <= 0:
+        return False
+    if room is None:
+        room = available_memory("cpu")
+    return disk_bytes + held_bytes + PAGE_CACHE_SPARE <= room
 
 
 def prefetch_depth(prefetch: int | None = None) -> int:
@@ -180,13 +215,16 @@ class Prefetcher:
         self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1)
+        disk = sum(i.ref.nbytes for g in self._groups for i in g.items if i.ref is not None and not i.parts)
+        self.page_cache = keeps_page_cache(disk, self._bound if device.type == "cpu" else 0)
+        reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1, keep_cache=self.page_cache)
         self._thread = threading.Thread(target=reader_loop, args=(self._jobs, reader, device, stream),
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, stop_reader, self._jobs, self._thread)
-        logger.debug("Prefetching %d group(s) (largest %s) %s ahead to %s", len(self._groups),
-                     format_size(self._capacity), window.describe(sizes), device)
+        logger.debug("Prefetching %d group(s) (largest %s) %s ahead to %s, %s", len(self._groups),
+                     format_size(self._capacity), window.describe(sizes), device,
+                     "through the page cache (pages kept)" if self.page_cache else "around the page cache")
         self._fill(len(self._groups) - 1)  # the first forward finds its first groups on their way
 
     def _order(self, groups: Sequence[list[int]]) -> bool:
@@ -388,6 +426,7 @@ class Prefetcher:
             "largest_group": self._capacity, "groups": len(self._groups), "hits": self.hits, "misses": self.misses,
             "unscheduled": self.unscheduled, "wait_s": round(self.wait_s, 4), "buffers": len(self._buffers),
             "buffer_bytes": sum(b.tensor.numel() for b in self._buffers), "abandoned": self.abandoned,
+            "page_cache": self.page_cache,
         }
 
     @property

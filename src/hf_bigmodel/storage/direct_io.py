@@ -8,7 +8,9 @@ superset of the byte range into an aligned buffer and hands out a view of the ex
 Where the filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems: ``EINVAL``) it falls back
 to buffered reads followed by ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the consumed range.
 
-``HF_BIGMODEL_DIRECT_IO=0`` turns ``O_DIRECT`` off (buffered reads, pages dropped after use).
+``HF_BIGMODEL_DIRECT_IO=0`` turns ``O_DIRECT`` off (buffered reads, pages dropped after use). A reader
+made with ``keep_cache=True`` reads through the page cache and keeps the pages, for the prefetcher when
+memory is plentiful (:func:`hf_bigmodel.runtime.prefetch.keeps_page_cache`).
 
 A reader made with ``in_flight=N`` cuts each ``O_DIRECT`` read longer than one :data:`CHUNK` into
 chunks and submits them together with ``lio_listio`` (:mod:`.aio`), ``N`` at a time at the device: the
@@ -144,7 +146,9 @@ class DirectReader:
 
     One file descriptor per file is kept open until :meth:`close`. Thread-safe. ``in_flight`` > 1:
     ``O_DIRECT`` reads longer than :data:`CHUNK` go in chunks, that many at a time (module docstring),
-    through as many duplicate descriptors of the file.
+    through as many duplicate descriptors of the file. ``keep_cache=True`` reads through the page cache
+    and keeps the pages (no ``O_DIRECT``, nothing dropped), in the same aligned chunks: for bytes read
+    again and again while memory is plentiful, the next reads come from RAM.
 
     Example::
 
@@ -153,10 +157,11 @@ class DirectReader:
         data = reader.read_into(entry, buf)   # uint8 view of exactly entry.nbytes bytes
     """
 
-    def __init__(self, *, direct: bool | None = None, in_flight: int = 1) -> None:
+    def __init__(self, *, direct: bool | None = None, in_flight: int = 1, keep_cache: bool = False) -> None:
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1 (reads at a time), got {in_flight}")
-        self.direct = direct_io_enabled() if direct is None else direct
+        self.keep_cache = keep_cache
+        self.direct = False if keep_cache else direct_io_enabled() if direct is None else direct
         self.in_flight = in_flight
         # One descriptor per file as planned (its identity; its path when none was recorded).
         self._fds: dict[FileIdentity | str, tuple[int, bool]] = {}
@@ -207,7 +212,7 @@ class DirectReader:
             return buffer[skip:skip]
         fd, direct = self._open(entry)
         view = buffer.numpy().data
-        if direct:
+        if direct or self.keep_cache:
             try:
                 if self.in_flight > 1 and length > CHUNK and aio.available():
                     self._read_in_flight(entry, fd, buffer, first, need=entry.end - first)
@@ -221,7 +226,7 @@ class DirectReader:
                 self._buffered(entry, fd)
                 fd, _ = self._open(entry)
         self._pread(entry, fd, view[skip : skip + entry.nbytes], entry.start, need=entry.nbytes)
-        if _FADVISE:
+        if _FADVISE and not self.keep_cache:
             os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return buffer[skip : skip + entry.nbytes]
 
