@@ -337,8 +337,8 @@ def test_whether_reads_keep_their_pages_follows_the_setting_and_the_room(monkeyp
     keeps = prefetch_module.keeps_page_cache
     gib = 2**30
     monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV, raising=False)
-    assert keeps(gib, gib // 4, room=2 * gib)  # 1.75 GiB with the spare fits 2 GiB
-    assert not keeps(gib, gib // 4, room=gib + gib // 2)
+    assert keeps(gib, gib // 4, room=2 * gib)  # 1.5 GiB with the spare fits 2 GiB
+    assert not keeps(gib, gib // 4, room=gib + gib // 4)
     assert not keeps(0, 0, room=100 * gib)  # nothing read from disk
     for value, expected in (("1", True), ("on", True), ("0", False), ("off", False), ("AUTO", False)):
         monkeypatch.setenv(prefetch_module.PAGE_CACHE_ENV, value)

@@ -85,7 +85,7 @@ ENV_VAR = "HF_BIGMODEL_PREFETCH"
 DEFAULT_DEPTH = 2
 PAGE_CACHE_ENV = "HF_BIGMODEL_PAGE_CACHE"
 #: What keeping the disk part in the page cache must leave free: activations, the KV cache, the rest.
-PAGE_CACHE_SPARE = 512 * 2**20
+PAGE_CACHE_SPARE = 256 * 2**20
 
 
 def keeps_page_cache(disk_bytes: int, held_bytes: int, *, room: int | None = None) -> bool:
