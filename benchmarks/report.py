@@ -231,11 +231,17 @@ SCALE_HEADER = ("| size | loader | s per token (decode) | floor s per token | x 
                 "status |\n|---|---|---|---|---|---|---|---|")
 
 
+#: Below this many bytes read per forward, a scale row shows no floor (the ratio to ~0 s would mean nothing).
+SCALE_READ_FLOOR = 2**20
+
+
 def scale_rows(size: str, entry: dict[str, Any], *, new_tokens: int) -> list[str]:
     """One markdown row per loader of one size of the scale scenario.
 
     Time per token is the median decode forward (the prompt's forward left out); the floor of a token is
     what that loader read from storage per forward over the disk's O_DIRECT bandwidth measured right after.
+    A loader that read under :data:`SCALE_READ_FLOOR` per forward (the page cache served it) gets no floor:
+    its tokens are bound by compute, which this table does not measure.
     """
     rows = []
     bandwidth = entry.get("bandwidth")
@@ -244,7 +250,8 @@ def scale_rows(size: str, entry: dict[str, Any], *, new_tokens: int) -> list[str
         decode = statistics.median(forwards[1:]) if len(forwards) > 1 else None
         read = run.get("generate_read_bytes")
         per_forward = read / len(forwards) if read is not None and forwards else None
-        floor = per_forward / bandwidth if per_forward is not None and bandwidth else None
+        read_enough = per_forward is not None and per_forward >= SCALE_READ_FLOOR
+        floor = per_forward / bandwidth if read_enough and bandwidth else None
         cells = [
             f"{size} ({format_size(entry['bytes'])})", loader,
             f"{decode:.2f}" if decode else "-",

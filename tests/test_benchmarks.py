@@ -209,10 +209,12 @@ def test_scale_rows_report_decode_time_against_the_floor(bench):
     report, _ = bench
     entry = {"bytes": 2**30, "bandwidth": 1e9, "runs": {
         "hf_bigmodel": run(generate_forward_s=[5.0, 1.0, 1.2, 1.1], generate_read_bytes=4 * 10**9, peak_rss=2**30),
-        "accelerate": {"status": "SKIPPED", "error": "disk"}}}
+        "accelerate": {"status": "SKIPPED", "error": "disk"},
+        "transformers": run(generate_forward_s=[5.0, 0.2, 0.2], generate_read_bytes=3 * 90 * 2**10, peak_rss=2**30)}}
     rows = report.scale_rows("8b", entry, new_tokens=4)
     assert rows[0].startswith("| 8b (1.00 GiB) | hf_bigmodel | 1.10 | 1.00 | 1.10x |")
     assert "SKIPPED (disk)" in rows[1]
+    assert rows[2].startswith("| 8b (1.00 GiB) | transformers | 0.20 | - | - | 90.00 KiB |")  # the page cache served it
 
 
 def test_throughput_table_compares_each_mode_with_transformers(bench):
