@@ -32,7 +32,14 @@ from hf_bigmodel.errors import CheckpointError
 from hf_bigmodel.runtime import prefetch as prefetch_module
 from hf_bigmodel.runtime import prefetch_plan
 from hf_bigmodel.runtime.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
-from hf_bigmodel.storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, drop_page_cache, padded_span
+from hf_bigmodel.storage.direct_io import (
+    ALIGNMENT,
+    DirectReader,
+    aligned_empty,
+    direct_io_enabled,
+    drop_page_cache,
+    padded_span,
+)
 from hf_bigmodel.storage.safetensors_io import read_header
 
 LAYERS = SMALL_LLAMA_LAYERS
@@ -349,6 +356,8 @@ def test_whether_reads_keep_their_pages_follows_the_setting_and_the_room(monkeyp
     monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV)
     monkeypatch.setattr(prefetch_module, "available_memory", lambda device: 3 * gib)
     assert keeps(2 * gib, 0) and not keeps(3 * gib, 0)  # measured when not given
+    if sys.platform.startswith("linux"):  # what tells evicted pages from kept ones
+        assert isinstance(prefetch_module.storage_read_bytes(), int)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore")
@@ -376,6 +385,36 @@ def test_the_page_cache_keeps_disk_weights_only_when_told_or_when_they_fit(llama
         assert cached >= on_disk
     else:  # what reading the headers back brought in (readahead) and no weight read since
         assert cached < on_disk / 2
+
+
+@pytest.mark.parametrize(("setting", "read_per_forward", "falls_back"),
+                         [(None, 10**12, True), (None, 0, False), ("1", 10**12, False)],
+                         ids=["auto-evicted", "auto-stays", "forced"])
+def test_reads_leave_the_page_cache_when_its_pages_do_not_stay(llama, monkeypatch, setting, read_per_forward,
+                                                                 falls_back):
+    """Chosen at dispatch (not forced), page-cache reads are given up when a forward after the first still
+    fetched most of the disk part from storage (its pages were evicted): O_DIRECT from then on, the same logits."""
+    path, ref = llama
+    if setting is None:
+        monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV, raising=False)
+        monkeypatch.setattr(prefetch_module, "keeps_page_cache", lambda *args, **kwargs: True)  # room, as if
+    else:
+        monkeypatch.setenv(prefetch_module.PAGE_CACHE_ENV, setting)
+    reads = iter(range(0, 100 * read_per_forward + 1, read_per_forward or 1) if read_per_forward else [0] * 100)
+    monkeypatch.setattr(prefetch_module, "storage_read_bytes", lambda: next(reads))
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(6))
+    expected = ref(ids).logits
+    model = _load(path, prefetch=2)
+    fetcher = prefetcher_of(model)
+    assert fetcher.page_cache and fetcher._reader.keep_cache
+    with torch.no_grad():
+        for _ in range(5):
+            assert torch.equal(model(ids).logits, expected)
+    assert fetcher.page_cache is not falls_back
+    fetcher.close()  # the reader thread has run every job, the switch included
+    assert fetcher._reader.keep_cache is not falls_back
+    if falls_back:
+        assert fetcher._reader.direct == direct_io_enabled()
 
 
 def test_direct_reader_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):

@@ -32,6 +32,9 @@ beside everything else, the reader goes through the page cache and keeps the pag
 budget is not touched (page cache is not the process's memory, and the kernel takes it back under
 pressure, the reads then going to the disk again); otherwise reads bypass the page cache (``O_DIRECT``).
 
+If a later forward still fetches most of the disk part from storage (memory grew since), the reader
+goes back to ``O_DIRECT`` and drops the pages it kept.
+
 ``HF_BIGMODEL_PREFETCH`` sets the default window (a size, a number of groups, or ``0``: off);
 ``HF_BIGMODEL_READS_IN_FLIGHT`` how many chunks of a CPU run's reads go at once (default 8; see
 :mod:`hf_bigmodel.storage.direct_io`); ``HF_BIGMODEL_PAGE_CACHE`` (``auto``, ``1``, ``0``) whether
@@ -74,6 +77,7 @@ __all__ = [
     "PlannedPrefetch",
     "Prefetcher",
     "keeps_page_cache",
+    "storage_read_bytes",
     "plan_prefetch",
     "prefetch_depth",
     "prefetcher_of",
@@ -86,6 +90,18 @@ DEFAULT_DEPTH = 2
 PAGE_CACHE_ENV = "HF_BIGMODEL_PAGE_CACHE"
 #: What keeping the disk part in the page cache must leave free: activations, the KV cache, the rest.
 PAGE_CACHE_SPARE = 256 * 2**20
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has fetched from storage so far (``/proc/self/io``'s ``read_bytes``); None elsewhere."""
+    try:
+        with open("/proc/self/io") as io:
+            for line in io:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def keeps_page_cache(disk_bytes: int, held_bytes: int, *, room: int | None = None) -> bool:
@@ -215,9 +231,13 @@ class Prefetcher:
         self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        disk = sum(i.ref.nbytes for g in self._groups for i in g.items if i.ref is not None and not i.parts)
-        self.page_cache = keeps_page_cache(disk, self._bound if device.type == "cpu" else 0)
+        self._disk_bytes = sum(i.ref.nbytes for g in self._groups for i in g.items if i.ref is not None and not i.parts)
+        self.page_cache = keeps_page_cache(self._disk_bytes, self._bound if device.type == "cpu" else 0)
+        # Chosen here (not forced by the environment): given up if the pages do not stay (_watch_cache).
+        self._cache_watched = self.page_cache and (env_text(PAGE_CACHE_ENV) or "auto").strip().lower() == "auto"
+        self._reads_at_start: int | None = None  # storage bytes read when the current forward began
         reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1, keep_cache=self.page_cache)
+        self._reader = reader
         self._thread = threading.Thread(target=reader_loop, args=(self._jobs, reader, device, stream),
                                         name="hf_bigmodel-prefetch", daemon=True)
         self._thread.start()
@@ -263,6 +283,8 @@ class Prefetcher:
         if group is None:
             self.unscheduled += 1
             return None
+        if group.index == 0 and self._cache_watched and self._recording is None:
+            self._watch_cache()
         position = next((i for i, job in enumerate(self._inflight) if job.group is group), None)
         if position is None:  # out of order: fetch this group now, then re-align behind it
             self.misses += 1
@@ -337,6 +359,23 @@ class Prefetcher:
                     self._retire(job)
             self._current = None
             self._inflight.clear()
+
+    def _watch_cache(self) -> None:
+        """At the start of each forward after the first: if the last one fetched more than half the disk part
+        from storage, its pages did not stay (the process or the machine needs the memory now), so reads go
+        back to bypassing the page cache, and the pages kept are dropped. Never the other way back."""
+        now = storage_read_bytes()
+        last, self._reads_at_start = self._reads_at_start, now
+        if now is None:
+            self._cache_watched = False  # cannot tell here: keep the choice made at dispatch
+            return
+        if last is None or now - last <= self._disk_bytes // 2:
+            return
+        logger.info("Offloaded weights did not stay in the page cache (%s read from storage in one forward for %s "
+                    "on disk): reading them with O_DIRECT from now on.", format_size(now - last),
+                    format_size(self._disk_bytes))
+        self.page_cache = self._cache_watched = False
+        self._jobs.put(Job([], None, action=DirectReader.bypass_cache))  # between the reader's reads
 
     # Jobs and buffers ------------------------------------------------------------------------------------
 

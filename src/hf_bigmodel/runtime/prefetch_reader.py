@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -206,6 +206,8 @@ class Job:
     event: Any = None  # CUDA: recorded on the side stream after the group's copies
     stream: Any = None  # CUDA: the compute stream the values were last handed to
     retired: bool = False
+    #: Not a group: something the reader thread does to its reader between reads (``items`` empty).
+    action: Callable[[DirectReader], None] | None = None
 
 
 class Staging:
@@ -386,7 +388,12 @@ def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, devic
             job = jobs.get()
             if job is None:
                 return
-            if not job.retired:
+            if job.action is not None:
+                try:
+                    job.action(reader)
+                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                    job.error = err
+            elif not job.retired:
                 try:
                     if device.type == "cuda" and staging is None:
                         with torch.cuda.device(device):

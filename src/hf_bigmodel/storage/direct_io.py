@@ -264,15 +264,32 @@ class DirectReader:
                 dups = self._dups[key] = [fd] + [os.dup(fd) for _ in range(self.in_flight - 1)]
             return dups
 
+    def bypass_cache(self) -> None:
+        """Stop keeping pages: later reads bypass the page cache (``O_DIRECT`` where allowed, as a reader made
+        without ``keep_cache``), and the pages of the files read so far are dropped. Call between reads (the
+        reading thread does): descriptors are reopened."""
+        with self._lock:
+            files = [key.path if isinstance(key, FileIdentity) else key for key in self._fds]
+            self._close_all()
+            self.keep_cache = False
+            self.direct = direct_io_enabled()
+        for path in files:
+            with contextlib.suppress(OSError):  # a file gone meanwhile has no pages to drop
+                drop_page_cache(path)
+
     def close(self) -> None:
         with self._lock:
-            for dups in self._dups.values():
-                for dup in dups[1:]:
-                    os.close(dup)
-            self._dups.clear()
-            for fd, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._close_all()
+
+    def _close_all(self) -> None:
+        """Close every descriptor (the caller holds the lock)."""
+        for dups in self._dups.values():
+            for dup in dups[1:]:
+                os.close(dup)
+        self._dups.clear()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
