@@ -59,11 +59,11 @@ def spy_reads(monkeypatch) -> list:
     from hf_bigmodel.storage.direct_io import DirectReader
 
     entries: list = []
-    original = DirectReader.read_into
+    original = DirectReader.start_read  # read_into goes through it too
 
     def recording(self, entry, buffer):
         entries.append(entry)
         return original(self, entry, buffer)
 
-    monkeypatch.setattr(DirectReader, "read_into", recording)
+    monkeypatch.setattr(DirectReader, "start_read", recording)
     return entries

@@ -64,15 +64,15 @@ def _dispatched(path, *, tie=False, embedding_class=nn.Embedding, device_map=Non
 
 @pytest.fixture()
 def counted_reads(monkeypatch):
-    """Bytes each read_into fetched, keyed by tensor key (a row run's key starts with its tensor's)."""
+    """Bytes each read fetched, keyed by tensor key (a row run's key starts with its tensor's)."""
     reads: list[tuple[str, int]] = []
-    original = DirectReader.read_into
+    original = DirectReader.start_read  # read_into goes through it too
 
     def counting(self, entry, buffer):
         reads.append((entry.key, direct_io.padded_span(entry)[1]))
         return original(self, entry, buffer)
 
-    monkeypatch.setattr(DirectReader, "read_into", counting)
+    monkeypatch.setattr(DirectReader, "start_read", counting)
     return reads
 
 

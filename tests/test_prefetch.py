@@ -237,15 +237,22 @@ def test_a_buffer_still_referenced_is_never_overwritten(tmp_path, one_group_per_
     assert prefetcher_of(model).stats()["abandoned"] > 0
 
 
-def test_reader_errors_surface_in_the_forward_naming_the_file(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["starting", "finishing"])
+def test_reader_errors_surface_in_the_forward_naming_the_file(llama, tmp_path, monkeypatch, when):
     path, _ = llama
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(4))
     model = _load(path, prefetch=1)
 
     def fail(self, entry, buffer):
-        raise OSError(errno.EIO, "Input/output error")
+        if when == "starting":
+            raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(DirectReader, "read_into", fail)
+        def finish():
+            raise OSError(errno.EIO, "Input/output error")
+
+        return finish
+
+    monkeypatch.setattr(DirectReader, "start_read", fail)
     with torch.no_grad(), pytest.raises(OffloadError) as info:
         for _ in range(3):
             model(ids)

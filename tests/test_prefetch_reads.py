@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import torch
@@ -48,13 +49,13 @@ def _batches(monkeypatch) -> list[int]:
     from hf_bigmodel.storage import aio
 
     sizes: list[int] = []
-    original = aio.read_spans
+    original = aio.submit
 
     def recording(fds, address, spans):
         sizes.append(len(spans))
         return original(fds, address, spans)
 
-    monkeypatch.setattr(aio, "read_spans", recording)
+    monkeypatch.setattr(aio, "submit", recording)
     return sizes
 
 
@@ -88,21 +89,102 @@ def test_reads_in_flight_give_the_exact_bytes_of_any_range(tmp_path, monkeypatch
     assert batches == ([5, 3, 4] if in_flight > 1 else [])
 
 
+class _FailingBatch:
+    """A batch whose requests all failed (nothing was read): what ``aio.submit`` gives in some tests."""
+
+    def __init__(self, fds, address, spans, error=errno.EAGAIN):
+        self.spans = list(spans)
+        self.error = error
+
+    def wait(self):
+        raise OSError(self.error, "lio_listio read failed")
+
+
 @needs_aio
-def test_a_failed_batch_is_read_again_one_read_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["submitting", "waiting"])
+def test_a_failed_batch_is_read_again_one_read_at_a_time(tmp_path, monkeypatch, when):
     from hf_bigmodel.storage import aio, direct_io
     from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
     from hf_bigmodel.storage.safetensors_io import TensorEntry
 
     def out_of_resources(fds, address, spans):
-        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        if when == "submitting":
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return _FailingBatch(fds, address, spans)
 
     monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
-    monkeypatch.setattr(aio, "read_spans", out_of_resources)
+    monkeypatch.setattr(aio, "submit", out_of_resources)
     file, data = _blob(tmp_path, 9 * ALIGNMENT + 123)
     entry = TensorEntry(file, "k", torch.uint8, (data.numel() - 7,), 7, data.numel())
     reader = DirectReader(direct=True, in_flight=4)
     assert torch.equal(reader.read_into(entry, aligned_empty(padded_span(entry)[1])), data[7:])
+    reader.close()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@needs_aio
+def test_reads_started_together_survive_o_direct_refused_at_read_time(tmp_path, monkeypatch):
+    """Two reads of one file in flight when the filesystem refuses O_DIRECT reads: both fall back to buffered
+    reads with the exact bytes, the file is reopened once, and close() leaves no descriptor behind."""
+    import fcntl
+
+    from hf_bigmodel.storage import aio, direct_io
+    from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+
+    real_pread = direct_io.pread_exact
+
+    def refuse_direct(fd, *args, **kwargs):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & direct_io._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pread(fd, *args, **kwargs)
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
+    monkeypatch.setattr(direct_io, "pread_exact", refuse_direct)
+    monkeypatch.setattr(aio, "submit", lambda fds, a, spans: _FailingBatch(fds, a, spans, errno.EINVAL))
+    file, data = _blob(tmp_path, 12 * ALIGNMENT + 5)
+    before = _open_descriptors()
+    reader = DirectReader(direct=True, in_flight=3)
+    ranges = [(3, 6 * ALIGNMENT + 9), (6 * ALIGNMENT + 9, data.numel())]
+    entries = [TensorEntry(file, f"k{i}", torch.uint8, (b - a,), a, b) for i, (a, b) in enumerate(ranges)]
+    finishers = [reader.start_read(e, aligned_empty(padded_span(e)[1])) for e in entries]
+    assert all(direct for _, direct in reader._fds.values())
+    for finish, (a, b) in zip(finishers, ranges):
+        assert torch.equal(finish(), data[a:b])
+    assert [direct for _, direct in reader._fds.values()] == [False]
+    reader.close()
+    assert _open_descriptors() == before
+
+
+@needs_aio
+def test_a_started_read_is_at_the_device_before_it_is_finished(tmp_path, monkeypatch):
+    from hf_bigmodel.storage import aio, direct_io
+    from hf_bigmodel.storage.direct_io import ALIGNMENT, aligned_empty, padded_span
+    from hf_bigmodel.storage.safetensors_io import TensorEntry
+
+    events: list[str] = []
+    real_submit = aio.submit
+
+    def submit(fds, address, spans):
+        events.append("submit")
+        batch = real_submit(fds, address, spans)
+        real_wait = batch.wait
+        batch.wait = lambda: events.append("wait") or real_wait()
+        return batch
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * ALIGNMENT)
+    monkeypatch.setattr(aio, "submit", submit)
+    file, data = _blob(tmp_path, 9 * ALIGNMENT)
+    reader = DirectReader(direct=True, in_flight=2)
+    halves = [(0, 4 * ALIGNMENT + 1), (4 * ALIGNMENT + 1, data.numel())]
+    entries = [TensorEntry(file, f"k{i}", torch.uint8, (b - a,), a, b) for i, (a, b) in enumerate(halves)]
+    finishers = [reader.start_read(e, aligned_empty(padded_span(e)[1])) for e in entries]
+    assert events == ["submit", "submit"]
+    assert [torch.equal(f(), data[a:b]) for f, (a, b) in zip(finishers, halves)] == [True, True]
+    assert events == ["submit", "submit", "wait", "wait"]
     reader.close()
 
 
@@ -222,3 +304,48 @@ def test_the_prefetchers_buffers_are_huge_pages(llama, monkeypatch):
     with torch.no_grad():
         model(torch.tensor([[3, 4, 5]]))
     assert prefetcher_of(model) is not None and asked and all(asked)
+
+
+def test_the_reader_thread_starts_the_next_job_before_it_hands_out_the_current(monkeypatch):
+    """Run on this thread with every job queued: the next job's reads start before the current one is
+    handed out, an error stays with its job, a retired job is skipped, an action waits for every started
+    read, and the reader closes only once nothing is running."""
+    import queue
+
+    from hf_bigmodel.runtime import prefetch_reader
+
+    events: list[str] = []
+    names: dict[int, str] = {}
+
+    def start_fetch(job, reader, device, stream, staging=None):
+        name = names[id(job)]
+        events.append(f"start {name}")
+
+        def finish():
+            events.append(f"finish {name}")
+            if name == "b":
+                raise OSError(errno.EIO, "Input/output error")
+            return [torch.full((1,), ord(name))]
+
+        return finish
+
+    class Reader:
+        def close(self):
+            events.append("close")
+
+    monkeypatch.setattr(prefetch_reader, "start_fetch", start_fetch)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    made = {}
+    for name in "abrc":
+        made[name] = prefetch_reader.Job([], None, retired=name == "r")
+        names[id(made[name])] = name
+        jobs.put(made[name])
+    action = prefetch_reader.Job([], None, action=lambda reader: events.append("action"))
+    jobs.put(action)
+    jobs.put(None)
+    prefetch_reader.reader_loop(jobs, Reader(), torch.device("cpu"), None)
+    assert events == ["start a", "start b", "finish a", "start c", "finish b", "finish c", "action", "close"]
+    assert all(job.done.is_set() for job in [*made.values(), action])
+    assert made["a"].values[0].item() == ord("a") and made["c"].values[0].item() == ord("c")
+    assert isinstance(made["b"].error, OSError) and made["b"].values is None
+    assert made["r"].values is None and made["r"].error is None

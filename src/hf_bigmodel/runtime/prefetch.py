@@ -296,17 +296,18 @@ class Prefetcher:
         for _ in range(position):
             self._retire(self._inflight.popleft())
         job = self._inflight.popleft()
+        if self._current is not None:
+            self._retire(self._current)  # its buffer is reused only once its views are gone (use counts)
+        self._current = job
+        self._top_up()  # before waiting: the reader queues the next reads while it finishes this group's
         if not job.done.is_set():
             started = time.perf_counter()
             job.done.wait()
             self.wait_s += time.perf_counter() - started
         if job.error is not None:
+            self._current = None
             self._retire(job)
             self._raise(job, group)
-        if self._current is not None:
-            self._retire(self._current)
-        self._current = job
-        self._top_up()
         return self._hand_out(job, index)
 
     def _hand_out(self, job: Job, index: int) -> list[torch.Tensor]:

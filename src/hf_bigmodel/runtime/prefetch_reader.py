@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +28,7 @@ from .pinned import spans
 from .streaming import StreamedWeights
 
 __all__ = ["Buffer", "Group", "Item", "Job", "Staging", "copy_from_ram", "fetch", "plan_group", "reader_loop",
-           "stop_reader", "use_count"]
+           "start_fetch", "stop_reader", "use_count"]
 
 #: CUDA runs stage disk reads through this many pinned chunks of this size (64 MiB of pinned RAM).
 STAGING_CHUNK = 16 * 2**20
@@ -308,35 +309,89 @@ def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
     are. CUDA: everything is copied on ``stream`` (disk bytes through ``staging``), and ``job.event``
     marks the end of those copies for the compute stream to wait on.
     """
-    values: list[torch.Tensor] = []
-    if device.type != "cuda":
-        buf = job.buffer.tensor if job.buffer is not None else None
-        for span, offset in job.group.reads if job.group is not None else ():
+    return start_fetch(job, reader, device, stream, staging)()
+
+
+def start_fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
+                staging: Staging | None = None) -> Callable[[], list[torch.Tensor]]:
+    """Start :func:`fetch` and return the function that finishes it (and returns its values).
+
+    On CPU runs the group's reads that can go in flight are at the device when this returns
+    (:meth:`~hf_bigmodel.storage.direct_io.DirectReader.start_read`): the reader thread queues the next
+    group's reads before it finishes this one, so the disk does not idle while the thread, needing the
+    GIL, makes views and hands the group out. Everything else happens in the returned function, which
+    must be called exactly once, also when the job was retired meanwhile (the device may still be
+    writing into its buffer until then).
+    """
+    if device.type == "cuda":
+        return lambda: _fetch_to_device(job, reader, device, stream, staging)
+    buf = job.buffer.tensor if job.buffer is not None else None
+    reads = job.group.reads if job.group is not None else []
+    finishers: list[Callable[[], torch.Tensor]] = []
+    try:
+        for span, offset in reads:
             assert buf is not None
             job.path = span.path
-            reader.read_into(span, buf[offset:])
-        for item in job.items:
-            if item.memory is not None:
-                values.append(item.memory)
-                continue
-            ref = item.ref
-            assert ref is not None and buf is not None
-            if isinstance(ref, BuiltDiskTensor):  # built from its parts, earlier items
-                values.append(ref.build({inner: values[i] for inner, i in item.parts.items()}))
-                continue
-            if isinstance(ref, FusedDiskTensor):
-                job.path = ", ".join(ref.paths)
-                offset, size = job.group.scratch if job.group is not None else (0, 0)
-                value = read_fused_into(ref, reader.read_into, buf[item.offset :], buf[offset : offset + size])
-            else:  # read with its run, above
-                skip = ref.entry.start % ALIGNMENT
-                value = _typed(buf[item.offset + skip : item.offset + skip + ref.entry.nbytes], ref)
-            if item.cast_offset >= 0:
-                out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
-                value = out.copy_(value)
-            values.append(value)
-        return values
+            finishers.append(reader.start_read(span, buf[offset:]))
+    except BaseException:
+        _finish_all(finishers)  # those started: their reads must end before the buffer can be reused
+        raise
+
+    def finish() -> list[torch.Tensor]:
+        failure = _finish_all(finishers, job, [span.path for span, _ in reads])
+        if failure is not None:
+            raise failure
+        return _host_values(job, reader, buf)
+
+    return finish
+
+
+def _finish_all(finishers: list[Callable[[], torch.Tensor]], job: Job | None = None,
+                paths: Sequence[str] = ()) -> BaseException | None:
+    """Call every finisher (whatever the others do); the first error, with its file as ``job.path``."""
+    failure: BaseException | None = None
+    for index, finish in enumerate(finishers):
+        try:
+            finish()
+        except BaseException as err:  # noqa: BLE001  (the first one is raised by the caller)
+            if failure is None:
+                failure = err
+                if job is not None:
+                    job.path = paths[index]
+    return failure
+
+
+def _host_values(job: Job, reader: DirectReader, buf: torch.Tensor | None) -> list[torch.Tensor]:
+    """A CPU job's values once its runs are read: views into ``buf``, fused and built tensors, casts."""
+    values: list[torch.Tensor] = []
+    for item in job.items:
+        if item.memory is not None:
+            values.append(item.memory)
+            continue
+        ref = item.ref
+        assert ref is not None and buf is not None
+        if isinstance(ref, BuiltDiskTensor):  # built from its parts, earlier items
+            values.append(ref.build({inner: values[i] for inner, i in item.parts.items()}))
+            continue
+        if isinstance(ref, FusedDiskTensor):
+            job.path = ", ".join(ref.paths)
+            offset, size = job.group.scratch if job.group is not None else (0, 0)
+            value = read_fused_into(ref, reader.read_into, buf[item.offset :], buf[offset : offset + size])
+        else:  # read with its run
+            skip = ref.entry.start % ALIGNMENT
+            value = _typed(buf[item.offset + skip : item.offset + skip + ref.entry.nbytes], ref)
+        if item.cast_offset >= 0:
+            out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
+            value = out.copy_(value)
+        values.append(value)
+    return values
+
+
+def _fetch_to_device(job: Job, reader: DirectReader, device: torch.device, stream: Any,
+                     staging: Staging | None) -> list[torch.Tensor]:
+    """A CUDA job: RAM tensors copied in arena spans, disk tensors streamed through ``staging``, on ``stream``."""
     assert staging is not None
+    values: list[torch.Tensor] = []
     with torch.cuda.device(device), torch.cuda.stream(stream):
         placed = copy_from_ram(job.items, device)
         for index, item in enumerate(job.items):
@@ -381,29 +436,63 @@ def copy_from_ram(items: list[Item], device: torch.device) -> dict[int, torch.Te
 
 def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, device: torch.device,
                 stream: Any) -> None:
-    """The reader thread: run jobs (skipping retired ones) until ``None`` arrives; errors go to the job."""
+    """The reader thread: run jobs (skipping retired ones) until ``None`` arrives; errors go to the job.
+
+    Two jobs overlap: the next job's reads are started (:func:`start_fetch`) before the current one is
+    finished and handed out, when the next is already queued. An action runs once no read is started.
+    """
     staging: Staging | None = None
+    started: deque[tuple[Job, Callable[[], list[torch.Tensor]]]] = deque()
+
+    def finish_oldest() -> None:
+        job, finish = started.popleft()
+        try:
+            job.values = finish()
+        except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+            job.error = err
+        job.done.set()
+
+    def take_on(job: Job) -> None:
+        nonlocal staging
+        if job.action is not None:
+            while started:
+                finish_oldest()
+            try:
+                job.action(reader)
+            except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                job.error = err
+            job.done.set()
+        elif job.retired:
+            job.done.set()
+        else:
+            try:
+                if device.type == "cuda" and staging is None:
+                    with torch.cuda.device(device):
+                        staging = Staging()
+                started.append((job, start_fetch(job, reader, device, stream, staging)))
+            except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                job.error = err
+                job.done.set()
+
     try:
         while True:
-            job = jobs.get()
+            if started:
+                try:
+                    job = jobs.get_nowait()
+                except queue.Empty:
+                    finish_oldest()  # nothing queued behind it: the main thread may be waiting for it
+                    continue
+            else:
+                job = jobs.get()
             if job is None:
                 return
-            if job.action is not None:
-                try:
-                    job.action(reader)
-                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
-                    job.error = err
-            elif not job.retired:
-                try:
-                    if device.type == "cuda" and staging is None:
-                        with torch.cuda.device(device):
-                            staging = Staging()
-                    job.values = fetch(job, reader, device, stream, staging)
-                except BaseException as err:  # noqa: BLE001  (handed to the main thread)
-                    job.error = err
-            job.done.set()
-            del job
+            take_on(job)
+            job = None  # no reference left on this thread while it waits for the next job
+            while len(started) > 1:
+                finish_oldest()
     finally:
+        while started:  # reads still at the device must end before their buffers and descriptors go
+            finish_oldest()
         reader.close()
 
 

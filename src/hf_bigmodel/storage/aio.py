@@ -22,10 +22,10 @@ import sys
 from collections.abc import Sequence
 from functools import cache
 
-__all__ = ["available", "read_spans"]
+__all__ = ["Batch", "available", "read_spans", "submit"]
 
 _LIO_READ = 0
-_LIO_WAIT = 0
+_LIO_NOWAIT = 1
 
 
 class _Aiocb(ctypes.Structure):
@@ -73,29 +73,58 @@ def read_spans(fds: Sequence[int], address: int, spans: Sequence[tuple[int, int,
     file). Returns only once no request is running, whatever happened; raises ``OSError`` with the first
     failed request's error (or :func:`available`'s absence as ``ENOSYS``).
     """
+    return submit(fds, address, spans).wait()
+
+
+class Batch:
+    """Reads submitted together by :func:`submit`, running in glibc's threads until :meth:`wait`.
+
+    The memory they fill and the descriptors they read through must stay valid until :meth:`wait` has
+    returned (or raised): call it exactly once, also when the bytes are no longer wanted.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, fds: Sequence[int], address: int,
+                 spans: Sequence[tuple[int, int, int]]) -> None:
+        self.spans = list(spans)
+        self._lib = lib
+        self._blocks = (_Aiocb * len(spans))()  # zeroed: a request glibc could not queue reads as 0 bytes
+        for block, (at, offset, length), index in zip(self._blocks, spans, range(len(spans))):
+            block.aio_fildes = fds[index % len(fds)]
+            block.aio_lio_opcode = _LIO_READ
+            block.aio_buf = address + at
+            block.aio_nbytes = length
+            block.aio_offset = offset
+        self._pointers = (ctypes.POINTER(_Aiocb) * len(spans))(*[ctypes.pointer(b) for b in self._blocks])
+        # A request that could not be queued (out of resources) keeps its zeroed result or gets its error:
+        # wait() sees either, so the return value is not needed.
+        lib.lio_listio(_LIO_NOWAIT, self._pointers, len(spans), None)
+
+    def wait(self) -> list[int]:
+        """Wait for every request; the bytes each got. Raises ``OSError`` (the first failure's error) only
+        once none is running."""
+        lib = self._lib
+        counts: list[int] = []
+        failure = 0
+        for index, block in enumerate(self._blocks):
+            status = lib.aio_error(ctypes.byref(block))
+            while status == errno.EINPROGRESS:
+                lib.aio_suspend(ctypes.byref(self._pointers, index * ctypes.sizeof(ctypes.c_void_p)), 1, None)
+                status = lib.aio_error(ctypes.byref(block))
+            got = lib.aio_return(ctypes.byref(block))  # also frees glibc's record of the request
+            if status != 0 or got < 0:
+                failure = failure or status or errno.EIO
+            counts.append(max(int(got), 0))
+        if failure:
+            raise OSError(failure, f"lio_listio read failed: {errno.errorcode.get(failure, failure)}")
+        return counts
+
+
+def submit(fds: Sequence[int], address: int, spans: Sequence[tuple[int, int, int]]) -> Batch:
+    """Start reading the ``(buffer offset, file offset, length)`` spans into memory at ``address`` and
+    return at once: :meth:`Batch.wait` gives what :func:`read_spans` returns. Lets a reader queue its next
+    run of reads at the device before it finishes the current one (the disk never idles in between).
+    Raises ``OSError`` (``ENOSYS``) where :func:`available` is False."""
     lib = _library()
     if lib is None:
         raise OSError(errno.ENOSYS, "lio_listio is not available on this platform")
-    blocks = (_Aiocb * len(spans))()
-    for block, (at, offset, length), index in zip(blocks, spans, range(len(spans))):
-        block.aio_fildes = fds[index % len(fds)]
-        block.aio_lio_opcode = _LIO_READ
-        block.aio_buf = address + at
-        block.aio_nbytes = length
-        block.aio_offset = offset
-    pointers = (ctypes.POINTER(_Aiocb) * len(spans))(*[ctypes.pointer(b) for b in blocks])
-    lib.lio_listio(_LIO_WAIT, pointers, len(spans), None)  # a signal may end the wait early: see below
-    counts: list[int] = []
-    failure = 0
-    for index, block in enumerate(blocks):
-        status = lib.aio_error(ctypes.byref(block))
-        while status == errno.EINPROGRESS:
-            lib.aio_suspend(ctypes.byref(pointers, index * ctypes.sizeof(ctypes.c_void_p)), 1, None)
-            status = lib.aio_error(ctypes.byref(block))
-        got = lib.aio_return(ctypes.byref(block))  # also frees glibc's record of the request
-        if status != 0 or got < 0:
-            failure = failure or status or errno.EIO
-        counts.append(max(int(got), 0))
-    if failure:
-        raise OSError(failure, f"lio_listio read failed: {errno.errorcode.get(failure, failure)}")
-    return counts
+    return Batch(lib, fds, address, spans)

@@ -31,7 +31,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
@@ -166,6 +166,7 @@ class DirectReader:
         # One descriptor per file as planned (its identity; its path when none was recorded).
         self._fds: dict[FileIdentity | str, tuple[int, bool]] = {}
         self._dups: dict[FileIdentity | str, list[int]] = {}  # more of them, for reads in flight
+        self._retired: list[int] = []  # descriptors replaced by buffered ones (_buffered), closed at close()
         self._lock = threading.Lock()
 
     def _open(self, entry: TensorEntry) -> tuple[int, bool]:
@@ -192,11 +193,13 @@ class DirectReader:
 
     def _buffered(self, entry: TensorEntry, fd: int) -> None:
         """``O_DIRECT`` was refused at read time: reopen the file buffered for good (checked again)."""
+        key = entry.identity or entry.path
         with self._lock:
-            for dup in self._dups.pop(entry.identity or entry.path, [fd])[1:]:
-                os.close(dup)
-            os.close(fd)
-            self._fds[entry.identity or entry.path] = (_open_checked(entry, os.O_RDONLY), False)
+            if self._fds.get(key, (fd,))[0] != fd:
+                return  # reopened already, after another read of the file was refused
+            # Closed with the others at close(): a read started by start_read may still be using them.
+            self._retired += self._dups.pop(key, [fd])[1:] + [fd]
+            self._fds[key] = (_open_checked(entry, os.O_RDONLY), False)
 
     def read_into(self, entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``entry``'s bytes into ``buffer`` (aligned ``uint8``, at least ``padded_span(entry)[1]`` long).
@@ -204,51 +207,78 @@ class DirectReader:
         Returns the ``uint8`` view of exactly ``entry.nbytes`` bytes inside ``buffer``; it starts
         ``entry.start % ALIGNMENT`` bytes in, whichever way the bytes were read.
         """
+        return self.start_read(entry, buffer)()
+
+    def start_read(self, entry: TensorEntry, buffer: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start :meth:`read_into` and return the function that finishes it (and returns its view).
+
+        A read that goes in flight (:mod:`.aio`; ``O_DIRECT`` or kept pages, longer than one :data:`CHUNK`)
+        is at the device when this returns, so a reader can queue its next run before it finishes this one;
+        any other read happens when the function is called. Call the function exactly once, before
+        ``buffer`` is reused or freed, also when the bytes are no longer wanted: until then the device
+        may still be writing into it.
+        """
         first, length = padded_span(entry)
         if buffer.numel() < length or buffer.data_ptr() % ALIGNMENT:
             raise ValueError(f"buffer for {entry.key!r} must be {ALIGNMENT}-aligned and hold {length} bytes")
         skip = entry.start - first
         if entry.nbytes == 0:
-            return buffer[skip:skip]
+            return lambda: buffer[skip:skip]
         fd, direct = self._open(entry)
+        batch: aio.Batch | None = None
+        if (direct or self.keep_cache) and self.in_flight > 1 and length > CHUNK and aio.available():
+            need = entry.end - first
+            spans = [(a, first + a, -(-min(CHUNK, need - a) // ALIGNMENT) * ALIGNMENT) for a in range(0, need, CHUNK)]
+            try:
+                batch = aio.submit(self._duplicates(entry, fd), buffer.data_ptr(), spans)
+            except OSError as err:
+                logger.debug("lio_listio read of %s not started (%s); reading it with pread", entry.path, err)
+
+        def finish() -> torch.Tensor:
+            self._finish(entry, buffer, fd, direct, batch)
+            return buffer[skip : skip + entry.nbytes]
+
+        return finish
+
+    def _finish(self, entry: TensorEntry, buffer: torch.Tensor, fd: int, direct: bool, batch: aio.Batch | None) -> None:
+        first, length = padded_span(entry)
         view = buffer.numpy().data
         if direct or self.keep_cache:
             try:
-                if self.in_flight > 1 and length > CHUNK and aio.available():
-                    self._read_in_flight(entry, fd, buffer, first, need=entry.end - first)
+                if batch is not None:
+                    self._complete(entry, fd, view, first, batch, need=entry.end - first)
                 else:
                     self._pread(entry, fd, view[:length], first, need=entry.end - first)
-                return buffer[skip : skip + entry.nbytes]
+                return
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 logger.debug("O_DIRECT read of %s refused (%s); falling back to buffered reads", entry.path, err)
                 self._buffered(entry, fd)
                 fd, _ = self._open(entry)
-        self._pread(entry, fd, view[skip : skip + entry.nbytes], entry.start, need=entry.nbytes)
+        self._pread(entry, fd, view[entry.start - first : entry.end - first], entry.start, need=entry.nbytes)
         if _FADVISE and not self.keep_cache:
             os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
-        return buffer[skip : skip + entry.nbytes]
 
     @staticmethod
     def _pread(entry: TensorEntry, fd: int, view: memoryview, offset: int, *, need: int) -> None:
         pread_exact(fd, view, offset, path=entry.path, what=repr(entry.key), need=need, identity=entry.identity)
 
-    def _read_in_flight(self, entry: TensorEntry, fd: int, buffer: torch.Tensor, offset: int, *, need: int) -> None:
-        """Fill ``need`` bytes of ``buffer`` from ``offset`` in :data:`CHUNK` pieces, ``in_flight`` at a time.
+    def _complete(self, entry: TensorEntry, fd: int, view: memoryview, offset: int, batch: aio.Batch, *,
+                  need: int) -> None:
+        """Wait for ``batch`` (``need`` bytes from ``offset`` in :data:`CHUNK` pieces) and make it whole.
 
         A piece that came back short is completed with ``pread`` (which names ``entry`` if the file
         ended); if the batch failed (out of resources, say), the whole range is read again with ``pread``.
         """
-        spans = [(a, offset + a, -(-min(CHUNK, need - a) // ALIGNMENT) * ALIGNMENT) for a in range(0, need, CHUNK)]
-        view = buffer.numpy().data
         try:
-            counts = aio.read_spans(self._duplicates(entry, fd), buffer.data_ptr(), spans)
+            counts = batch.wait()
         except OSError as err:
             logger.debug("lio_listio read of %s failed (%s); reading it with pread", entry.path, err)
-            self._pread(entry, fd, view[: spans[-1][0] + spans[-1][2]], offset, need=need)
+            at, _, length = batch.spans[-1]
+            self._pread(entry, fd, view[: at + length], offset, need=need)
             return
-        for (at, _, length), got in zip(spans, counts):
+        for (at, _, length), got in zip(batch.spans, counts):
             wanted = min(length, need - at)
             if got < wanted:  # only when the file ended early: pread says so, naming the entry
                 done = got - got % ALIGNMENT
@@ -290,6 +320,9 @@ class DirectReader:
         for fd, _ in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn os down already
