@@ -1,13 +1,14 @@
-"""Several reads in flight in one call that releases the GIL once: glibc's ``lio_listio``.
+"""Several reads in flight, submitted in one call: glibc's ``lio_listio``.
 
 A Python thread that reads with ``pread`` gives the GIL up for the system call and must take it back
 before it can issue the next one; while the main thread runs Python, that can take a switch interval
 (5 ms) per read, and the disk idles meanwhile. Several threads reading chunks keep the disk busy but
-take the GIL back once per chunk, which the main thread's Python pays for. ``lio_listio(LIO_WAIT)``
-submits every chunk at once and returns when all are done: the GIL is released once for the whole
-run of tensors, and glibc's own threads (one per file descriptor, hence a duplicate descriptor per
-read in flight) keep that many requests at the device. ``benchmarks/reader_gil.py`` measures it
-against one ``pread`` per run and against a pool of threads.
+take the GIL back once per chunk, which the main thread's Python pays for. ``lio_listio`` submits
+every chunk at once, and glibc's own threads (one per file descriptor, hence a duplicate descriptor
+per read in flight) keep that many requests at the device while the caller waits in one place.
+:func:`submit` returns at once (``LIO_NOWAIT``), so a reader can queue its next run of reads before it
+waits for this one (:meth:`Batch.wait`); :func:`read_spans` does both. ``benchmarks/reader_gil.py``
+measures it against one ``pread`` per run and against a pool of threads.
 
 Only on Linux with glibc on a 64-bit machine (the ``struct aiocb`` layout below); elsewhere
 :func:`available` is False and readers fall back to one ``pread`` per run.
