@@ -115,14 +115,21 @@ def keeps_page_cache(disk_bytes: int, held_bytes: int, *, room: int | None = Non
     >>> keeps_page_cache(2**30, 2**28, room=4 * 2**30), keeps_page_cache(2**30, 2**28, room=2**30)
     (True, False)
     """
-    raw = (env_text(PAGE_CACHE_ENV) or "auto").strip().lower()
-    if raw != "auto":
-        return flag(PAGE_CACHE_ENV, default=False)
+    forced = _page_cache_setting()
+    if forced is not None:
+        return forced
     if disk_bytes <= 0:
         return False
     if room is None:
         room = available_memory("cpu")
     return disk_bytes + held_bytes + PAGE_CACHE_SPARE <= room
+
+
+def _page_cache_setting() -> bool | None:
+    """``$HF_BIGMODEL_PAGE_CACHE`` when it forces a way (True: keep pages, False: ``O_DIRECT``); None: ``auto``."""
+    if (env_text(PAGE_CACHE_ENV) or "auto").strip().lower() == "auto":
+        return None
+    return flag(PAGE_CACHE_ENV, default=False)
 
 
 def prefetch_depth(prefetch: int | None = None) -> int:
@@ -234,7 +241,7 @@ class Prefetcher:
         self._disk_bytes = sum(i.ref.nbytes for g in self._groups for i in g.items if i.ref is not None and not i.parts)
         self.page_cache = keeps_page_cache(self._disk_bytes, self._bound if device.type == "cpu" else 0)
         # Chosen here (not forced by the environment): given up if the pages do not stay (_watch_cache).
-        self._cache_watched = self.page_cache and (env_text(PAGE_CACHE_ENV) or "auto").strip().lower() == "auto"
+        self._cache_watched = self.page_cache and _page_cache_setting() is None
         self._reads_at_start: int | None = None  # storage bytes read when the current forward began
         reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1, keep_cache=self.page_cache)
         self._reader = reader
