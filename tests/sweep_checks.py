@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
+from hf_bigmodel.runtime.model_device import own_class
 
 __all__ = ["FULL_SWEEP", "VARIANTS", "Saved", "assert_same", "assert_same_outputs", "cases", "flat_tensors",
            "load_as_reference", "run", "state", "transient_buffers"]
@@ -79,7 +80,7 @@ def load_as_reference(folder: Path, reference: torch.nn.Module, variant: str, cp
     budget = {"cpu": int(compute_module_sizes(reference)[""] * cpu_share)}
     model = load_pretrained_dispatched(folder, torch_dtype=dtype, max_memory=budget if on_disk else None)
 
-    assert type(model) is type(reference) and not model.training
+    assert own_class(model) is type(reference) and not model.training
     stored = set(model.hf_device_map.values())
     assert stored == ({"cpu", "disk"} if on_disk else {"cpu"}), model.hf_device_map
     assert_same(state(model), state(reference), "tensor")

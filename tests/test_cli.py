@@ -116,9 +116,14 @@ def test_plan_for_a_gpu_this_machine_lacks(capsys, llama: Path) -> None:
     report = plan_json(capsys, llama, "--max-memory", "0=20KB", "--max-memory", "cpu=10KB")
     assert report["budgets"] == {"0": 20000, "cpu": 10000}
     assert report["execution_device"] == 0
-    assert report["device_map"]["model.embed_tokens"] == 0
+    # The plan spills to disk, so the untied input embedding goes there first (it reads only its batch's rows)
+    # and the GPU takes the first decoder layer instead.
+    assert report["device_map"]["model.embed_tokens"] == "disk" and report["rows_from_disk"] == ["model.embed_tokens"]
+    assert report["device_map"]["model.layers.0"] == 0
     assert set(report["device_map"].values()) == {0, "cpu", "disk"}
     assert report["totals"]["0"] <= 20000 and report["totals"]["cpu"] <= 10000
+    code, out, _ = run_main(capsys, "plan", llama, "--max-memory", "0=20KB", "--max-memory", "cpu=10KB")
+    assert code == 0 and "Read by row from disk: model.embed_tokens: an embedding reads only the rows" in out
 
 
 def test_plan_with_everything_in_memory_sends_nothing_to_disk(capsys, llama: Path) -> None:

@@ -2,9 +2,10 @@
 
 A fresh subprocess (so the high-water mark is its own) measures its RSS after importing torch and
 transformers and building the empty model (the runtime's baseline), then loads a ~200 MB random Llama
-with most of it offloaded to disk, generates, and reports ``VmHWM``. The bound is::
+with most of it offloaded to disk, generates, and reports ``VmHWM``. The bound is the README's formula::
 
-    peak RSS <= B + (prefetch depth + 1) x largest offloaded device-map entry + baseline
+    peak RSS <= baseline + B + prefetch memory (largest group + window; without prefetching: the largest
+                offloaded device-map entry) + activations (SLACK: logits, KV cache, allocator and kernel scratch)
 
 The checkpoint's pages must not pile up in the page cache either (O_DIRECT reads of offloaded weights,
 dropped pages behind the loader's reads of RAM-resident ones).
@@ -23,6 +24,9 @@ import torch
 from page_cache import cached_bytes
 
 BUDGET = 48 * 2**20
+#: Activations and what the allocator and the kernels keep beside them: 22-31 MiB measured here (peak RSS less
+#: the baseline, the weights in RAM and the prefetch buffers).
+SLACK = 32 * 2**20
 LAYERS = 8
 
 CHILD = r"""
@@ -138,8 +142,11 @@ def test_peak_rss_of_capped_load_and_generation_stays_within_the_formula(checkpo
         assert report["stats"]["hits"] > 0 and report["stats"]["misses"] == 0, report
     else:
         assert report["stats"] is None
-    bound = BUDGET + (depth + 1) * largest + report["baseline"]
+    held = report["stats"]["memory_bound"] if prefetch else largest
+    assert held <= (depth + 1) * largest + 4 * 2**20, report["stats"]  # buffers rounded up to 2 MiB each
+    bound = report["baseline"] + BUDGET + held + SLACK
     mib = {k: round(v / 2**20, 1) for k, v in report.items() if isinstance(v, int) and k != "depth"}
+    print("MIB", {k: round(v / 2**20, 1) for k, v in report.items() if isinstance(v, int)}, report["stats"])
     assert report["peak"] <= bound, f"peak RSS over the formula bound {bound / 2**20:.1f} MiB: {mib}"
     # Tighter: beyond the budget, only the prefetch buffers (and 64 MiB of activations and allocator slack).
     pool = report["stats"]["buffer_bytes"] if prefetch else 0

@@ -13,9 +13,10 @@ from hf_bigmodel.errors import DeviceMapError, InvalidMaxMemoryError
 from hf_bigmodel.model.empty import init_empty_weights
 from hf_bigmodel.model.naming import is_within, lookup
 from hf_bigmodel.model.sizes import compute_module_sizes
+from hf_bigmodel.plan.balance import get_balanced_memory, get_max_layer_size
 from hf_bigmodel.plan.device_map import check_device_map, resolve_device_map
 from hf_bigmodel.plan.memory import get_max_memory
-from hf_bigmodel.plan.planner import get_balanced_memory, get_max_layer_size, infer_auto_device_map
+from hf_bigmodel.plan.planner import infer_auto_device_map
 
 
 class Leaf(nn.Module):

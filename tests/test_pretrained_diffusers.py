@@ -16,6 +16,7 @@ from hf_bigmodel import load_pretrained_dispatched
 from hf_bigmodel.errors import ModelClassNotFoundError
 from hf_bigmodel.hf.registry import DiffusersLoader
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
+from hf_bigmodel.runtime.model_device import own_class
 
 # Outputs match to float rounding: the same weights at other addresses may pick other CPU kernels.
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float16: {"rtol": 1e-3, "atol": 1e-3}}
@@ -57,7 +58,7 @@ def test_unet_matches_diffusers(pipeline, dtype, placement):
     scale = 0.5 if dtype == torch.float16 else 1.0
     max_memory = part_on_disk(pipeline / "unet", scale) if placement == "ram+disk" else None
     model = load_pretrained_dispatched(pipeline, subfolder="unet", torch_dtype=dtype, max_memory=max_memory)
-    assert type(model) is diffusers.UNet2DConditionModel and not model.training
+    assert own_class(model) is diffusers.UNet2DConditionModel and not model.training
     expected_devices = {"cpu"} if placement == "ram" else {"cpu", "disk"}
     assert set(model.hf_device_map.values()) == expected_devices, model.hf_device_map
     assert tensor_dtypes(model) == tensor_dtypes(reference)
@@ -73,7 +74,7 @@ def test_vae_encode_decode_match_diffusers(pipeline, placement):
     reference = diffusers.AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
     max_memory = part_on_disk(pipeline / "vae") if placement == "ram+disk" else None
     model = load_pretrained_dispatched(pipeline, subfolder="vae", max_memory=max_memory)
-    assert type(model) is diffusers.AutoencoderKL
+    assert own_class(model) is diffusers.AutoencoderKL
     if placement == "ram+disk":
         assert {"cpu", "disk"} <= set(model.hf_device_map.values()), model.hf_device_map
     assert tensor_dtypes(model) == tensor_dtypes(reference)

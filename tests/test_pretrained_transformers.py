@@ -18,6 +18,7 @@ from tiny_models import record_llama_inits, save_tiny_bert, save_tiny_gpt2, save
 from hf_bigmodel import load_pretrained_dispatched
 from hf_bigmodel.errors import ModelClassNotFoundError
 from hf_bigmodel.load.loading import OFFLOAD_ATTR
+from hf_bigmodel.runtime.model_device import own_class
 
 PROMPT = torch.tensor([[1, 7, 12, 30, 4, 9]])
 DECODER_PROMPT = torch.tensor([[0, 5, 6]])
@@ -77,7 +78,7 @@ def test_same_dtypes_logits_and_generations_as_from_pretrained(saved, name, plac
     max_memory = part_on_disk(path) if placement == "ram+disk" else None
     model = load_pretrained_dispatched(path, model_class=model_class, max_memory=max_memory)
 
-    assert type(model) is type(reference) and not model.training
+    assert own_class(model) is type(reference) and not model.training
     if placement == "ram":
         assert set(model.hf_device_map.values()) == {"cpu"}
     else:

@@ -33,9 +33,10 @@ from .hf.registry import register_loader, unregister_loader
 from .load.loading import load_checkpoint_in_model
 from .model.empty import init_empty_weights, init_on_device
 from .model.sizes import compute_module_sizes, find_tied_parameters, format_size, parse_size
+from .plan.balance import get_balanced_memory
 from .plan.device_map import check_device_map, resolve_device_map
 from .plan.memory import get_max_memory
-from .plan.planner import get_balanced_memory, infer_auto_device_map
+from .plan.planner import infer_auto_device_map
 from .runtime.dispatch import dispatch_model, load_checkpoint_and_dispatch
 from .runtime.hooks import (
     AlignDevicesHook,

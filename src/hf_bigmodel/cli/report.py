@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import summarize
+from ..model.naming import join, lookup
 from ..model.sizes import compute_module_sizes, format_size, is_bits
+from ..plan.balance import get_max_layer_size
 from ..plan.devices import Device, device_rank
 from ..plan.placement import Placement
-from ..plan.planner import get_max_layer_size
+from ..plan.rows_on_disk import row_embeddings
 from ..runtime.prefetch_plan import PlannedPrefetch, plan_prefetch
 from ..runtime.prefetch_window import ENV_VAR
 
@@ -49,6 +51,7 @@ class PlanReport:
     prefetch: PlannedPrefetch | None = None
     dtype_assumed: bool = False
     quantized_sizes_unknown: bool = False
+    rows_from_disk: list[str] = field(default_factory=list)  # embeddings on disk that read only their batch's rows
 
     @property
     def disk_modules(self) -> list[str]:
@@ -72,6 +75,7 @@ class PlanReport:
             "total_size": self.total_size,
             "execution_device": self.execution_device,
             "disk": self.disk_modules,
+            "rows_from_disk": list(self.rows_from_disk),
             "no_split_module_classes": list(self.no_split_module_classes),
             "largest_offloaded_layer": (
                 {"name": self.largest_offloaded_layer[0], "size": self.largest_offloaded_layer[1]}
@@ -134,6 +138,8 @@ def describe_plan(
         no_split_module_classes=list(no_split_module_classes),
         largest_offloaded_layer=(layer_names[0], layer_size) if layer_names else None,
         prefetch=plan_prefetch(model, device_map, sizes=sizes, offload_buffers=offload_buffers),
+        rows_from_disk=[name for name in row_embeddings(model, tensor_sizes)
+                        if lookup(join(name, "weight"), device_map) == "disk"],
     )
 
 
@@ -281,6 +287,9 @@ def _offload_lines(report: PlanReport) -> list[str]:
         labels = [row.label for row in collapse(disk, report.sizes)]
         lines.append(f"On disk: {len(disk)} module(s), {format_size(report.totals.get('disk', 0))}: "
                      f"{summarize(labels)}. Their weights are read when they run, on {where!r}.")
+        if report.rows_from_disk:
+            lines.append(f"Read by row from disk: {summarize(report.rows_from_disk)}: an embedding reads only the rows "
+                         "of its batch's tokens (a few KiB per decode step; a long prompt reads it whole).")
     else:
         lines.append("Nothing goes to disk.")
     if report.largest_offloaded_layer:

@@ -13,6 +13,9 @@ It reads the code, not a run: every branch counts (a read in a CUDA-only branch 
 look at metadata (``self.proj.weight.dtype``, ``.shape``, ``isinstance(...)``) do not. Reads it cannot
 see (through ``getattr`` or a free function handed the module) are caught when they happen: an
 offloaded weight's placeholder refuses to take part in a computation.
+
+The other way round, :func:`row_readable` says when a module's forward reads only part of its weight: a
+plain ``nn.Embedding`` gathers the rows of its input's ids, so a hook may bring just those rows.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import functools
 import inspect
 import linecache
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-__all__ = ["direct_reads"]
+__all__ = ["direct_reads", "row_readable"]
 
 #: Attributes and methods of a tensor that look at its metadata only.
 _METADATA = frozenset({
@@ -37,6 +40,15 @@ _METADATA = frozenset({
 })
 #: Calls whose arguments are only inspected, never computed with.
 _INSPECTING_CALLS = frozenset({"isinstance", "hasattr", "getattr", "type", "id", "len", "callable"})
+
+def row_readable(module: nn.Module, names: Sequence[str]) -> bool:
+    """True when ``module`` (holding the tensors ``names``) is a plain ``nn.Embedding`` with its weight alone:
+    its forward reads only the rows its ids name, exactly as from the whole matrix (no subclass forward,
+    no ``max_norm``, which renormalises rows of the weight in place)."""
+    if not isinstance(module, nn.Embedding) or type(module).forward is not nn.Embedding.forward:
+        return False
+    return module.max_norm is None and len(names) == 1 and names[0].rpartition(".")[2] == "weight"
+
 
 # One use of ``self`` in a function: ("read", chain) for ``self.a.b``, ("call", chain) for ``self.a.b(...)``.
 _Use = tuple[str, tuple[str, ...]]

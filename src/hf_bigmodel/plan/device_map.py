@@ -16,10 +16,13 @@ from torch import nn
 
 from ..errors import DeviceMapError, summarize
 from ..model.naming import owner, parent
+from ..model.sizes import compute_module_sizes
 from ..model.tensors import model_tensors
+from .balance import class_names, get_balanced_memory
 from .devices import Device, normalize_device
 from .memory import get_max_memory
-from .planner import get_balanced_memory, infer_auto_device_map
+from .planner import plan_device_map
+from .rows_on_disk import rows_on_disk
 
 __all__ = ["STRATEGIES", "check_device_map", "resolve_device_map"]
 
@@ -41,7 +44,9 @@ def resolve_device_map(
     """Turn any accepted ``device_map`` into a validated ``{name: device}`` dict.
 
     ``"auto"`` (same as ``"balanced"``), ``"balanced_low_0"`` and ``"sequential"`` plan with
-    :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`); a single device
+    :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`), then move to disk
+    the embeddings that read by row there, where the plan uses the disk and that keeps later layers off
+    it (:mod:`.rows_on_disk`); a single device
     (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
     with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
     ``tensor_sizes`` gives the planner the bytes of quantized weights (their dtype and shape do not say).
@@ -59,10 +64,15 @@ def resolve_device_map(
                 model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0",
                 tensor_sizes=tensor_sizes,
             )
-        return infer_auto_device_map(
-            model, budgets, no_split_module_classes, dtype, special_dtypes, offload_buffers=offload_buffers,
-            tensor_sizes=tensor_sizes,
-        )
+
+        def plan(pinned: Mapping[str, Device]) -> dict[str, Device]:
+            return plan_device_map(model, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype,
+                                   special_dtypes=special_dtypes, offload_buffers=offload_buffers,
+                                   tensor_sizes=tensor_sizes, pinned=pinned)
+
+        sizes = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
+        return rows_on_disk(model, plan, no_split=class_names(no_split_module_classes), sizes=sizes,
+                            tensor_sizes=tensor_sizes)
     if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         try:
             return {"": normalize_device(device_map, what="device_map")}

@@ -18,29 +18,19 @@ import torch
 from torch import nn
 
 from ..errors import Advice, BigModelWarning, DeviceMapError, summarize
-from ..model.naming import join, owner, parent
+from ..model.naming import is_within, join, owner, parent
 from ..model.sizes import compute_module_sizes, format_size
 from ..model.tensors import model_tensors, tie_groups
-from .devices import Device, device_rank, is_offload_target
+from .balance import class_names
+from .devices import Device, device_rank
 from .memory import get_max_memory
 from .placement import Placement, main_device_of
 
-__all__ = [
-    "get_balanced_memory",
-    "get_max_layer_size",
-    "infer_auto_device_map",
-    "plan_device_map",
-]
+__all__ = ["infer_auto_device_map", "plan_device_map"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_ROUNDS = 32  # re-plans while the reservation grows; then reserve for the worst case
-
-
-def _class_names(classes: Iterable[str] | str | None) -> set[str]:
-    if classes is None:
-        return set()
-    return {classes} if isinstance(classes, str) else set(classes)
 
 
 class _Tree:
@@ -61,6 +51,7 @@ class _Tree:
     ) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.no_split = no_split
+        self.pinned: dict[str, Device] = {}  # items placed before the walk (plan_device_map's ``pinned``)
         self.offload_buffers = offload_buffers
         self.pieces: dict[str, list[str]] = {}  # module -> direct tensors, then children
         self.order: dict[str, int] = {}  # registration order of every module and tensor name
@@ -104,6 +95,10 @@ class _Tree:
             and any(sub is not None for sub in module._modules.values())
             and type(module).__name__ not in self.no_split
         )
+
+    def holds_pinned(self, names: Iterable[str]) -> bool:
+        """True when one of these items contains a pinned item (so it must be split, not placed whole)."""
+        return any(pin != name and is_within(pin, name) for name in names for pin in self.pinned)
 
     def cost(self, names: Iterable[str], offloaded: bool) -> int:
         """Bytes these items take on a device; buffers of offloaded items stay on the execution device."""
@@ -200,10 +195,15 @@ def _assign(
     fallback: bool,
     log: Callable[..., None],
 ) -> dict[str, Device]:
-    """One greedy pass: place, split or move on, item by item."""
+    """One greedy pass: place, split or move on, item by item. Pinned items are placed first."""
     queue = _Queue(tree, tree.pieces[""] if tree.splittable("") else [""])
-    placement: dict[str, Device] = {}
+    placement: dict[str, Device] = dict(tree.pinned)
     used = dict.fromkeys(devices, 0)
+    for item, device in tree.pinned.items():
+        used[device] += tree.cost([item], device in offloaded)
+        room = limits[device]
+        if room is not None and used[device] > room:
+            raise _no_room(tree, [item], used, limits, offloaded)
     index = 0
 
     def put(group: list[str], device: Device, cost: int) -> None:
@@ -215,8 +215,14 @@ def _assign(
 
     while queue.stack:
         device, name = devices[index], queue.stack[-1]
+        if name in tree.pinned:
+            queue.take([name])
+            continue
         room = limits[device]
         group = queue.group(name)
+        if tree.holds_pinned(group):  # placed piece by piece around the pinned item inside
+            queue.split(next(item for item in group if tree.holds_pinned([item])))
+            continue
         cost = tree.cost(group, device in offloaded)
         if room is None or used[device] + cost <= room:
             put(group, device, cost)
@@ -230,7 +236,7 @@ def _assign(
             queue.split(target)
             continue
         if fallback and used[device] == 0:
-            found = _search(queue, queue.names(), set(group), room, device in offloaded)
+            found = _search(queue, queue.names(), {*group, *tree.pinned}, room, device in offloaded)
             if found is not None:
                 log("Fallback: %r had nothing that fits in order; taking a later item.", device)
                 put(found, device, tree.cost(found, device in offloaded))
@@ -264,7 +270,7 @@ def _search(queue: _Queue, names: list[str], exclude: set[str], room: int, offlo
         group = queue.group(name)
         if exclude.intersection(group):
             continue
-        if queue.tree.cost(group, offloaded) <= room:
+        if not queue.tree.holds_pinned(group) and queue.tree.cost(group, offloaded) <= room:
             return group
         if queue.tree.splittable(name):
             saved = (list(queue.stack), set(queue.members))
@@ -347,6 +353,7 @@ def plan_device_map(
     offload_buffers: bool = False,
     fallback_allocation: bool = False,
     tensor_sizes: Mapping[str, int] | None = None,
+    pinned: Mapping[str, Device] | None = None,
 ) -> dict[str, Device]:
     """:func:`infer_auto_device_map` for budgets already in bytes (``{0: 10**9, "cpu": ...}``): pure.
 
@@ -354,10 +361,13 @@ def plan_device_map(
     weights, and keeps room for them) follows :class:`~hf_bigmodel.plan.placement.Placement`'s rule:
     the first accelerator the plan uses, else the CPU. An accelerator whose budget cannot hold anything
     once that room is kept is left out, and the plan then runs on the CPU, as dispatch would.
+    ``pinned`` (``{module or tensor name: device}``) places those items first, whatever their order; the
+    modules holding them are split around them, so none may lie inside a no-split module.
     """
-    tree = _Tree(model, _class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers, tensor_sizes)
+    tree = _Tree(model, class_names(no_split_module_classes), dtype, special_dtypes, offload_buffers, tensor_sizes)
     log = logger.info if verbose else logger.debug
     devices = sorted((d for d in budgets if d != "disk"), key=device_rank) + ["disk"]
+    tree.pinned = _checked_pins(tree, pinned or {}, devices)
     reserve = 0
     for _ in range(_MAX_ROUNDS):
         main = main_device_of(d for d in devices if d == "disk" or budgets[d] > 0)
@@ -395,6 +405,18 @@ def plan_device_map(
     return dict(sorted(placement.items(), key=lambda kv: tree.order.get(kv[0], -1)))
 
 
+def _checked_pins(tree: _Tree, pinned: Mapping[str, Device], devices: Sequence[Device]) -> dict[str, Device]:
+    """``pinned`` in walk order, refused (``ValueError``) where an item cannot be placed apart from the rest."""
+    for name, device in pinned.items():
+        if name not in tree.order or device not in devices:
+            raise ValueError(f"cannot pin {name!r} to {device!r}: no such item, or no budget for that device")
+        above = [a for a, module in tree.modules.items()
+                 if a != name and is_within(name, a) and type(module).__name__ in tree.no_split]
+        if above:
+            raise ValueError(f"cannot pin {name!r}: it lies inside {above[0] or 'the model'!r}, which is not split")
+    return dict(sorted(pinned.items(), key=lambda kv: tree.order[kv[0]]))
+
+
 def _assign_with_reserve(
     tree: _Tree, devices: list[Device], budgets: Mapping[Device, int], main: Device, reserve: int,
     fallback: bool, log: Callable[..., None],
@@ -404,73 +426,3 @@ def _assign_with_reserve(
               for d in devices}
     offloaded: set[Device] = {"disk"} if main == "cpu" else {"disk", "cpu"}
     return _assign(tree, devices, limits, offloaded, fallback=fallback, log=log)
-
-
-def get_max_layer_size(
-    modules: Sequence[tuple[str, nn.Module]],
-    module_sizes: Mapping[str, int],
-    no_split_module_classes: Iterable[str] | str | None,
-) -> tuple[int, list[str]]:
-    """Largest leaf module or no-split block among ``modules`` (searched recursively), with its name(s).
-
-    >>> get_max_layer_size([("", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))],
-    ...                    {"": 120, "0": 80, "1": 40}, [])
-    (80, ['0'])
-    """
-    no_split = _class_names(no_split_module_classes)
-    best, names = 0, []
-    stack = list(reversed(modules))
-    while stack:
-        name, module = stack.pop()
-        children = [(k, m) for k, m in module._modules.items() if m is not None]
-        if not children or type(module).__name__ in no_split:
-            size = module_sizes.get(name, 0)
-            if size > best:
-                best, names = size, [name]
-            elif size == best:
-                names.append(name)
-        else:
-            stack.extend((join(name, k), m) for k, m in reversed(children))
-    return best, names
-
-
-def get_balanced_memory(
-    model: nn.Module,
-    max_memory: Mapping[int | str, int | str] | None = None,
-    no_split_module_classes: Iterable[str] | str | None = None,
-    dtype: str | torch.dtype | None = None,
-    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
-    low_zero: bool = False,
-    tensor_sizes: Mapping[str, int] | None = None,
-) -> dict[Device, int]:
-    """Lower accelerator budgets so a sequential plan spreads the model evenly over them.
-
-    Every accelerator but the last gets at most ``ceil(model / n) + largest layer`` (the layer term lets
-    each device fill to its share despite indivisible blocks); the last keeps its full budget as slack.
-    ``low_zero`` leaves the first accelerator only what the others cannot hold (room for generation
-    outputs). With fewer than two accelerators the budgets come back unchanged.
-
-    Example::
-
-        get_balanced_memory(model, {0: "20GiB", 1: "20GiB", "cpu": "64GiB"})
-        # {0: 7516192768, 1: 21474836480, 'cpu': 68719476736} for a 13 GiB model with 0.5 GiB blocks
-    """
-    budgets = get_max_memory(max_memory, check_devices=False)
-    accelerators = [d for d, size in budgets.items() if not is_offload_target(d) and size > 0]
-    if len(accelerators) < 2:
-        return budgets
-    sizes = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
-    total = sizes.get("", 0)
-    largest, _ = get_max_layer_size([("", model)], sizes, no_split_module_classes)
-    shares = len(accelerators) - 1 if low_zero else len(accelerators)
-    target = -(-total // shares) + largest
-    balanced = dict(budgets)
-    for device in accelerators[:-1]:
-        balanced[device] = min(budgets[device], target)
-    if low_zero:
-        first = accelerators[0]
-        elsewhere = sum(balanced[d] for d in accelerators[1:])
-        balanced[first] = min(budgets[first], max(total - elsewhere, 0))
-    logger.debug("Balanced budgets for %s: %s", type(model).__name__,
-                 {d: format_size(v) for d, v in balanced.items()})
-    return balanced

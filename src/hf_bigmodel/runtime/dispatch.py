@@ -29,6 +29,7 @@ from .dispatch_plan import DispatchPlan, plan_dispatch
 from .embedding_rows import EmbeddingRowsHook, reads_by_row
 from .hook_protocol import ModelHook, add_hook_to_module, hooks_of
 from .hooks import AlignDevicesHook, strip_hooks
+from .model_device import set_model_device
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
 from .prefetch_window import Window, prefetch_window
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
         """For the type checker: the attributes ``_finish`` sets on a dispatched model."""
 
         hf_device_map: dict[str, Device]
-        device: torch.device
 
 
 def _check_present(devices: set[Device]) -> None:
@@ -79,8 +79,7 @@ def register_dispatch_step(step: Callable[[nn.Module], None]) -> None:
 def _finish(model: nn.Module, device_map: Mapping[str, Device], main: Device) -> None:
     dispatched = cast("_DispatchedModel", model)
     dispatched.hf_device_map = dict(device_map)
-    if not hasattr(model, "device"):
-        dispatched.device = torch_device(main)  # lets plain modules do input.to(model.device)
+    set_model_device(model, torch_device(main))  # input.to(model.device), also once the first weight is offloaded
     for step in _DISPATCH_STEPS:
         step(model)
 

@@ -28,12 +28,11 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError, OffloadError, summarize
 from ..model.naming import lookup, owner, parent
-from ..model.reads import direct_reads
+from ..model.reads import direct_reads, row_readable
 from ..model.tensors import ModelTensor, tie_groups
 from ..plan.devices import Device
 from ..plan.placement import Placement
 from ..storage.weights_map import DiskTensor, WeightsMap
-from .embedding_rows import row_readable
 from .prefetch_plan import cut_groups, find_blocks
 
 __all__ = ["DispatchPlan", "HookUnit", "plan_dispatch"]

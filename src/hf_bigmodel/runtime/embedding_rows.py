@@ -20,19 +20,19 @@ every forward, so that module still reads all of it; only the embedding's own re
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..model.reads import row_readable
 from ..storage.direct_io import DirectReader, padded_span
 from ..storage.row_reads import read_rows, row_runs
 from ..storage.weights_map import DiskTensor, WeightsMap
 from .hooks import AlignDevicesHook, send_to_device
 
-__all__ = ["EmbeddingRowsHook", "reads_by_row", "row_readable"]
+__all__ = ["EmbeddingRowsHook", "reads_by_row"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ def reads_by_row(module: nn.Module, names: list[str], weights: WeightsMap) -> bo
     weight by row and give exactly what the whole matrix gives."""
     # A plain byte range of one file (a tensor fused from pieces is read whole).
     return row_readable(module, names) and weights.is_on_disk(names[0]) and type(weights.disk[names[0]]) is DiskTensor
-
-
-def row_readable(module: nn.Module, names: Sequence[str]) -> bool:
-    """The module's side of :func:`reads_by_row`: a plain ``nn.Embedding`` offloading its weight alone."""
-    if not isinstance(module, nn.Embedding) or type(module).forward is not nn.Embedding.forward:
-        return False
-    return module.max_norm is None and len(names) == 1 and names[0].rpartition(".")[2] == "weight"
 
 
 class EmbeddingRowsHook(AlignDevicesHook):

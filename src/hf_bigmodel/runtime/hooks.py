@@ -27,6 +27,7 @@ from .hook_protocol import (
     remove_hook_from_module,
     unwrap_forward,
 )
+from .model_device import reset_model_device
 from .placeholders import StreamedSlot, plain
 from .streaming import StreamedUnit, WeightsFetcher
 
@@ -94,6 +95,7 @@ def remove_hook_from_submodules(module: nn.Module) -> None:
     if isinstance(weights, WeightsMap):
         _fill_from(module, weights)
     module.__dict__.pop("hf_device_map", None)
+    reset_model_device(module)
 
 
 def _fill_from(model: nn.Module, weights: WeightsMap) -> None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..model.naming import is_within, join, owner, parent
+from ..model.reads import row_readable
 from ..plan.devices import Device, torch_device
 from ..plan.placement import Placement
 from ..storage.direct_io import ALIGNMENT
-from .embedding_rows import row_readable
 from .prefetch_window import Window, prefetch_memory, prefetch_window
 
 __all__ = ["GROUP_BYTES", "MERGE_BYTES", "PlannedPrefetch", "cut_groups", "find_blocks", "plan_prefetch",

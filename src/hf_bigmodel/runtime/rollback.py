@@ -32,7 +32,7 @@ __all__ = ["HOOK_ATTRS", "ModelState"]
 #: What ``add_hook_to_module`` keeps in a module's ``__dict__``.
 HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward", "_hf_hook_had_instance_forward")
 #: What dispatch sets on the model itself.
-_MODEL_ATTRS = (OFFLOAD_ATTR, "hf_device_map", "device")
+_MODEL_ATTRS = (OFFLOAD_ATTR, "hf_device_map", "device", "_hf_bigmodel_device")
 _MISSING = object()
 
 
@@ -46,6 +46,7 @@ class ModelState:
     hooks: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
     weights: tuple[WeightsMap, dict[str, torch.Tensor], dict[str, DiskRef]] | None = None
+    cls: type[nn.Module] | None = None  # dispatch may swap it (model_device)
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
@@ -56,6 +57,7 @@ class ModelState:
         for module in model.modules():
             state.hooks.append((module, {k: module.__dict__[k] for k in HOOK_ATTRS if k in module.__dict__}))
         state.attrs = {k: model.__dict__.get(k, _MISSING) for k in _MODEL_ATTRS}
+        state.cls = type(model)
         weights = state.attrs[OFFLOAD_ATTR]
         if isinstance(weights, WeightsMap):
             state.weights = (weights, dict(weights.memory), dict(weights.disk))
@@ -75,6 +77,8 @@ class ModelState:
             self.model.__dict__.pop(key, None)
             if value is not _MISSING:
                 self.model.__dict__[key] = value
+        if self.cls is not None:
+            self.model.__class__ = self.cls
         if self.weights is not None:
             weights, memory, disk = self.weights
             weights.memory.clear()
