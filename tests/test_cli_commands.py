@@ -198,14 +198,18 @@ def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str]
 
     from hf_bigmodel import compute_module_sizes, init_empty_weights, resolve_device_map
     from hf_bigmodel.runtime.prefetch import plan_prefetch
+    from hf_bigmodel.runtime.prefetch_plan import prefetch_headroom
 
     folder = tmp_path / "config_only"
     folder.mkdir()
     config = json.loads((models["llama"] / "config.json").read_text())
     config.pop("dtype", None), config.pop("torch_dtype", None)
-    config["num_hidden_layers"] = 8
+    # 64 MiB decoder layers (float32), each a prefetch group of its own, so the GPU keeps room for the groups
+    # in use and read ahead beside its layers (tiny layers would be one group the GPU cannot hold twice).
+    config.update(num_hidden_layers=8, hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                  num_key_value_heads=8, head_dim=128)
     (folder / "config.json").write_text(json.dumps(config))
-    budgets = ["--max-memory", "0=50KB,cpu=30KB"]
+    budgets = ["--max-memory", "0=400MiB,cpu=150MiB"]
     result = hf_bigmodel(env, "plan", folder, *budgets, "--json")
     assert result.returncode == 0, result.stderr
     warnings = result.stderr.strip().splitlines()
@@ -216,9 +220,9 @@ def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str]
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     sizes = compute_module_sizes(model, torch.float32)
-    expected = resolve_device_map(model, "auto", max_memory={0: 50_000, "cpu": 30_000},
+    expected = resolve_device_map(model, "auto", max_memory={0: 400 * 2**20, "cpu": 150 * 2**20},
                                   no_split_module_classes=["LlamaDecoderLayer"], dtype=torch.float32,
-                                  check_devices=False)
+                                  check_devices=False, main_headroom=prefetch_headroom())
     assert report["device_map"] == expected
     assert report["total_size"] == sizes[""]
     layers = {k: v for k, v in report["device_map"].items() if k.startswith("model.layers.")}
@@ -248,6 +252,7 @@ def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str]
     assert placed >= sum(sizes[name] for name, device in expected.items() if device == 0)
     assert (f"{format_size(placed)} of weights placed there + {format_size(planned.total)} prefetching = "
             f"{format_size(placed + planned.total)}") in peak_line
+    assert placed + planned.total <= 400 * 2**20  # the GPU's budget holds its layers and the prefetch buffers
 
 
 # -- run: streaming, progress, batches, sampling, chat ----------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import summarize
 from ..plan.devices import Device
 from ..plan.memory import get_max_memory
+from ..runtime.prefetch_plan import prefetch_headroom
 from .model import EmptyModel, Source, build_empty_model
 from .options import parse_dtype, parse_max_memory, typed_max_memory, usage_error
 from .report import PlanReport, describe_plan, format_plan
@@ -63,6 +64,7 @@ def plan_empty(
     device_map = resolve_device_map(
         empty.model, "auto", max_memory=resolved, no_split_module_classes=classes, dtype=empty.dtype,
         special_dtypes=empty.special_dtypes, check_devices=False, tensor_sizes=empty.tensor_sizes,
+        main_headroom=prefetch_headroom(),
     )
     report = describe_plan(
         empty.model, device_map, budgets=resolved, dtype=empty.dtype, special_dtypes=empty.special_dtypes,

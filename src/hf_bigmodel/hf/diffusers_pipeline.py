@@ -30,6 +30,7 @@ from ..model.dtypes import matches_module
 from ..model.tensors import model_tensors
 from ..plan.device_map import resolve_device_map
 from ..plan.devices import Device
+from ..runtime.prefetch_plan import prefetch_headroom
 from .hub import resolve_config
 from .steps import LoadSteps
 
@@ -114,6 +115,7 @@ def plan_components(
     return resolve_device_map(
         together, "cpu" if device_map is None else device_map, max_memory=max_memory,
         no_split_module_classes=no_split, special_dtypes=special, offload_buffers=offload_buffers,
+        main_headroom=prefetch_headroom(offload_buffers=offload_buffers),
     )
 
 

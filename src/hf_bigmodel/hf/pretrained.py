@@ -24,6 +24,7 @@ from ..errors import PipelineError, summarize
 from ..model.dtypes import resolve_dtype
 from ..model.empty import init_empty_weights
 from ..plan.device_map import resolve_device_map
+from ..runtime.prefetch_plan import prefetch_headroom
 from .diffusers_pipeline import find_pipeline_index, load_pipeline
 from .hub import resolve_config
 from .loader import DtypeArg, LoadContext, PretrainedLoader
@@ -183,6 +184,7 @@ def _load_in_process(steps: LoadSteps, *, device_map: Any, max_memory: Mapping[i
         model, "cpu" if device_map is None else device_map, max_memory=max_memory,
         no_split_module_classes=steps.no_split, dtype=steps.cast, special_dtypes=steps.special,
         offload_buffers=offload_buffers, tensor_sizes=steps.loader.tensor_sizes(ctx),
+        main_headroom=prefetch_headroom(offload_buffers=offload_buffers),
     )
     steps.load(checkpoint, plan, lambda key: steps.table.get(key, key), missing,
                offload_folder=offload_folder, offload_buffers=offload_buffers)

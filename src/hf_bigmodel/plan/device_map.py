@@ -20,6 +20,7 @@ from ..model.sizes import compute_module_sizes
 from ..model.tensors import model_tensors
 from .balance import class_names, get_balanced_memory
 from .devices import Device, normalize_device
+from .headroom import Headroom, fit_headroom
 from .memory import get_max_memory
 from .planner import plan_device_map
 from .rows_on_disk import rows_on_disk
@@ -40,6 +41,7 @@ def resolve_device_map(
     offload_buffers: bool = False,
     check_devices: bool = True,
     tensor_sizes: Mapping[str, int] | None = None,
+    main_headroom: Headroom | None = None,
 ) -> dict[str, Device]:
     """Turn any accepted ``device_map`` into a validated ``{name: device}`` dict.
 
@@ -50,6 +52,9 @@ def resolve_device_map(
     (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
     with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
     ``tensor_sizes`` gives the planner the bytes of quantized weights (their dtype and shape do not say).
+    ``main_headroom(model, plan, sizes)``: bytes the plan's main device holds beside its weights while the
+    model runs (dispatch's prefetch buffers on a GPU); a strategy's plan is made again with a smaller
+    budget there until weights, kept buffers and that headroom fit the ``max_memory`` of that device.
 
     >>> resolve_device_map(nn.Linear(2, 2), "cuda:1")
     {'': 1}
@@ -59,20 +64,24 @@ def resolve_device_map(
     if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
         strategy = device_map.strip().lower()
         budgets: Mapping[Device, int] = get_max_memory(max_memory, check_devices=check_devices)
-        if strategy != "sequential":
-            budgets = get_balanced_memory(
-                model, budgets, no_split_module_classes, dtype, special_dtypes, low_zero=strategy == "balanced_low_0",
-                tensor_sizes=tensor_sizes,
-            )
-
-        def plan(pinned: Mapping[str, Device]) -> dict[str, Device]:
-            return plan_device_map(model, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype,
-                                   special_dtypes=special_dtypes, offload_buffers=offload_buffers,
-                                   tensor_sizes=tensor_sizes, pinned=pinned)
-
         sizes = compute_module_sizes(model, dtype, special_dtypes, tensor_sizes=tensor_sizes)
-        return rows_on_disk(model, plan, no_split=class_names(no_split_module_classes), sizes=sizes,
-                            tensor_sizes=tensor_sizes)
+
+        def plan(limits: Mapping[Device, int]) -> dict[str, Device]:
+            if strategy != "sequential":
+                limits = get_balanced_memory(model, limits, no_split_module_classes, dtype, special_dtypes,
+                                             low_zero=strategy == "balanced_low_0", tensor_sizes=tensor_sizes)
+            return rows_on_disk(
+                model, lambda pinned: plan_device_map(
+                    model, limits, no_split_module_classes=no_split_module_classes, dtype=dtype,
+                    special_dtypes=special_dtypes, offload_buffers=offload_buffers, tensor_sizes=tensor_sizes,
+                    pinned=pinned),
+                no_split=class_names(no_split_module_classes), sizes=sizes, tensor_sizes=tensor_sizes)
+
+        if main_headroom is None:
+            return plan(budgets)
+        buffers = compute_module_sizes(model, dtype, special_dtypes, buffers_only=True, tensor_sizes=tensor_sizes)
+        return fit_headroom(model, plan, budgets, main_headroom, sizes=sizes,
+                            kept_buffers=None if offload_buffers else buffers)
     if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         try:
             return {"": normalize_device(device_map, what="device_map")}

@@ -32,6 +32,7 @@ from .hooks import AlignDevicesHook, strip_hooks
 from .model_device import set_model_device
 from .pinned import pin_blocks
 from .prefetch import Prefetcher
+from .prefetch_plan import prefetch_headroom
 from .prefetch_window import Window, prefetch_window
 from .rollback import ModelState
 from .streaming import StreamedWeights
@@ -378,6 +379,7 @@ def load_checkpoint_and_dispatch(
         device_map = resolve_device_map(
             model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
             dtype=dtype, offload_buffers=offload_buffers,
+            main_headroom=prefetch_headroom(prefetch, offload_buffers=offload_buffers),
         )
     report = load_checkpoint(
         model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype,

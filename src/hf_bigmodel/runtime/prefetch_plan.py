@@ -11,7 +11,7 @@ the memory that will take.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -24,7 +24,7 @@ from ..storage.direct_io import ALIGNMENT
 from .prefetch_window import Window, prefetch_memory, prefetch_window
 
 __all__ = ["GROUP_BYTES", "MERGE_BYTES", "PlannedPrefetch", "cut_groups", "find_blocks", "plan_prefetch",
-           "rounded_buffer"]
+           "prefetch_headroom", "rounded_buffer"]
 
 #: A device-map entry (or module) holding more than this is cut into its children (``{"": "disk"}``
 #: into layers); a decoder layer below it stays whole, so its inner execution order never matters.
@@ -120,6 +120,19 @@ def plan_prefetch(
     return PlannedPrefetch(placement.main, window, window.describe(buffers), len(groups),
                            tuple(units[i][1] for i in groups[largest]), buffers[largest],
                            prefetch_memory(buffers, window))
+
+
+def prefetch_headroom(prefetch: int | str | None = None, *, offload_buffers: bool = False
+                      ) -> Callable[[nn.Module, Mapping[str, Device], Mapping[str, int]], int]:
+    """``resolve_device_map``'s ``main_headroom`` for dispatch with ``prefetch``: what the prefetcher holds on a
+    CUDA main device for a planned device map (:func:`plan_prefetch`'s total); 0 when it runs on the CPU,
+    where the prefetch buffers come beside the ``"cpu"`` budget (the README's memory formula)."""
+
+    def headroom(model: nn.Module, device_map: Mapping[str, Device], sizes: Mapping[str, int]) -> int:
+        planned = plan_prefetch(model, device_map, sizes=sizes, prefetch=prefetch, offload_buffers=offload_buffers)
+        return 0 if planned is None or planned.device == "cpu" else planned.total
+
+    return headroom
 
 
 def find_blocks(units: Sequence[tuple[str, str, int]]) -> list[str]:
