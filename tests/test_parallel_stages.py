@@ -14,6 +14,7 @@ from hf_bigmodel import init_empty_weights
 from hf_bigmodel.errors import PipelineError
 from hf_bigmodel.parallel.stages import _cut, fast_capacity, plan_stages, stage_device_map
 from hf_bigmodel.parallel.view import stage_only
+from hf_bigmodel.plan.planner import plan_device_map
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,6 +118,20 @@ def test_each_process_plans_its_own_stage_within_its_own_budget():
     roomy = {"cpu": plan.bytes_of(1) + 1000}
     assert stage_device_map(model, plan, 1, roomy, no_split_module_classes=["LlamaDecoderLayer"]) == {"": "cpu"}
     assert sum(1 for _ in model.parameters()) == sum(1 for _ in _meta_llama(4).parameters())  # nothing lost
+
+
+def test_a_stage_plans_as_one_process_would_its_embedding_on_disk_first():
+    """The first stage, short of room, puts its input embedding on disk (it reads only its batch's rows there)
+    so one more decoder layer stays in RAM than the planner's walk alone would keep."""
+    model = _meta_llama(6)
+    plan = plan_stages(model, 2, no_split_module_classes=["LlamaDecoderLayer"])
+    budget = {"cpu": plan.bytes_of(0) - 1000}
+    device_map = stage_device_map(model, plan, 0, budget, no_split_module_classes=["LlamaDecoderLayer"])
+    assert device_map["model.embed_tokens"] == "disk"
+    assert [k for k, d in device_map.items() if d == "cpu"] == ["model.layers.0", "model.layers.1"]
+    with stage_only(model, plan.not_held_by(0)) as view:
+        walk = plan_device_map(view, budget, no_split_module_classes=["LlamaDecoderLayer"])
+    assert [k for k, d in walk.items() if d == "cpu"] == ["model.embed_tokens", "model.layers.0"]
 
 
 class _Scaled(nn.Module):

@@ -22,9 +22,10 @@ from torch import nn
 from ..errors import PipelineError
 from ..model.naming import is_within, join
 from ..model.sizes import compute_module_sizes, format_size
+from ..plan.device_map import resolve_device_map
 from ..plan.devices import Device, is_offload_target
 from ..plan.placement import Placement
-from ..plan.planner import plan_device_map
+from ..runtime.prefetch_plan import prefetch_headroom
 from .view import stage_only
 
 __all__ = ["StagePlan", "Unit", "fast_capacity", "plan_stages", "stage_device_map"]
@@ -327,10 +328,11 @@ def stage_device_map(
     code between modules reads them, and no hook would bring them.
     """
     detached = plan.not_held_by(stage)
-    with stage_only(model, detached) as view:
-        planned = plan_device_map(
-            view, budgets, no_split_module_classes=no_split_module_classes, dtype=dtype,
-            special_dtypes=special_dtypes, offload_buffers=offload_buffers, tensor_sizes=tensor_sizes,
+    with stage_only(model, detached) as view:  # as one process would plan it: rows on disk, prefetch room
+        planned = resolve_device_map(
+            view, "sequential", max_memory=dict(budgets), no_split_module_classes=no_split_module_classes,
+            dtype=dtype, special_dtypes=special_dtypes, offload_buffers=offload_buffers, check_devices=False,
+            tensor_sizes=tensor_sizes, main_headroom=prefetch_headroom(offload_buffers=offload_buffers),
         )
     device_map = {k: d for k, d in planned.items() if not any(is_within(k, name) for name in detached)}
     placement = Placement.of(device_map)
