@@ -20,7 +20,7 @@ from hf_bigmodel.model.naming import lookup
 from hf_bigmodel.model.sizes import compute_module_sizes
 from hf_bigmodel.plan.device_map import resolve_device_map
 from hf_bigmodel.plan.planner import infer_auto_device_map, plan_device_map
-from hf_bigmodel.plan.rows_on_disk import row_embeddings
+from hf_bigmodel.plan.rows_on_disk import _other_disk_bytes, row_embeddings
 from hf_bigmodel.runtime.embedding_rows import EmbeddingRowsHook
 
 NO_SPLIT = ["Block"]
@@ -145,6 +145,15 @@ def test_nothing_moves_without_a_disk_spill_or_without_a_gain():
     accelerate_like = infer_auto_device_map(small, budgets, no_split_module_classes=NO_SPLIT)
     assert "disk" in accelerate_like.values() and lookup("emb.weight", accelerate_like) == "cpu"
     assert resolve_device_map(small, "auto", max_memory=budgets, no_split_module_classes=NO_SPLIT) == accelerate_like
+
+
+def test_an_entry_holding_the_embedding_on_disk_counts_without_it():
+    """Once every other weight under a module went to disk with the embedding, the plan merges them into one
+    entry (``{"body": "disk"}``): the comparison of disk bytes leaves the embedding inside it out."""
+    sizes = {"": 300, "body": 200, "body.emb": 120, "body.blocks": 80, "head": 100}
+    assert _other_disk_bytes({"body": "disk", "head": "cpu"}, sizes, {"body.emb": "disk"}) == 80
+    assert _other_disk_bytes({"body.emb": "cpu", "body.blocks": "disk", "head": "disk"}, sizes, {}) == 180
+    assert _other_disk_bytes({"": "disk"}, sizes, {"body.emb": "disk"}) == 180
 
 
 def test_a_disk_budget_too_small_for_the_embedding_keeps_the_first_plan():

@@ -97,7 +97,11 @@ def rows_on_disk(model: nn.Module, plan: Planner, *, no_split: set[str], sizes: 
 
 
 def _other_disk_bytes(device_map: Mapping[str, Device], sizes: Mapping[str, int], pinned: Mapping[str, Device]) -> int:
-    """Bytes ``device_map`` puts on disk, leaving out the pinned items."""
-    return sum(sizes.get(key, 0) for key, device in device_map.items()
-               if device == "disk" and not any(is_within(key, pin) for pin in pinned))
+    """Bytes ``device_map`` puts on disk, leaving out the pinned items (also inside an entry that holds them:
+    ``{"model": "disk"}`` once every layer went to disk with the embedding)."""
+    total = 0
+    for key, device in device_map.items():
+        if device == "disk" and not any(is_within(key, pin) for pin in pinned):
+            total += sizes.get(key, 0) - sum(sizes.get(pin, 0) for pin in pinned if is_within(pin, key))
+    return total
 
