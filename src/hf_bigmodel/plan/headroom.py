@@ -8,7 +8,7 @@ excess until it fits, so ``max_memory={0: "20GiB"}`` bounds what the GPU holds w
 
 On a CPU run the headroom is not counted here: the prefetch buffers come beside the ``"cpu"`` budget, by
 the memory formula in the README (``runtime baseline + dispatch + cpu budget + largest offloaded group +
-window + activations``), and ``main_headroom`` callables answer 0 for a CPU main device.
+window + activations``), so the headroom callable is not asked for a plan that runs on the CPU.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["own_class", "reset_model_device", "set_model_device"]
+__all__ = ["DEVICE_ATTR", "own_class", "reset_model_device", "set_model_device"]
 
-_DEVICE = "_hf_bigmodel_device"
+#: Where a dispatched model keeps the device its ``device`` property answers (in its ``__dict__``).
+DEVICE_ATTR = "_hf_bigmodel_device"
 _BASE = "_hf_bigmodel_base"
 
 
@@ -36,7 +37,7 @@ def _reporting(cls: type[nn.Module]) -> type[nn.Module]:
         return _REPORTING[cls]
 
     def device(self: nn.Module) -> torch.device:
-        return self.__dict__[_DEVICE]
+        return self.__dict__[DEVICE_ATTR]
 
     device.__doc__ = "The device the dispatched model runs on (its offloaded weights are brought there)."
     made = _REPORTING[cls] = type(cls.__name__, (cls,), {
@@ -49,7 +50,7 @@ def set_model_device(model: nn.Module, device: torch.device) -> None:
     """Make ``model.device`` answer ``device`` where it would otherwise name the meta device (or is missing)."""
     cls = type(model)
     if _BASE in cls.__dict__:  # dispatched before: record the new device
-        model.__dict__[_DEVICE] = device
+        model.__dict__[DEVICE_ATTR] = device
         return
     found = inspect.getattr_static(cls, "device", None)
     if found is None:
@@ -64,7 +65,7 @@ def set_model_device(model: nn.Module, device: torch.device) -> None:
         current = None
     if isinstance(current, torch.device) and current.type != "meta":
         return
-    model.__dict__[_DEVICE] = device
+    model.__dict__[DEVICE_ATTR] = device
     model.__class__ = _reporting(cls)
 
 
@@ -73,7 +74,7 @@ def reset_model_device(model: nn.Module) -> None:
     base = type(model).__dict__.get(_BASE)
     if base is not None:
         model.__class__ = base
-    model.__dict__.pop(_DEVICE, None)
+    model.__dict__.pop(DEVICE_ATTR, None)
 
 
 def own_class(model: nn.Module) -> type[nn.Module]:

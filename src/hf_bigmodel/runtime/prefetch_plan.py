@@ -124,13 +124,13 @@ def plan_prefetch(
 
 def prefetch_headroom(prefetch: int | str | None = None, *, offload_buffers: bool = False
                       ) -> Callable[[nn.Module, Mapping[str, Device], Mapping[str, int]], int]:
-    """``resolve_device_map``'s ``main_headroom`` for dispatch with ``prefetch``: what the prefetcher holds on a
-    CUDA main device for a planned device map (:func:`plan_prefetch`'s total); 0 when it runs on the CPU,
-    where the prefetch buffers come beside the ``"cpu"`` budget (the README's memory formula)."""
+    """``resolve_device_map``'s ``main_headroom`` for dispatch with ``prefetch``: what the prefetcher holds on
+    the main device for a planned device map (:func:`plan_prefetch`'s total). The planner counts it on an
+    accelerator only (:mod:`hf_bigmodel.plan.headroom`)."""
 
     def headroom(model: nn.Module, device_map: Mapping[str, Device], sizes: Mapping[str, int]) -> int:
         planned = plan_prefetch(model, device_map, sizes=sizes, prefetch=prefetch, offload_buffers=offload_buffers)
-        return 0 if planned is None or planned.device == "cpu" else planned.total
+        return 0 if planned is None else planned.total
 
     return headroom
 

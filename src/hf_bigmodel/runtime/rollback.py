@@ -26,13 +26,14 @@ from torch import nn
 from ..load.loading import OFFLOAD_ATTR
 from ..model.tensors import ModelTensor, model_tensors, put_tensor, restore_data
 from ..storage.weights_map import DiskRef, WeightsMap
+from .model_device import DEVICE_ATTR
 
 __all__ = ["HOOK_ATTRS", "ModelState"]
 
 #: What ``add_hook_to_module`` keeps in a module's ``__dict__``.
 HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward", "_hf_hook_had_instance_forward")
 #: What dispatch sets on the model itself.
-_MODEL_ATTRS = (OFFLOAD_ATTR, "hf_device_map", "device", "_hf_bigmodel_device")
+_MODEL_ATTRS = (OFFLOAD_ATTR, "hf_device_map", "device", DEVICE_ATTR)
 _MISSING = object()
 
 
