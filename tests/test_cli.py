@@ -127,7 +127,7 @@ def test_plan_names_the_embeddings_read_by_row(capsys, llama: Path) -> None:
     report = plan_json(capsys, llama, "--max-memory", "cpu=20KB")
     # The plan spills to disk, so the untied input embedding goes there first (it reads only its batch's rows).
     assert report["device_map"]["model.embed_tokens"] == "disk" and report["rows_from_disk"] == ["model.embed_tokens"]
-    assert report["device_map"]["model.layers.0"] == "cpu"
+    assert "cpu" in {d for k, d in report["device_map"].items() if k.startswith("model.layers.")}
     code, out, _ = run_main(capsys, "plan", llama, "--max-memory", "cpu=20KB")
     assert code == 0 and "Read by row from disk: model.embed_tokens: an embedding reads only the rows" in out
 

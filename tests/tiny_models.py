@@ -355,6 +355,17 @@ def write_junk_files(directory: str | Path, names: tuple[str, ...] = JUNK_FILES)
 SMALL_LLAMA_LAYERS = 4
 
 
+class ResidualBlock(torch.nn.Module):
+    """``x + Linear(x)`` without bias: 16 KiB of float32 at width 64, the no-split block of the planning toys."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x)
+
+
 def small_llama_config() -> Any:
     """A 4-layer Llama (hidden 64, vocab 256): big enough for several prefetch groups, still tiny."""
     from transformers import LlamaConfig

@@ -24,6 +24,7 @@ from .headroom import Headroom, fit_headroom
 from .memory import get_max_memory
 from .planner import plan_device_map
 from .rows_on_disk import rows_on_disk
+from .spread import spread_offloaded
 
 __all__ = ["STRATEGIES", "check_device_map", "resolve_device_map"]
 
@@ -48,7 +49,8 @@ def resolve_device_map(
     ``"auto"`` (same as ``"balanced"``), ``"balanced_low_0"`` and ``"sequential"`` plan with
     :func:`infer_auto_device_map` (the balanced ones after :func:`get_balanced_memory`), then move to disk
     the embeddings that read by row there, where the plan uses the disk and that keeps later layers off
-    it (:mod:`.rows_on_disk`); a single device
+    it (:mod:`.rows_on_disk`), and spread the repeated blocks read from disk among those kept in RAM
+    (:mod:`.spread`); a single device
     (``0``, ``"cpu"``, ``"cuda:1"``, ``torch.device``) maps the whole model there; a dict is checked
     with :func:`check_device_map`. ``check_devices`` makes ``max_memory`` entries for absent devices fail.
     ``tensor_sizes`` gives the planner the bytes of quantized weights (their dtype and shape do not say).
@@ -70,12 +72,13 @@ def resolve_device_map(
             if strategy != "sequential":
                 limits = get_balanced_memory(model, limits, no_split_module_classes, dtype, special_dtypes,
                                              low_zero=strategy == "balanced_low_0", tensor_sizes=tensor_sizes)
-            return rows_on_disk(
+            planned = rows_on_disk(
                 model, lambda pinned: plan_device_map(
                     model, limits, no_split_module_classes=no_split_module_classes, dtype=dtype,
                     special_dtypes=special_dtypes, offload_buffers=offload_buffers, tensor_sizes=tensor_sizes,
                     pinned=pinned),
                 no_split=class_names(no_split_module_classes), sizes=sizes, tensor_sizes=tensor_sizes)
+            return spread_offloaded(model, planned, sizes)
 
         if main_headroom is None:
             return plan(budgets)

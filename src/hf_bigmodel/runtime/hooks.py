@@ -304,6 +304,8 @@ class AlignDevicesHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.release()
+        if self.fetcher is not None and self.stream is not None:
+            self.fetcher.done_with(self.stream)
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
         return output

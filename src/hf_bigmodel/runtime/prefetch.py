@@ -64,7 +64,7 @@ from ..plan.memory import available_memory
 from ..storage.direct_io import DirectReader, aligned_empty, reads_in_flight
 from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, plan_prefetch
 from .prefetch_plan import rounded_buffer as _rounded
-from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, stop_reader, use_count
+from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, start_early, stop_reader, use_count
 from .prefetch_window import Window, prefetch_memory
 from .streaming import StreamedWeights
 
@@ -243,6 +243,9 @@ class Prefetcher:
         # Chosen here (not forced by the environment): given up if the pages do not stay (_watch_cache).
         self._cache_watched = self.page_cache and _page_cache_setting() is None
         self._reads_at_start: int | None = None  # storage bytes read when the current forward began
+        self._action: Job | None = None  # the last action queued for the reader thread
+        self._released: int | None = None  # the last group let go as soon as its modules were done
+        self._repeated: set[int] = set()  # groups whose modules ran again after that: kept to their turn
         reader = DirectReader(in_flight=reads_in_flight() if device.type == "cpu" else 1, keep_cache=self.page_cache)
         self._reader = reader
         self._thread = threading.Thread(target=reader_loop, args=(self._jobs, reader, device, stream),
@@ -266,6 +269,7 @@ class Prefetcher:
         self._groups = [plan_group(i, [(u, self._units[u]) for u in group], on_cpu) for i, group in enumerate(groups)]
         self._group_of = {u: g for g in self._groups for u in g.slots}
         self._capacity = max((g.host_bytes for g in self._groups), default=0)
+        self._largest_fetch = max((_rounded(g.fetch_bytes) for g in self._groups), default=0)
         count = len(self._groups)
         self.depth = min(self.window.groups if self.window.groups is not None else count, max(count - 1, 1))
         return True
@@ -294,6 +298,8 @@ class Prefetcher:
             self._watch_cache()
         position = next((i for i, job in enumerate(self._inflight) if job.group is group), None)
         if position is None:  # out of order: fetch this group now, then re-align behind it
+            if group.index == self._released:  # it runs again after its modules finished: never let go early
+                self._repeated.add(group.index)
             self.misses += 1
             self._cancel_inflight()
             self._inflight.append(self._submit(group))
@@ -316,6 +322,26 @@ class Prefetcher:
             self._retire(job)
             self._raise(job, group)
         return self._hand_out(job, index)
+
+    def done_with(self, unit: StreamedWeights) -> None:
+        """``unit``'s module has run and dropped its tensors. Once every unit of the group in use has, the
+        group is let go at once rather than at the next group's turn, and its room in the memory bound goes
+        to reads ahead: while the model computes from RAM for a while (the output head, the sampling, the
+        layers kept in RAM at the start of the next forward) the disk keeps reading instead of idling."""
+        with self._lock:
+            current = self._current
+            if self._closed or self._recording is not None or current is None or current.group is None:
+                return
+            group, index = current.group, self._position.get(unit)
+            if index not in group.slots or group.index in self._repeated:
+                return
+            current.finished.add(index)
+            if len(current.finished) < len(group.slots):
+                return
+            self._retire(current)
+            self._current = None
+            self._released = group.index
+            self._fill(group.index)
 
     def _hand_out(self, job: Job, index: int) -> list[torch.Tensor]:
         assert job.values is not None and job.group is not None
@@ -383,7 +409,8 @@ class Prefetcher:
                     "on disk): reading them with O_DIRECT from now on.", format_size(now - last),
                     format_size(self._disk_bytes))
         self.page_cache = self._cache_watched = False
-        self._jobs.put(Job([], None, action=DirectReader.bypass_cache))  # between the reader's reads
+        self._action = Job([], None, action=DirectReader.bypass_cache)
+        self._jobs.put(self._action)  # between the reader's reads
 
     # Jobs and buffers ------------------------------------------------------------------------------------
 
@@ -393,19 +420,23 @@ class Prefetcher:
         self._fill(self._current.group.index)
 
     def _fill(self, start: int) -> None:
-        """Submit the groups after ``start`` (cyclically, never ``start`` itself) while they fit the window.
+        """Submit the groups after ``start`` (cyclically, never ``start`` itself) while they fit the window,
+        widened by what the group in use leaves of the largest group's room (all of it once let go).
 
         One group is always read ahead, even one larger than the window.
         """
         last = self._inflight[-1].group.index if self._inflight else start  # type: ignore[union-attr]
         ahead = sum(_rounded(job.group.fetch_bytes) for job in self._inflight if job.group is not None)
         count = len(self._groups)
+        current = self._current
+        held = _rounded(current.group.fetch_bytes) if current is not None and current.group is not None else 0
+        limit = None if self._limit is None else self._limit + max(self._largest_fetch - held, 0)
         while len(self._inflight) < self.depth:
             nxt = (last + 1) % count
             if nxt == start:
                 break
             size = _rounded(self._groups[nxt].fetch_bytes)
-            if self._inflight and self._limit is not None and ahead + size > self._limit:
+            if self._inflight and limit is not None and ahead + size > limit:
                 break
             self._inflight.append(self._submit(self._groups[nxt]))
             ahead += size
@@ -416,14 +447,21 @@ class Prefetcher:
         job = Job(group.items, buffer, group)
         if buffer is not None:
             buffer.job = job
+        action = self._action
+        if self.device.type == "cpu" and (action is None or action.done.is_set()):
+            start_early(job, self._reader)  # not while the reader's descriptors are about to change
         self._jobs.put(job)
         return job
 
     def _acquire(self, nbytes: int) -> Buffer:
         """A pool buffer of ``nbytes`` (rounded up to 2 MiB, or 4 KiB when smaller) that no live tensor uses.
 
-        Buffers are sized for their group, so what the pool holds stays within ``largest group + window``:
-        idle buffers of other sizes are let go (back to the OS) before a new one would exceed that.
+        The smallest free buffer that holds the group is reused, whatever group it was made for: reusing
+        only buffers of the group's own size let groups of two sizes (86 MiB layers, a 125 MiB output head)
+        churn the pool, two buffers made, faulted in and zeroed at every forward (~10 ms of this thread, and
+        the zeroing in the reads' path). A new buffer is sized for its group, and what the pool holds stays
+        within ``largest group + window``: idle buffers are let go (back to the OS) before a new one would
+        exceed that.
         """
         size = _rounded(nbytes)
 
@@ -435,13 +473,13 @@ class Prefetcher:
                 owner.values = None  # the reader may have finished after the job was retired
             return buffer.baseline is not None and use_count(buffer.tensor) == buffer.baseline
 
-        for buffer in self._buffers:
-            if buffer.tensor.numel() == size and free(buffer):
+        for buffer in sorted(self._buffers, key=lambda b: b.tensor.numel()):
+            if buffer.tensor.numel() >= size and free(buffer):
                 return buffer
         for buffer in self._buffers:  # cancelled reads still running: wait for them, their buffer may fit
             if buffer.job is not None and buffer.job.retired and not buffer.job.done.is_set():
                 buffer.job.done.wait()
-                if buffer.tensor.numel() == size and free(buffer):
+                if buffer.tensor.numel() >= size and free(buffer):
                     return buffer
         for buffer in list(self._buffers):
             if sum(b.tensor.numel() for b in self._buffers) + size <= self._bound:

@@ -28,7 +28,7 @@ from .pinned import spans
 from .streaming import StreamedWeights
 
 __all__ = ["Buffer", "Group", "Item", "Job", "Staging", "copy_from_ram", "fetch", "plan_group", "reader_loop",
-           "start_fetch", "stop_reader", "use_count"]
+           "start_early", "start_fetch", "stop_reader", "use_count"]
 
 #: CUDA runs stage disk reads through this many pinned chunks of this size (64 MiB of pinned RAM).
 STAGING_CHUNK = 16 * 2**20
@@ -209,6 +209,10 @@ class Job:
     retired: bool = False
     #: Not a group: something the reader thread does to its reader between reads (``items`` empty).
     action: Callable[[DirectReader], None] | None = None
+    #: Its reads were started where it was submitted (:func:`start_early`): what finishes them.
+    finish: Callable[[], list[torch.Tensor]] | None = None
+    #: Units (prefetcher indices) whose modules have finished with the values, while the group is in use.
+    finished: set[int] = field(default_factory=set)
 
 
 class Staging:
@@ -346,6 +350,25 @@ def start_fetch(job: Job, reader: DirectReader, device: torch.device, stream: An
     return finish
 
 
+def start_early(job: Job, reader: DirectReader) -> None:
+    """Start a CPU ``job``'s reads on the submitting (hooks') thread; the reader thread finishes them.
+
+    A reader thread busy finishing one group cannot start the next one's reads the moment the window
+    lets it be submitted: the disk idles from the end of the group it works on until the thread, the
+    GIL taken back, gets to the queue. Started where the group is submitted, the reads are at the device
+    at once. An error is the job's, raised where the hooks take the group, as the reader thread's are.
+    """
+    try:
+        job.finish = start_fetch(job, reader, torch.device("cpu"), None)
+    except BaseException as err:  # noqa: BLE001  (raised where the group is taken)
+        failure = err
+
+        def failed() -> list[torch.Tensor]:
+            raise failure
+
+        job.finish = failed
+
+
 def _finish_all(finishers: list[Callable[[], torch.Tensor]], job: Job | None = None,
                 paths: Sequence[str] = ()) -> BaseException | None:
     """Call every finisher (whatever the others do); the first error, with its file as ``job.path``."""
@@ -439,7 +462,8 @@ def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, devic
     """The reader thread: run jobs (skipping retired ones) until ``None`` arrives; errors go to the job.
 
     Two jobs overlap: the next job's reads are started (:func:`start_fetch`) before the current one is
-    finished and handed out, when the next is already queued. An action runs once no read is started.
+    finished and handed out, when the next is already queued; a job started early (:func:`start_early`)
+    is only finished here. An action runs once no read is started.
     """
     staging: Staging | None = None
     started: deque[tuple[Job, Callable[[], list[torch.Tensor]]]] = deque()
@@ -462,6 +486,9 @@ def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, devic
             except BaseException as err:  # noqa: BLE001  (handed to the main thread)
                 job.error = err
             job.done.set()
+        elif job.finish is not None:  # its reads are at the device: finished in turn, even when retired
+            started.append((job, job.finish))
+            job.finish = None  # the function holds views of the buffer: only ``started`` may keep it
         elif job.retired:
             job.done.set()
         else:

@@ -51,6 +51,10 @@ class WeightsFetcher(Protocol):
         """``unit``'s tensors on its device, in ``names`` order; ``None``: the hook reads them itself."""
         ...
 
+    def done_with(self, unit: StreamedWeights) -> None:
+        """``unit``'s module has run and let go of the tensors :meth:`take` gave it."""
+        ...
+
     def close(self) -> None:
         """Stop fetching; hooks then read their tensors themselves."""
         ...
