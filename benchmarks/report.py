@@ -131,11 +131,24 @@ def floor_around(runs: list[dict[str, Any]], *, compute: list[float] | None) -> 
         return None
     ratio = statistics.median(ratios)
     span = f"{min(bandwidths) / 1e9:.2f}-{max(bandwidths) / 1e9:.2f}" if len(bandwidths) > 1 else f"{bandwidths[0] / 1e9:.2f}"
+    busy = disk_busy(runs)
     return {
-        "ratio": ratio, "ratios": ratios, "bandwidths": bandwidths,
+        "ratio": ratio, "ratios": ratios, "bandwidths": bandwidths, "disk_busy": busy,
         "text": (f"against each run's own floor, from the disk's speed just before and after it (the faster pass, "
-                 f"{span} GB/s): {ratio:.2f}x (median of {len(ratios)}; runs {', '.join(f'{r:.2f}' for r in ratios)})"),
+                 f"{span} GB/s): {ratio:.2f}x (median of {len(ratios)}; runs {', '.join(f'{r:.2f}' for r in ratios)})"
+                 + (f"; the disk was busy for {busy:.0%} of generation (median; the rest, reads left it idle)"
+                    if busy is not None else "")),
     }
+
+
+def disk_busy(runs: list[dict[str, Any]]) -> float | None:
+    """The median share of generation during which the checkpoint's disk had a read in flight (``io_ticks``).
+
+    A disk-bound run at the floor keeps it near 100%; below that, the loader left the disk idle while
+    it computed. Other processes reading the same disk would count as busy: the benchmark runs alone."""
+    shares = [run["generate_disk_busy_s"] / run["generate_s"] for run in runs
+              if run.get("status") == "OK" and run.get("generate_disk_busy_s") is not None and run.get("generate_s")]
+    return min(statistics.median(shares), 1.0) if shares else None
 
 
 def best_anchor(summaries: dict[str, dict[str, Any]], key: str) -> tuple[str, float] | None:

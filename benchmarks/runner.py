@@ -177,6 +177,7 @@ def measure(args: argparse.Namespace, result: Result) -> None:
         extra = {"assistant_model": assistant} if assistant is not None else {}
         timer = ForwardTimer(model)
         timer.start()
+        busy = system.disk_busy_ms(args.checkpoint)
         t0 = time.perf_counter()
         out = model.generate(
             input_ids,
@@ -189,6 +190,7 @@ def measure(args: argparse.Namespace, result: Result) -> None:
             **extra,
         )
         generate_s = time.perf_counter() - t0
+        busy_after = system.disk_busy_ms(args.checkpoint)
         timer.stop()
     generated = out[:, PROMPT_TOKENS:].tolist()
     result.update(prefetch=_prefetch_stats(model))
@@ -197,6 +199,8 @@ def measure(args: argparse.Namespace, result: Result) -> None:
                   batch=args.batch, new_tokens=args.new_tokens, assistant=str(args.assistant or ""),
                   generate_forward_s=timer.seconds, generate_forward_read_bytes=timer.read_bytes,
                   generate_read_bytes=timer.total_read_bytes, generated_all=generated,
+                  generate_disk_busy_s=(busy_after - busy) / 1000 if busy is not None and busy_after is not None
+                  else None,
                   generated=generated[0], phase="compare")
 
     if args.save_reference:

@@ -204,16 +204,30 @@ def machine_description() -> dict[str, str]:
 def disk_description(path: Path) -> str:
     """The block device holding ``path``: name, driver, size and whether it spins (``vda, virtio_blk, 256 GiB``)."""
     try:
-        dev = os.stat(path).st_dev
-        block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
-        if (block / "partition").exists():
-            block = block.parent
+        block = _block_device(path)
         size = int((block / "size").read_text()) * 512
         driver = Path(os.path.realpath(block / "device" / "driver")).name if (block / "device").exists() else "?"
         rotational = (block / "queue" / "rotational").read_text().strip() == "1"
     except (OSError, ValueError):
         return "unknown disk"
     return f"{block.name}, {driver}, {size / 2**30:.0f} GiB, {'rotational' if rotational else 'non-rotational'} per the kernel"
+
+
+def _block_device(path: Path) -> Path:
+    """The sysfs folder of the whole block device holding ``path`` (a partition's parent)."""
+    dev = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    return block.parent if (block / "partition").exists() else block
+
+
+def disk_busy_ms(path: Path) -> int | None:
+    """Milliseconds the block device holding ``path`` has had a request in flight since boot (``io_ticks``
+    of its ``stat``), or None where the kernel does not say. Its change over a span of time, against the
+    span, is how busy the disk was: the part of a disk-bound run that the reads left the disk idle."""
+    try:
+        return int((_block_device(path) / "stat").read_text().split()[9])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def proc_meminfo() -> dict[str, int]:

@@ -51,7 +51,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -423,7 +423,8 @@ class Prefetcher:
         """Submit the groups after ``start`` (cyclically, never ``start`` itself) while they fit the window,
         widened by what the group in use leaves of the largest group's room (all of it once let go).
 
-        One group is always read ahead, even one larger than the window.
+        One group is always read ahead, even one larger than the window; the others wait while the pool
+        cannot hold them within the memory bound.
         """
         last = self._inflight[-1].group.index if self._inflight else start  # type: ignore[union-attr]
         ahead = sum(_rounded(job.group.fetch_bytes) for job in self._inflight if job.group is not None)
@@ -438,12 +439,25 @@ class Prefetcher:
             size = _rounded(self._groups[nxt].fetch_bytes)
             if self._inflight and limit is not None and ahead + size > limit:
                 break
-            self._inflight.append(self._submit(self._groups[nxt]))
+            job = self._submit(self._groups[nxt], required=not self._inflight)
+            if job is None:  # the pool has no room for it within the bound yet: read it at a later turn
+                break
+            self._inflight.append(job)
             ahead += size
             last = nxt
 
-    def _submit(self, group: Group) -> Job:
-        buffer = self._acquire(group.host_bytes) if group.host_bytes else None
+    @overload
+    def _submit(self, group: Group, *, required: Literal[True] = True) -> Job: ...
+    @overload
+    def _submit(self, group: Group, *, required: bool) -> Job | None: ...
+
+    def _submit(self, group: Group, *, required: bool = True) -> Job | None:
+        """Queue ``group``'s fetch; None (nothing queued) when it is not ``required`` and no buffer is free."""
+        buffer = None
+        if group.host_bytes:
+            buffer = self._acquire(group.host_bytes, required=required)
+            if buffer is None:
+                return None
         job = Job(group.items, buffer, group)
         if buffer is not None:
             buffer.job = job
@@ -453,7 +467,7 @@ class Prefetcher:
         self._jobs.put(job)
         return job
 
-    def _acquire(self, nbytes: int) -> Buffer:
+    def _acquire(self, nbytes: int, *, required: bool = True) -> Buffer | None:
         """A pool buffer of ``nbytes`` (rounded up to 2 MiB, or 4 KiB when smaller) that no live tensor uses.
 
         The smallest free buffer that holds the group is reused, whatever group it was made for: reusing
@@ -461,7 +475,7 @@ class Prefetcher:
         churn the pool, two buffers made, faulted in and zeroed at every forward (~10 ms of this thread, and
         the zeroing in the reads' path). A new buffer is sized for its group, and what the pool holds stays
         within ``largest group + window``: idle buffers are let go (back to the OS) before a new one would
-        exceed that.
+        exceed that, and when that is not enough a group read ahead waits (None) unless ``required``.
         """
         size = _rounded(nbytes)
 
@@ -481,6 +495,9 @@ class Prefetcher:
                 buffer.job.done.wait()
                 if buffer.tensor.numel() >= size and free(buffer):
                     return buffer
+        idle = sum(b.tensor.numel() for b in self._buffers if b.job is None or b.job.retired)
+        if not required and sum(b.tensor.numel() for b in self._buffers) - idle + size > self._bound:
+            return None  # even with every idle buffer let go it would not fit
         for buffer in list(self._buffers):
             if sum(b.tensor.numel() for b in self._buffers) + size <= self._bound:
                 break
