@@ -21,6 +21,7 @@ from ..plan.balance import get_max_layer_size
 from ..plan.devices import Device, device_rank
 from ..plan.placement import Placement
 from ..plan.rows_on_disk import row_embeddings
+from ..plan.spread import kept_among_disk
 from ..runtime.prefetch_plan import PlannedPrefetch, plan_prefetch
 from ..runtime.prefetch_window import ENV_VAR
 
@@ -52,6 +53,7 @@ class PlanReport:
     dtype_assumed: bool = False
     quantized_sizes_unknown: bool = False
     rows_from_disk: list[str] = field(default_factory=list)  # embeddings on disk that read only their batch's rows
+    kept_among_disk: list[str] = field(default_factory=list)  # blocks in RAM spread among their family's on disk
 
     @property
     def disk_modules(self) -> list[str]:
@@ -76,6 +78,7 @@ class PlanReport:
             "execution_device": self.execution_device,
             "disk": self.disk_modules,
             "rows_from_disk": list(self.rows_from_disk),
+            "kept_among_disk": list(self.kept_among_disk),
             "no_split_module_classes": list(self.no_split_module_classes),
             "largest_offloaded_layer": (
                 {"name": self.largest_offloaded_layer[0], "size": self.largest_offloaded_layer[1]}
@@ -140,6 +143,7 @@ def describe_plan(
         prefetch=plan_prefetch(model, device_map, sizes=sizes, offload_buffers=offload_buffers),
         rows_from_disk=[name for name in row_embeddings(model, tensor_sizes)
                         if lookup(join(name, "weight"), device_map) == "disk"],
+        kept_among_disk=kept_among_disk(model, device_map, sizes),
     )
 
 
@@ -180,11 +184,16 @@ class Row:
         return total
 
 
-def collapse(entries: Mapping[str, Device], sizes: Mapping[str, int]) -> list[Row]:
-    """Entries in order, with runs of consecutive numbered siblings on one device made one row.
+def collapse(entries: Mapping[str, Device], sizes: Mapping[str, int], *, spread: bool = False) -> list[Row]:
+    """Entries in order, with runs of consecutive numbered siblings on one device made one row; ``spread``:
+    also runs that alternate between RAM and disk (the strategies spread them, :mod:`hf_bigmodel.plan.spread`),
+    their device the count on each.
 
     >>> [(r.label, r.device) for r in collapse({"emb": 0, "layers.0": 0, "layers.1": 0, "layers.2": "cpu"}, {})]
     [('emb', 0), ('layers.0-1', 0), ('layers.2', 'cpu')]
+    >>> mixed = {f"layers.{i}": "cpu" if i % 3 == 1 else "disk" for i in range(7)}
+    >>> [(r.label, r.device) for r in collapse(mixed, {}, spread=True)]
+    [('layers.0-6', 'cpu x2, disk x5 (spread)')]
     """
     # (stem, first index, last index, device, sizes); index -1: a name that is not numbered
     rows: list[tuple[str, int, int, Device, list[int]]] = []
@@ -195,11 +204,33 @@ def collapse(entries: Mapping[str, Device], sizes: Mapping[str, int]) -> list[Ro
             rows[-1] = (stem, rows[-1][1], index, device, [*rows[-1][4], sizes.get(name, 0)])
         else:
             rows.append((stem, index, index, device, [sizes.get(name, 0)]))
+    if spread:
+        rows = _merge_spread(rows)
     result = []
     for stem, first, last, device, run in rows:
         label = stem if first < 0 else f"{stem}{first}" if first == last else f"{stem}{first}-{last}"
         result.append(Row(label or "(whole model)", device, tuple(run)))
     return result
+
+
+def _merge_spread(rows: list[tuple[str, int, int, Device, list[int]]]) -> list[tuple[str, int, int, Device, list[int]]]:
+    """Runs of rows of one stem, each on ``cpu`` or ``disk``, one after another: one row when they alternate
+    (three rows or more), its device ``"cpu xN, disk xM (spread)"``."""
+    merged: list[tuple[str, int, int, Device, list[int]]] = []
+    i = 0
+    while i < len(rows):
+        j = i
+        while (j + 1 < len(rows) and rows[i][1] >= 0 and rows[j + 1][0] == rows[i][0]
+               and rows[j + 1][1] == rows[j][2] + 1 and {rows[j][3], rows[j + 1][3]} <= {"cpu", "disk"}):
+            j += 1
+        if j - i >= 2:
+            counts = {kind: sum(r[2] - r[1] + 1 for r in rows[i : j + 1] if r[3] == kind) for kind in ("cpu", "disk")}
+            device = f"cpu x{counts['cpu']}, disk x{counts['disk']} (spread)"
+            merged.append((rows[i][0], rows[i][1], rows[j][2], device, [n for r in rows[i : j + 1] for n in r[4]]))
+        else:
+            merged.extend(rows[i : j + 1])
+        i = j + 1
+    return merged
 
 
 def _table(rows: Sequence[Sequence[str]], *, right: Iterable[int] = ()) -> list[str]:
@@ -239,7 +270,7 @@ def format_plan(report: PlanReport) -> str:
         lines.append(f"Never split: {', '.join(report.no_split_module_classes)}")
     lines.append("")
     rows = [["module", "size", "device"]]
-    rows += [[row.label, row.size, str(row.device)] for row in collapse(report.device_map, report.sizes)]
+    rows += [[row.label, row.size, str(row.device)] for row in collapse(report.device_map, report.sizes, spread=True)]
     lines += _table(rows)
     lines.append("")
     lines += _device_table(report)
@@ -290,6 +321,9 @@ def _offload_lines(report: PlanReport) -> list[str]:
         if report.rows_from_disk:
             lines.append(f"Read by row from disk: {summarize(report.rows_from_disk)}: an embedding reads only the rows "
                          "of its batch's tokens (a few KiB per decode step; a long prompt reads it whole).")
+        if report.kept_among_disk:
+            lines.append(f"Kept in RAM between blocks read from disk: {summarize(report.kept_among_disk)}: spread "
+                         "among them, so that reading ahead never waits through a long stretch of compute.")
     else:
         lines.append("Nothing goes to disk.")
     if report.largest_offloaded_layer:

@@ -29,7 +29,7 @@ from ..model.reads import direct_reads
 from ..model.tensors import model_tensors, tie_groups
 from .devices import Device
 
-__all__ = ["spread_offloaded", "spread_positions"]
+__all__ = ["kept_among_disk", "spread_offloaded", "spread_positions"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +63,36 @@ def _families(model: nn.Module, device_map: Mapping[str, Device], sizes: Mapping
     return [sorted(names, key=order.__getitem__) for names in families.values() if len(names) > 1]
 
 
+def _mixed_families(model: nn.Module, device_map: Mapping[str, Device],
+                    sizes: Mapping[str, int]) -> list[tuple[list[str], list[str]]]:
+    """(RAM or disk members, those in RAM) of each family that can be spread and has blocks in both."""
+    if not all(kind in set(device_map.values()) for kind in _KINDS):
+        return []
+    pinned = {name for group in tie_groups(model_tensors(model)) for name in group}
+    pinned |= {tensor for tensors in direct_reads(model).values() for tensor in tensors}
+    found = []
+    for family in _families(model, device_map, sizes):
+        if any(is_within(tensor, name) for name in family for tensor in pinned):
+            continue
+        members = [name for name in family if device_map[name] in _KINDS]
+        kept = [name for name in members if device_map[name] == "cpu"]
+        if kept and len(kept) < len(members):
+            found.append((members, kept))
+    return found
+
+
+def kept_among_disk(model: nn.Module, device_map: Mapping[str, Device], sizes: Mapping[str, int]) -> list[str]:
+    """The interchangeable blocks ``device_map`` keeps in RAM while others of their family are on disk."""
+    return [name for _, kept in _mixed_families(model, device_map, sizes) for name in kept]
+
+
 def spread_offloaded(model: nn.Module, device_map: Mapping[str, Device], sizes: Mapping[str, int]) -> dict[str, Device]:
     """``device_map`` with each family of interchangeable blocks' RAM and disk places spread (module docstring).
 
     ``sizes``: ``compute_module_sizes`` of the model as planned (blocks of a family must weigh the same).
     """
     result = dict(device_map)
-    placed = set(result.values())
-    if not all(kind in placed for kind in _KINDS):
-        return result
-    index = model_tensors(model)
-    pinned = {name for group in tie_groups(index) for name in group}
-    pinned |= {tensor for tensors in direct_reads(model).values() for tensor in tensors}
-    for family in _families(model, result, sizes):
-        if any(is_within(tensor, name) for name in family for tensor in pinned):
-            continue
-        members = [name for name in family if result[name] in _KINDS]
-        kept = [name for name in members if result[name] == "cpu"]
-        if not kept or len(kept) == len(members):
-            continue
+    for members, kept in _mixed_families(model, result, sizes):
         fewer = "cpu" if 2 * len(kept) <= len(members) else "disk"
         count = len(kept) if fewer == "cpu" else len(members) - len(kept)
         chosen = set(spread_positions(count, len(members)))
@@ -89,7 +100,7 @@ def spread_offloaded(model: nn.Module, device_map: Mapping[str, Device], sizes: 
         spread = {name: fewer if i in chosen else other for i, name in enumerate(members)}
         if any(result[name] != device for name, device in spread.items()):
             logger.info("Spread the %d of %d %s blocks of %s kept in RAM among those read from disk: %s.",
-                        len(kept), len(members), type(model.get_submodule(family[0])).__name__,
-                        parent(family[0]) or "the model", ", ".join(n for n in members if spread[n] == "cpu"))
+                        len(kept), len(members), type(model.get_submodule(members[0])).__name__,
+                        parent(members[0]) or "the model", ", ".join(n for n in members if spread[n] == "cpu"))
             result.update(spread)
     return result
