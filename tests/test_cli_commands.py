@@ -241,7 +241,12 @@ def test_config_only_plan_assumes_float32_and_collapses_runs(env: dict[str, str]
     for row in rows:  # e.g. ['model.layers.0-2', '27.38', 'KiB', '(3', 'x', '9.12', 'KiB)', '0']
         first, _, last = row[0].removeprefix("model.layers.").partition("-")
         span = range(int(first), int(last or first) + 1)
-        assert {layers[f"model.layers.{i}"] for i in span} == {int(row[-1]) if row[-1].isdigit() else row[-1]}
+        devices = [layers[f"model.layers.{i}"] for i in span]
+        if row[-1] == "(spread)":  # e.g. [..., 'cpu', 'x2,', 'disk', 'x3', '(spread)']: RAM and disk alternating
+            assert row[-5:-1] == ["cpu", f"x{devices.count('cpu')},", "disk", f"x{devices.count('disk')}"], row
+            assert set(devices) == {"cpu", "disk"}
+        else:
+            assert set(devices) == {int(row[-1]) if row[-1].isdigit() else row[-1]}
         covered += span
     assert covered == list(range(8)) and len(rows) < 8  # every layer once, in fewer rows
     prefetch_line = next(line for line in lines if line.startswith("Prefetching:"))
