@@ -323,7 +323,7 @@ def test_fused_tensors_with_strided_pieces_read_exactly(tmp_path: Path) -> None:
     assert load_offload_index(tmp_path / "offload", expected={"w": (4, 5)}) == {"w": ref}
 
     # The CUDA path's assembly, run on the CPU with staging chunks smaller than a piece.
-    from hf_bigmodel.runtime.prefetch_reader import _to_device
+    from hf_bigmodel.runtime.prefetch_cuda import to_device as _to_device
     from hf_bigmodel.storage.direct_io import ALIGNMENT
 
     class Staging:

@@ -11,7 +11,8 @@ import gc
 import torch
 
 from hf_bigmodel.runtime.pinned import ARENA_ALIGNMENT, arena_layout, pin_blocks, spans
-from hf_bigmodel.runtime.prefetch_reader import Item, copy_from_ram
+from hf_bigmodel.runtime.prefetch_cuda import copy_from_ram
+from hf_bigmodel.runtime.prefetch_reader import Item
 from hf_bigmodel.storage.weights_map import WeightsMap
 
 

@@ -506,7 +506,7 @@ class _CpuStaging:
 def test_chunked_streaming_of_the_cuda_path_reassembles_every_tensor(tmp_path, direct):
     from safetensors.torch import save_file
 
-    from hf_bigmodel.runtime.prefetch_reader import _to_device
+    from hf_bigmodel.runtime.prefetch_cuda import to_device as _to_device
     from hf_bigmodel.storage.safetensors_io import read_tensor
     from hf_bigmodel.storage.weights_map import DiskTensor
 

@@ -3,8 +3,8 @@
 A :class:`Group` lists the distinct tensors some hooks need and, on CPU runs, where each lands in a host
 buffer (the aligned span an ``O_DIRECT`` read fetches, plus room for a dtype cast). A :class:`Job` asks
 the reader thread to fetch one group: on CPU into one :class:`Buffer` whose views the hooks use; on
-CUDA through a few pinned :class:`Staging` chunks into GPU memory, with copies on a side stream and
-an event the compute stream waits on. Nothing here references hooks or modules, so the thread never
+CUDA through a few pinned staging chunks into GPU memory, with copies on a side stream and an event the
+compute stream waits on (:mod:`.prefetch_cuda`). Nothing here references hooks or modules, so the thread never
 keeps a model alive.
 """
 
@@ -20,19 +20,15 @@ from typing import Any
 import torch
 
 from ..errors import summarize
-from ..storage.direct_io import ALIGNMENT, DirectReader, aligned_empty, padded_span
-from ..storage.fused import FusedDiskTensor, box_shape, contiguous_span, read_fused_into, scratch_bytes
+from ..storage.direct_io import ALIGNMENT, DirectReader, padded_span
+from ..storage.fused import FusedDiskTensor, read_fused_into, scratch_bytes
 from ..storage.safetensors_io import TensorEntry
 from ..storage.weights_map import BuiltDiskTensor, DiskRef, DiskTensor
-from .pinned import spans
+from .prefetch_cuda import Staging, fetch_to_device, typed_view
 from .streaming import StreamedWeights
 
-__all__ = ["Buffer", "Group", "Item", "Job", "Staging", "copy_from_ram", "fetch", "plan_group", "reader_loop",
+__all__ = ["Buffer", "Group", "Item", "Job", "fetch", "plan_group", "reader_loop",
            "start_early", "start_fetch", "stop_reader", "use_count"]
-
-#: CUDA runs stage disk reads through this many pinned chunks of this size (64 MiB of pinned RAM).
-STAGING_CHUNK = 16 * 2**20
-STAGING_COUNT = 4
 
 
 def use_count(tensor: torch.Tensor) -> int | None:
@@ -215,96 +211,6 @@ class Job:
     finished: set[int] = field(default_factory=set)
 
 
-class Staging:
-    """Pinned host chunks a CUDA reader cycles through: disk -> chunk -> GPU, never a whole group in RAM.
-
-    A chunk is reused only once the copy out of it has finished (its event), which blocks the reader
-    thread alone. ``count`` chunks let the disk run ``count`` chunks ahead of the PCIe copies.
-    """
-
-    def __init__(self, chunk: int = STAGING_CHUNK, count: int = STAGING_COUNT) -> None:
-        self.chunk = chunk
-        self.buffers = [_pinned(chunk) for _ in range(count)]
-        self.events: list[Any] = [None] * count
-        self.index = 0
-
-    def acquire(self) -> torch.Tensor:
-        event = self.events[self.index]
-        if event is not None:
-            event.synchronize()
-        return self.buffers[self.index]
-
-    def release(self, stream: Any) -> None:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self.events[self.index] = event
-        self.index = (self.index + 1) % len(self.buffers)
-
-
-def _pinned(nbytes: int) -> torch.Tensor:
-    """Pinned and ALIGNMENT-aligned (a power-of-two size: torch's pinned allocator rounds sizes up to one)."""
-    tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else aligned_empty(nbytes, pin=True)
-
-
-def _typed(raw: torch.Tensor, ref: DiskTensor) -> torch.Tensor:
-    entry = ref.entry
-    if raw.numel() == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype, device=raw.device)
-    try:
-        return raw.view(entry.dtype).view(entry.shape)
-    except RuntimeError:  # byte offset not a multiple of the element size: copy to aligned memory
-        return raw.clone().view(entry.dtype).view(entry.shape)
-
-
-def _stream(entry: TensorEntry, reader: DirectReader, staging: Staging, out: torch.Tensor, stream: Any) -> None:
-    """Stream ``entry``'s bytes into the GPU ``uint8`` tensor ``out`` chunk by chunk (on ``stream``, the current)."""
-    first = entry.start - entry.start % ALIGNMENT
-    low = entry.start
-    while low < entry.end:  # each piece's aligned span lies within one chunk-sized window of the file
-        high = min(entry.end, first + ((low - first) // staging.chunk + 1) * staging.chunk)
-        piece = replace(entry, dtype=torch.uint8, shape=(high - low,), start=low, end=high)
-        raw = reader.read_into(piece, staging.acquire())
-        out[low - entry.start : high - entry.start].copy_(raw, non_blocking=True)
-        staging.release(stream)
-        low = high
-
-
-def _fused_to_device(ref: FusedDiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
-                     stream: Any) -> torch.Tensor:
-    """Assemble a fused tensor on ``device``: each piece streams into its box (through a GPU temporary
-    when the box is strided, or when only part of the piece's tensor is wanted and that part is strided)."""
-    dtype = ref.stored_dtype
-    fused = torch.empty(ref.shape, dtype=dtype, device=device)
-    flat = fused.view(-1).view(torch.uint8) if fused.numel() else fused
-    for piece in ref.pieces:
-        source = piece.source_range()
-        span = contiguous_span(ref.shape, piece.dst)
-        if source is not piece.entry and span is not None:  # bytes land where they belong
-            start = span[0] * dtype.itemsize
-            _stream(source, reader, staging, flat[start : start + source.nbytes], stream)
-            continue
-        tmp = torch.empty(source.nbytes, dtype=torch.uint8, device=device)
-        _stream(source, reader, staging, tmp, stream)
-        values = tmp.view(dtype)
-        if source is piece.entry:
-            values = values.view(piece.entry.shape)[tuple(slice(a, b) for a, b in piece.src)]
-        fused[tuple(slice(a, b) for a, b in piece.dst)].copy_(values.reshape(box_shape(piece.dst)))
-    return fused if ref.dtype == dtype else fused.to(ref.dtype)
-
-
-def _to_device(ref: DiskTensor | FusedDiskTensor, reader: DirectReader, staging: Staging, device: torch.device,
-               stream: Any) -> torch.Tensor:
-    """Stream one disk tensor to ``device`` chunk by chunk (on ``stream``, the current stream)."""
-    if isinstance(ref, FusedDiskTensor):
-        return _fused_to_device(ref, reader, staging, device, stream)
-    entry = ref.entry
-    out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-    _stream(entry, reader, staging, out, stream)
-    value = _typed(out, ref)
-    return value if ref.dtype == entry.dtype else value.to(ref.dtype)
-
-
 def fetch(job: Job, reader: DirectReader, device: torch.device, stream: Any,
           staging: Staging | None = None) -> list[torch.Tensor]:
     """Run ``job`` on the calling (reader) thread: one value per item, on ``device``.
@@ -328,7 +234,7 @@ def start_fetch(job: Job, reader: DirectReader, device: torch.device, stream: An
     writing into its buffer until then).
     """
     if device.type == "cuda":
-        return lambda: _fetch_to_device(job, reader, device, stream, staging)
+        return lambda: fetch_to_device(job, reader, device, stream, staging)
     buf = job.buffer.tensor if job.buffer is not None else None
     reads = job.group.reads if job.group is not None else []
     finishers: list[Callable[[], torch.Tensor]] = []
@@ -402,59 +308,12 @@ def _host_values(job: Job, reader: DirectReader, buf: torch.Tensor | None) -> li
             value = read_fused_into(ref, reader.read_into, buf[item.offset :], buf[offset : offset + size])
         else:  # read with its run
             skip = ref.entry.start % ALIGNMENT
-            value = _typed(buf[item.offset + skip : item.offset + skip + ref.entry.nbytes], ref)
+            value = typed_view(buf[item.offset + skip : item.offset + skip + ref.entry.nbytes], ref)
         if item.cast_offset >= 0:
             out = buf[item.cast_offset : item.cast_offset + ref.nbytes].view(ref.dtype).view(ref.shape)
             value = out.copy_(value)
         values.append(value)
     return values
-
-
-def _fetch_to_device(job: Job, reader: DirectReader, device: torch.device, stream: Any,
-                     staging: Staging | None) -> list[torch.Tensor]:
-    """A CUDA job: RAM tensors copied in arena spans, disk tensors streamed through ``staging``, on ``stream``."""
-    assert staging is not None
-    values: list[torch.Tensor] = []
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        placed = copy_from_ram(job.items, device)
-        for index, item in enumerate(job.items):
-            if index in placed:
-                values.append(placed[index])
-                continue
-            assert item.ref is not None
-            if isinstance(item.ref, BuiltDiskTensor):  # built from its parts, on the device already
-                values.append(item.ref.build({inner: values[i] for inner, i in item.parts.items()}))
-                continue
-            job.path = item.ref.entry.path if isinstance(item.ref, DiskTensor) else ", ".join(item.ref.paths)
-            values.append(_to_device(item.ref, reader, staging, device, stream))
-        job.event = torch.cuda.Event()
-        job.event.record(stream)
-    return values
-
-
-def copy_from_ram(items: list[Item], device: torch.device) -> dict[int, torch.Tensor]:
-    """The RAM items of a group on ``device``, by item index: one asynchronous copy per span of an arena.
-
-    Dispatch lays a block's RAM tensors out in one pinned arena (:mod:`.pinned`), so a group's tensors
-    usually cross in one copy, and come out as views of one device buffer; anything else is copied alone.
-    """
-    placed: dict[int, torch.Tensor] = {}
-    memory = [(i, item.memory) for i, item in enumerate(items) if item.memory is not None]
-    together = [(i, t) for i, t in memory if t.is_contiguous() and t.device.type == "cpu"]
-    for i, tensor in memory:
-        if not (tensor.is_contiguous() and tensor.device.type == "cpu"):
-            placed[i] = tensor.to(device, non_blocking=True)
-    for span in spans([t for _, t in together]):
-        if len(span.members) == 1:
-            i, tensor = together[span.members[0][0]]
-            placed[i] = tensor.to(device, non_blocking=True)
-            continue
-        out = torch.empty(span.source.numel(), dtype=torch.uint8, device=device)
-        out.copy_(span.source, non_blocking=True)
-        for member, offset in span.members:
-            i, tensor = together[member]
-            placed[i] = out[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-    return placed
 
 
 def reader_loop(jobs: queue.SimpleQueue[Job | None], reader: DirectReader, device: torch.device,
