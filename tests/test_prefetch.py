@@ -30,7 +30,7 @@ from hf_bigmodel import (
 )
 from hf_bigmodel.errors import CheckpointError
 from hf_bigmodel.runtime import prefetch as prefetch_module
-from hf_bigmodel.runtime import prefetch_plan
+from hf_bigmodel.runtime import prefetch_cache, prefetch_plan
 from hf_bigmodel.runtime.prefetch import ENV_VAR, prefetch_depth, prefetcher_of
 from hf_bigmodel.storage.direct_io import (
     ALIGNMENT,
@@ -361,7 +361,7 @@ def test_whether_reads_keep_their_pages_follows_the_setting_and_the_room(monkeyp
     with pytest.raises(ValueError, match="HF_BIGMODEL_PAGE_CACHE"):
         keeps(gib, 0, room=gib)
     monkeypatch.delenv(prefetch_module.PAGE_CACHE_ENV)
-    monkeypatch.setattr(prefetch_module, "available_memory", lambda device: 3 * gib)
+    monkeypatch.setattr(prefetch_cache, "available_memory", lambda device: 3 * gib)
     assert keeps(2 * gib, 0) and not keeps(3 * gib, 0)  # measured when not given
     if sys.platform.startswith("linux"):  # what tells evicted pages from kept ones
         assert isinstance(prefetch_module.storage_read_bytes(), int)

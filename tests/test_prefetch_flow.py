@@ -15,8 +15,7 @@ from tiny_models import save_small_bf16_llama, small_llama_config
 from torch import nn
 
 from hf_bigmodel import disk_offload, init_empty_weights, load_checkpoint_and_dispatch
-from hf_bigmodel.runtime import prefetch as prefetch_module
-from hf_bigmodel.runtime import prefetch_plan, prefetch_reader
+from hf_bigmodel.runtime import prefetch_plan, prefetch_pool, prefetch_reader
 from hf_bigmodel.runtime.prefetch import prefetcher_of
 
 
@@ -102,8 +101,8 @@ def test_no_buffer_is_made_once_groups_of_mixed_sizes_cycle(one_group_per_module
 
     saved = save_small_bf16_llama(tmp_path / "llama")
     made: list[int] = []
-    real = prefetch_module.aligned_empty
-    monkeypatch.setattr(prefetch_module, "aligned_empty", lambda n, **k: made.append(n) or real(n, **k))
+    real = prefetch_pool.aligned_empty
+    monkeypatch.setattr(prefetch_pool, "aligned_empty", lambda n, **k: made.append(n) or real(n, **k))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(small_llama_config())
     model = load_checkpoint_and_dispatch(model, saved.path, device_map={"": "disk"}, dtype=torch.bfloat16)

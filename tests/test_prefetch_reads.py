@@ -297,7 +297,7 @@ def test_the_prefetchers_buffers_are_huge_pages(llama, monkeypatch):
         asked.append(kwargs.get("huge", False))
         return real(nbytes, **kwargs)
 
-    monkeypatch.setattr("hf_bigmodel.runtime.prefetch.aligned_empty", spy)
+    monkeypatch.setattr("hf_bigmodel.runtime.prefetch_pool.aligned_empty", spy)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(small_llama_config())
     model = load_checkpoint_and_dispatch(model, llama[0], device_map={"": "disk"}, dtype=torch.bfloat16)

@@ -67,7 +67,7 @@ def test_generation_is_bit_identical_and_buffers_stay_within_the_bound(llama, pr
 
     def watched(start):
         fill(start)
-        held.append(sum(b.tensor.numel() for b in fetcher._buffers))
+        held.append(fetcher._pool.held_bytes)
         ahead.append(sum(prefetch_module._rounded(j.group.fetch_bytes) for j in fetcher._inflight))
 
     monkeypatch.setattr(fetcher, "_fill", watched)

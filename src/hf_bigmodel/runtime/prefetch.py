@@ -21,8 +21,8 @@ back to a synchronous fetch of its group (and the prefetcher re-aligns behind it
 fetched synchronously by the hook itself.
 Values are the very bytes the synchronous path reads, so outputs are bit-identical.
 
-A buffer is reused only when no tensor but the pool's own references its storage; otherwise it is
-abandoned to whoever holds it and a fresh one takes its place. Errors of the reader thread surface in
+A buffer is reused only when no tensor but the pool's own references its storage (:mod:`.prefetch_pool`);
+otherwise it is abandoned to whoever holds it and a fresh one takes its place. Errors of the reader thread surface in
 the forward that needs the group, naming the file. The thread stops on :meth:`Prefetcher.close`
 (called when hooks are removed) or when the prefetcher is garbage-collected with its model.
 
@@ -30,7 +30,8 @@ When the RAM available to the process (cgroup limits included) holds the disk pa
 beside everything else, the reader goes through the page cache and keeps the pages
 (:func:`keeps_page_cache`): from the second forward on, disk weights come from RAM at memory speed. The
 budget is not touched (page cache is not the process's memory, and the kernel takes it back under
-pressure, the reads then going to the disk again); otherwise reads bypass the page cache (``O_DIRECT``).
+pressure, the reads then going to the disk again); otherwise reads bypass the page cache (``O_DIRECT``;
+:mod:`.prefetch_cache`).
 
 If a later forward still fetches most of the disk part from storage (memory grew since), the reader
 goes back to ``O_DIRECT`` and drops the pages it kept.
@@ -56,15 +57,15 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from ..env import flag, whole_number
-from ..env import text as env_text
+from ..env import whole_number
 from ..errors import BigModelError, OffloadError
 from ..model.sizes import format_size
-from ..plan.memory import available_memory
-from ..storage.direct_io import DirectReader, aligned_empty, reads_in_flight
+from ..storage.direct_io import DirectReader, reads_in_flight
+from .prefetch_cache import PAGE_CACHE_ENV, keeps_page_cache, page_cache_setting, storage_read_bytes
 from .prefetch_plan import GROUP_BYTES, MERGE_BYTES, PlannedPrefetch, plan_prefetch
 from .prefetch_plan import rounded_buffer as _rounded
-from .prefetch_reader import Buffer, Group, Job, plan_group, reader_loop, start_early, stop_reader, use_count
+from .prefetch_pool import Buffer, BufferPool
+from .prefetch_reader import Group, Job, plan_group, reader_loop, start_early, stop_reader
 from .prefetch_window import Window, prefetch_memory
 from .streaming import StreamedWeights
 
@@ -87,51 +88,6 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_BIGMODEL_PREFETCH"
 DEFAULT_DEPTH = 2
-PAGE_CACHE_ENV = "HF_BIGMODEL_PAGE_CACHE"
-#: What keeping the disk part in the page cache must leave free: activations, the KV cache, the rest.
-PAGE_CACHE_SPARE = 256 * 2**20
-
-
-def storage_read_bytes() -> int | None:
-    """Bytes this process has fetched from storage so far (``/proc/self/io``'s ``read_bytes``); None elsewhere."""
-    try:
-        with open("/proc/self/io") as io:
-            for line in io:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def keeps_page_cache(disk_bytes: int, held_bytes: int, *, room: int | None = None) -> bool:
-    """Whether the prefetcher should read through the page cache and keep the pages it reads.
-
-    ``$HF_BIGMODEL_PAGE_CACHE``: ``1``/``on``: always; ``0``/``off``: never (``O_DIRECT``, the page cache
-    stays empty); ``auto`` or unset: when ``disk_bytes`` (read per forward) + ``held_bytes`` (what the
-    prefetcher will hold) + :data:`PAGE_CACHE_SPARE` fit ``room``, the RAM available to the process now
-    (cgroup limits included; measured when None). A wrong guess costs speed, never a result.
-
-    >>> keeps_page_cache(2**30, 2**28, room=4 * 2**30), keeps_page_cache(2**30, 2**28, room=2**30)
-    (True, False)
-    """
-    forced = _page_cache_setting()
-    if forced is not None:
-        return forced
-    if disk_bytes <= 0:
-        return False
-    if room is None:
-        room = available_memory("cpu")
-    return disk_bytes + held_bytes + PAGE_CACHE_SPARE <= room
-
-
-def _page_cache_setting() -> bool | None:
-    """``$HF_BIGMODEL_PAGE_CACHE`` when it forces a way (True: keep pages, False: ``O_DIRECT``); None: ``auto``."""
-    if (env_text(PAGE_CACHE_ENV) or "auto").strip().lower() == "auto":
-        return None
-    return flag(PAGE_CACHE_ENV, default=False)
-
-
 def prefetch_depth(prefetch: int | None = None) -> int:
     """The prefetch depth to use: ``prefetch`` if given, else ``$HF_BIGMODEL_PREFETCH``, else 2.
 
@@ -225,10 +181,9 @@ class Prefetcher:
         self._recorded: set[int] = set()
         self._inflight: deque[Job] = deque()
         self._current: Job | None = None
-        self._buffers: list[Buffer] = []
         self._closed = False
         self._lock = threading.RLock()
-        self.hits = self.misses = self.unscheduled = self.abandoned = 0
+        self.hits = self.misses = self.unscheduled = 0
         self.wait_s = 0.0
         self._groups: list[Group] = []
         self._order(self._planned)
@@ -236,12 +191,13 @@ class Prefetcher:
         sizes = [_rounded(g.fetch_bytes) for g in self._groups]
         self._limit = self.window.bytes_for(sizes)  # None: a number of groups
         self._bound = prefetch_memory([_rounded(g.host_bytes) for g in self._groups], self.window)
+        self._pool = BufferPool(self._bound)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._disk_bytes = sum(i.ref.nbytes for g in self._groups for i in g.items if i.ref is not None and not i.parts)
         self.page_cache = keeps_page_cache(self._disk_bytes, self._bound if device.type == "cpu" else 0)
         # Chosen here (not forced by the environment): given up if the pages do not stay (_watch_cache).
-        self._cache_watched = self.page_cache and _page_cache_setting() is None
+        self._cache_watched = self.page_cache and page_cache_setting() is None
         self._reads_at_start: int | None = None  # storage bytes read when the current forward began
         self._action: Job | None = None  # the last action queued for the reader thread
         self._released: int | None = None  # the last group let go as soon as its modules were done
@@ -468,48 +424,9 @@ class Prefetcher:
         return job
 
     def _acquire(self, nbytes: int, *, required: bool = True) -> Buffer | None:
-        """A pool buffer of ``nbytes`` (rounded up to 2 MiB, or 4 KiB when smaller) that no live tensor uses.
-
-        The smallest free buffer that holds the group is reused, whatever group it was made for: reusing
-        only buffers of the group's own size let groups of two sizes (86 MiB layers, a 125 MiB output head)
-        churn the pool, two buffers made, faulted in and zeroed at every forward (~10 ms of this thread, and
-        the zeroing in the reads' path). A new buffer is sized for its group, and what the pool holds stays
-        within ``largest group + window``: idle buffers are let go (back to the OS) before a new one would
-        exceed that, and when that is not enough a group read ahead waits (None) unless ``required``.
-        """
-        size = _rounded(nbytes)
-
-        def free(buffer: Buffer) -> bool:
-            owner = buffer.job
-            if owner is not None:
-                if not (owner.retired and owner.done.is_set()):
-                    return False
-                owner.values = None  # the reader may have finished after the job was retired
-            return buffer.baseline is not None and use_count(buffer.tensor) == buffer.baseline
-
-        for buffer in sorted(self._buffers, key=lambda b: b.tensor.numel()):
-            if buffer.tensor.numel() >= size and free(buffer):
-                return buffer
-        for buffer in self._buffers:  # cancelled reads still running: wait for them, their buffer may fit
-            if buffer.job is not None and buffer.job.retired and not buffer.job.done.is_set():
-                buffer.job.done.wait()
-                if buffer.tensor.numel() >= size and free(buffer):
-                    return buffer
-        idle = sum(b.tensor.numel() for b in self._buffers if b.job is None or b.job.retired)
-        if not required and sum(b.tensor.numel() for b in self._buffers) - idle + size > self._bound:
-            return None  # even with every idle buffer let go it would not fit
-        for buffer in list(self._buffers):
-            if sum(b.tensor.numel() for b in self._buffers) + size <= self._bound:
-                break
-            if buffer.job is None or buffer.job.retired:
-                self._buffers.remove(buffer)  # idle: freed; still referenced elsewhere: left to its holders
-                if not free(buffer):
-                    self.abandoned += 1
-                buffer.job = None  # no job <-> buffer cycle keeps it alive until a garbage collection
-        tensor = aligned_empty(size, huge=True)  # read into at every forward: 2 MiB pages (see there)
-        buffer = Buffer(tensor, use_count(tensor))
-        self._buffers.append(buffer)
-        return buffer
+        """A pool buffer for a group of ``nbytes`` (rounded up to 2 MiB, or 4 KiB when smaller), or None
+        when it would exceed the memory bound and the group is not ``required`` (:mod:`.prefetch_pool`)."""
+        return self._pool.acquire(_rounded(nbytes), required=required)
 
     def _retire(self, job: Job) -> None:
         job.retired = True
@@ -526,8 +443,8 @@ class Prefetcher:
         return {
             "depth": self.depth, "window_bytes": self._limit, "memory_bound": self._bound,
             "largest_group": self._capacity, "groups": len(self._groups), "hits": self.hits, "misses": self.misses,
-            "unscheduled": self.unscheduled, "wait_s": round(self.wait_s, 4), "buffers": len(self._buffers),
-            "buffer_bytes": sum(b.tensor.numel() for b in self._buffers), "abandoned": self.abandoned,
+            "unscheduled": self.unscheduled, "wait_s": round(self.wait_s, 4), "buffers": len(self._pool.buffers),
+            "buffer_bytes": self._pool.held_bytes, "abandoned": self._pool.abandoned,
             "page_cache": self.page_cache,
         }
 
@@ -546,9 +463,7 @@ class Prefetcher:
                 self._retire(self._current)
                 self._current = None
             self._finalizer()
-            for buffer in self._buffers:
-                buffer.job = None
-            self._buffers.clear()
+            self._pool.clear()
 
     def __repr__(self) -> str:
         return (f"Prefetcher(depth={self.depth}, groups={len(self._groups)}, device={self.device}, "

@@ -25,18 +25,11 @@ from ..storage.fused import FusedDiskTensor, read_fused_into, scratch_bytes
 from ..storage.safetensors_io import TensorEntry
 from ..storage.weights_map import BuiltDiskTensor, DiskRef, DiskTensor
 from .prefetch_cuda import Staging, fetch_to_device, typed_view
+from .prefetch_pool import Buffer
 from .streaming import StreamedWeights
 
-__all__ = ["Buffer", "Group", "Item", "Job", "fetch", "plan_group", "reader_loop",
-           "start_early", "start_fetch", "stop_reader", "use_count"]
-
-
-def use_count(tensor: torch.Tensor) -> int | None:
-    """References to ``tensor``'s storage (None when this torch cannot tell: buffers are then never reused)."""
-    try:
-        return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
+__all__ = ["Group", "Item", "Job", "fetch", "plan_group", "reader_loop",
+           "start_early", "start_fetch", "stop_reader"]
 
 
 @dataclass
@@ -178,15 +171,6 @@ def _stored_dtype(ref: DiskTensor | FusedDiskTensor) -> torch.dtype:
 def _host_span(ref: DiskTensor | FusedDiskTensor) -> int:
     """Host-buffer bytes a disk tensor's read needs: its padded span, or a fused tensor's aligned size."""
     return padded_span(ref.entry)[1] if isinstance(ref, DiskTensor) else _aligned(ref.stored_nbytes)
-
-
-@dataclass(eq=False)
-class Buffer:
-    """A reusable aligned host buffer (CPU runs); ``baseline`` is its storage's use count when idle."""
-
-    tensor: torch.Tensor
-    baseline: int | None
-    job: Job | None = None
 
 
 @dataclass(eq=False)
