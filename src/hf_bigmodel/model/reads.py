@@ -30,7 +30,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["direct_reads", "row_readable"]
+from .tensors import model_tensors, tie_groups
+
+__all__ = ["direct_reads", "placed_with_others", "row_readable"]
 
 #: Attributes and methods of a tensor that look at its metadata only.
 _METADATA = frozenset({
@@ -52,6 +54,14 @@ def row_readable(module: nn.Module, names: Sequence[str]) -> bool:
 
 # One use of ``self`` in a function: ("read", chain) for ``self.a.b``, ("call", chain) for ``self.a.b(...)``.
 _Use = tuple[str, tuple[str, ...]]
+
+
+def placed_with_others(model: nn.Module) -> set[str]:
+    """Full names of the tensors whose place is bound to another module's: tied to another name, or read by
+    another module's forward without calling their own (:func:`direct_reads`). A plan moving one of their
+    modules alone (an embedding to disk by row, a block traded for another) must leave them be."""
+    bound = {name for group in tie_groups(model_tensors(model)) for name in group}
+    return bound | {tensor for tensors in direct_reads(model).values() for tensor in tensors}
 
 
 def direct_reads(model: nn.Module) -> dict[str, list[str]]:

@@ -26,9 +26,8 @@ from torch import nn
 
 from ..errors import DeviceMapError
 from ..model.naming import is_within, join, lookup, parent
-from ..model.reads import direct_reads, row_readable
+from ..model.reads import placed_with_others, row_readable
 from ..model.sizes import format_size
-from ..model.tensors import model_tensors, tie_groups
 from .devices import Device
 
 __all__ = ["row_embeddings", "rows_on_disk"]
@@ -42,13 +41,12 @@ Planner = Callable[[Mapping[str, Device]], dict[str, Device]]
 def row_embeddings(model: nn.Module, tensor_sizes: Mapping[str, int] | None = None) -> list[str]:
     """Names of the embeddings that read only their batch's rows when on disk (model order): plain
     ``nn.Embedding`` forwards whose weight is not tied, not read by another module's forward, not quantized."""
-    tied = {name for group in tie_groups(model_tensors(model)) for name in group}
-    read_elsewhere = {tensor for tensors in direct_reads(model).values() for tensor in tensors}
+    excluded = placed_with_others(model) | set(tensor_sizes or ())  # quantized: their sizes are given
     found = []
     for name, module in model.named_modules():
         own = [join(name, leaf) for leaf, _ in module.named_parameters(recurse=False)]
         own += [join(name, leaf) for leaf, _ in module.named_buffers(recurse=False)]
-        if own and row_readable(module, own) and not {own[0]} & (tied | read_elsewhere | set(tensor_sizes or ())):
+        if own and row_readable(module, own) and own[0] not in excluded:
             found.append(name)
     return found
 

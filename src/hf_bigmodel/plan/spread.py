@@ -25,8 +25,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..model.naming import is_within, parent
-from ..model.reads import direct_reads
-from ..model.tensors import model_tensors, tie_groups
+from ..model.reads import placed_with_others
 from .devices import Device
 
 __all__ = ["kept_among_disk", "spread_offloaded", "spread_positions"]
@@ -68,8 +67,7 @@ def _mixed_families(model: nn.Module, device_map: Mapping[str, Device],
     """(RAM or disk members, those in RAM) of each family that can be spread and has blocks in both."""
     if not all(kind in set(device_map.values()) for kind in _KINDS):
         return []
-    pinned = {name for group in tie_groups(model_tensors(model)) for name in group}
-    pinned |= {tensor for tensors in direct_reads(model).values() for tensor in tensors}
+    pinned = placed_with_others(model)
     found = []
     for family in _families(model, device_map, sizes):
         if any(is_within(tensor, name) for name in family for tensor in pinned):
